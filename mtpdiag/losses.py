@@ -1,0 +1,127 @@
+"""RL objectives and MTP losses on a :class:`~mtpdiag.model.GPTOutput`.
+
+Conventions: every per-token tensor is ``[B, T-1]`` and aligned with the main
+head's predictions, i.e. entry i concerns the token at sequence position i+1.
+``response_mask`` marks completion tokens (and their EOS) in that layout.
+MTP log-probs are shifted onto the same layout: head k's prediction of the
+token at position p came from position p-1-k.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .model import GPTOutput, HeadPrediction
+
+
+def token_logprobs(pred: HeadPrediction) -> torch.Tensor:
+    """log p(target) for every entry of a head, shape [B, L]."""
+    return torch.gather(F.log_softmax(pred.logits, dim=-1), -1, pred.targets.unsqueeze(-1)).squeeze(-1)
+
+
+@dataclass
+class AlignedLogprobs:
+    main: torch.Tensor  # [B, T-1]
+    mtp: torch.Tensor  # [K, B, T-1], zero where a head has no prediction
+    mtp_valid: torch.Tensor  # [K, T-1] bool
+
+
+def aligned_logprobs(out: GPTOutput) -> AlignedLogprobs:
+    main = token_logprobs(out.main)
+    L = main.size(1)
+    rows, valid = [], []
+    for pred in out.mtp:
+        lp = token_logprobs(pred)
+        shift = L - lp.size(1)
+        rows.append(F.pad(lp, (shift, 0)))
+        v = torch.zeros(L, dtype=torch.bool, device=main.device)
+        v[shift:] = True
+        valid.append(v)
+    if not rows:
+        return AlignedLogprobs(main, main.new_zeros(0, *main.shape), torch.zeros(0, L, dtype=torch.bool))
+    return AlignedLogprobs(main, torch.stack(rows), torch.stack(valid))
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO advantages: reward minus its group mean, over the group std.
+    A group whose rewards are all equal gets exactly zero advantage."""
+    r = rewards.view(-1, group_size)
+    centred = r - r.mean(dim=1, keepdim=True)
+    std = r.std(dim=1, keepdim=True, unbiased=False)
+    return torch.where(std > 0, centred / (std + eps), torch.zeros_like(centred)).view(-1)
+
+
+def clipped_surrogate(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+) -> torch.Tensor:
+    """DAPO token-level clipped surrogate (to maximise): mean over masked tokens of
+    min(r A, clip(r, 1-eps_low, 1+eps_high) A), r = exp(logp - old_logp)."""
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages.unsqueeze(-1)
+    per_token = torch.minimum(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
+    return masked_mean(per_token, mask)
+
+
+def rl_objective(out: GPTOutput, batch: dict, eps_low: float = 0.2, eps_high: float = 0.28) -> torch.Tensor:
+    """J_batch: the main head's clipped surrogate on a rollout batch."""
+    return clipped_surrogate(
+        token_logprobs(out.main), batch["old_logprobs"], batch["advantages"], batch["response_mask"], eps_low, eps_high
+    )
+
+
+def mtp_policy_loss(
+    out: GPTOutput, batch: dict, head_weights=None, eps_low: float = 0.2, eps_high: float = 0.28
+) -> torch.Tensor:
+    """Policy loss on the MTP heads: the main head's clipped loss with ratio
+    exp(log q_k - log pi_old(main)), summed over heads with ``head_weights``
+    (per-head lambda; ones by default)."""
+    lp = aligned_logprobs(out)
+    K = lp.mtp.size(0)
+    weights = torch.ones(K) if head_weights is None else torch.as_tensor(head_weights, dtype=lp.main.dtype)
+    total = lp.main.new_zeros(())
+    for k in range(K):
+        mask = batch["response_mask"] * lp.mtp_valid[k]
+        obj = clipped_surrogate(lp.mtp[k], batch["old_logprobs"], batch["advantages"], mask, eps_low, eps_high)
+        total = total - weights[k].to(total) * obj
+    return total
+
+
+def mtp_ce_loss(out: GPTOutput, batch: dict, head_weights=None) -> torch.Tensor:
+    """Mean token cross-entropy of the MTP heads on the response tokens, summed
+    over heads with ``head_weights`` (ones by default)."""
+    lp = aligned_logprobs(out)
+    K = lp.mtp.size(0)
+    weights = torch.ones(K) if head_weights is None else torch.as_tensor(head_weights, dtype=lp.main.dtype)
+    total = lp.main.new_zeros(())
+    for k in range(K):
+        total = total - weights[k].to(total) * masked_mean(lp.mtp[k], batch["response_mask"] * lp.mtp_valid[k])
+    return total
+
+
+def sft_loss(out: GPTOutput, batch: dict, mtp_weight: float = 1.0) -> torch.Tensor:
+    """Next-token cross-entropy on the completion plus ``mtp_weight`` times the
+    MTP heads' cross-entropy on the same completion tokens."""
+    main = -masked_mean(token_logprobs(out.main), batch["response_mask"])
+    return main + mtp_weight * mtp_ce_loss(out, batch)
+
+
+def completion_logprob(out: GPTOutput, batch: dict) -> torch.Tensor:
+    """log pi(completion | prompt) per sequence, [B]."""
+    return (token_logprobs(out.main) * batch["response_mask"]).sum(-1)
+
+
+def j_true(out: GPTOutput, batch: dict) -> torch.Tensor:
+    """Exact expected exact-match reward: mean_x pi(y*(x) | x), teacher forced on
+    a batch whose completions are the unique targets."""
+    return completion_logprob(out, batch).exp().mean()
