@@ -339,7 +339,8 @@ class OCC(Calibrator, _WarningCounter):
             if self.finite_difference is None:
                 return torch.func.jvp(main_logprobs, (shared,), (tangent,))[1]
             h = self.finite_difference
-            plus = main_logprobs({n: p + h * tangent[n] for n, p in shared.items()})
+            with rng_untouched(inputs.model):  # so both sides draw the same dropout masks
+                plus = main_logprobs({n: p + h * tangent[n] for n, p in shared.items()})
             minus = main_logprobs({n: p - h * tangent[n] for n, p in shared.items()})
             return (plus - minus) / (2 * h)
 

@@ -399,6 +399,15 @@ def test_step_proxy_jvp_and_finite_difference_agree_with_error_shrinking_like_h_
     assert errors[2] < 1e-5
 
 
+def test_step_proxy_finite_difference_sees_the_same_dropout_masks_as_the_jvp():
+    model = tiny_gpt(dropout=0.2)
+    model.train()
+    inputs = model_inputs(model, rl_batch(model, B=4, T=10, vocab=11), lr=0.1)
+    jvp = OCC(proxy="step")(inputs).lambdas
+    fd = OCC(proxy="step", finite_difference=1e-4)(inputs).lambdas
+    torch.testing.assert_close(fd, jvp, rtol=1e-6, atol=0)
+
+
 def test_step_proxy_leaves_model_grads_and_rng_untouched():
     model = tiny_gpt(dropout=0.1)
     model.train()
