@@ -44,11 +44,13 @@ _LAYER_LIST_NAMES = ("layers", "h")
 _FUSED_ATTENTION_CLASS_MARKERS = ("Sdpa", "Flash", "Flex")
 
 
-def _fused_attention(hf_model: nn.Module) -> str | None:
+def _fused_attention(hf_model: nn.Module, scan_modules: bool) -> str | None:
     """Name of the non-eager attention ``hf_model`` runs, or None if it is eager."""
     impl = getattr(hf_model.config, "_attn_implementation", "eager")
     if impl != "eager":
         return f"attn_implementation={impl!r}"
+    if not scan_modules:
+        return None
     for module in hf_model.modules():
         name = type(module).__name__
         if "Attention" in name and any(marker in name for marker in _FUSED_ATTENTION_CLASS_MARKERS):
@@ -56,9 +58,13 @@ def _fused_attention(hf_model: nn.Module) -> str | None:
     return None
 
 
-def check_eager_attention(hf_model: nn.Module) -> None:
-    """Raise if ``hf_model`` uses an attention kernel without forward-mode AD / double backward."""
-    fused = _fused_attention(hf_model)
+def check_eager_attention(hf_model: nn.Module, scan_modules: bool = True) -> None:
+    """Raise if ``hf_model`` uses an attention kernel without forward-mode AD / double backward.
+
+    ``scan_modules=False`` reads only the config (cheap enough for every forward):
+    attention classes chosen at construction do not change afterwards.
+    """
+    fused = _fused_attention(hf_model, scan_modules)
     if fused is None:
         return
     switch = (
@@ -85,6 +91,9 @@ def _find_child(module: nn.Module, names: tuple[str, ...], what: str) -> str:
 
 
 class ParallelHFHead(nn.Module):
+    """Parameters of one parallel head; :class:`MTPCausalLM` runs it, since the HF
+    layer needs the causal mask and rotary embedding the wrapper builds."""
+
     def __init__(self, layer: nn.Module, final_norm: nn.Module):
         super().__init__()
         self.block = layer
@@ -92,6 +101,8 @@ class ParallelHFHead(nn.Module):
 
 
 class SequentialHFModule(nn.Module):
+    """Parameters of one sequential MTP module, run by :class:`MTPCausalLM`."""
+
     def __init__(self, layer: nn.Module, final_norm: nn.Module, d_model: int):
         super().__init__()
         self.norm_hidden = nn.RMSNorm(d_model)
@@ -127,6 +138,7 @@ class MTPCausalLM(nn.Module):
         # The copies keep pointing at the model's config, so they follow its attention implementation.
         share_config = {id(config): config}
         d_model = config.hidden_size
+        embed = hf_model.get_input_embeddings().weight
         heads = []
         for _ in range(n_mtp):
             layer = copy.deepcopy(layers[-1], share_config)
@@ -134,7 +146,6 @@ class MTPCausalLM(nn.Module):
             if wiring == "parallel":
                 heads.append(ParallelHFHead(layer, norm))
             else:
-                embed = hf_model.get_input_embeddings().weight
                 heads.append(SequentialHFModule(layer, norm, d_model).to(device=embed.device, dtype=embed.dtype))
         self.mtp_heads = nn.ModuleList(heads)
 
@@ -144,6 +155,9 @@ class MTPCausalLM(nn.Module):
         from transformers import AutoModelForCausalLM
 
         return cls(AutoModelForCausalLM.from_config(config, attn_implementation="eager"), n_mtp, wiring)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
 
     @property
     def final_norm(self) -> nn.Module:
@@ -161,7 +175,7 @@ class MTPCausalLM(nn.Module):
                 f"sequence length {T} exceeds the HF model's max_position_embeddings={self.max_positions}: "
                 "build its config with a larger max_position_embeddings (n_positions for GPT-2)"
             )
-        check_eager_attention(self.hf_model)
+        check_eager_attention(self.hf_model, scan_modules=False)
         captured = []
         handle = self.final_norm.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
         try:
