@@ -1,0 +1,173 @@
+"""Exact Hessian-vector products of a scalar function of a parameter dict.
+
+Directions and gradients are dicts ``{name: tensor}`` shaped like the parameters.
+Two ways to apply the Hessian (THEORY.md s.7):
+
+* ``fwd_rev``: forward-mode derivative of the gradient (``torch.func.jvp`` over
+  ``torch.func.grad``); each product re-runs forward and backward.
+* ``rev_rev``: reverse-mode derivative of the gradient (double backward with
+  ``torch.autograd``); the first-order graph is built once and kept, and each
+  product is one extra backward pass, the cheaper mode for many products
+  (Lanczos), at the memory cost of the kept graph.
+
+Both run under the math attention backend, because fused scaled-dot-product
+attention kernels have neither forward-mode AD nor double backward.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from scipy.linalg import eigh
+from scipy.sparse.linalg import LinearOperator, eigsh
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+HVP_MODES = ("fwd_rev", "rev_rev")
+
+Params = dict[str, torch.Tensor]
+
+ATTENTION_FIX = (
+    "use an attention written out with softmax(QK^T)V: GPTConfig(attention='math') for mtpdiag's GPT, "
+    "attn_implementation='eager' for a transformers model"
+)
+
+
+def tree_dot(a: Params, b: Params) -> torch.Tensor:
+    """<a, b> summed over every tensor of two same-keyed dicts.
+
+    Every inner product and norm the toolkit reports goes through here, so a
+    model whose parameters are sharded across ranks needs one all-reduce (sum)
+    added at this point.
+    """
+    return sum((x * b[k]).sum() for k, x in a.items())
+
+
+def flatten(tree: Params) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tree.values()])
+
+
+def unflatten(vector: torch.Tensor, like: Params) -> Params:
+    pieces = vector.split([t.numel() for t in like.values()])
+    return {k: p.view_as(t) for (k, t), p in zip(like.items(), pieces)}
+
+
+def _lacks_forward_ad(err: Exception) -> bool:
+    text = str(err).lower()
+    return isinstance(err, NotImplementedError) or "forward ad" in text or "forward-mode" in text or "jvp" in text
+
+
+class HessianAt:
+    """The Hessian of ``f`` at ``params``, applied to directions; also f's value and gradient there.
+
+    ``mode`` is ``fwd_rev`` or ``rev_rev``. When forward mode meets an operation
+    without a forward-mode derivative, the object switches to ``rev_rev`` and
+    ``mode`` reads ``"rev_rev (fallback: <reason>)"``, so a record can say which
+    path ran. ``n_products`` counts Hessian-vector products.
+    """
+
+    def __init__(self, f: Callable[[Params], torch.Tensor], params: Params, mode: str = "fwd_rev"):
+        if mode not in HVP_MODES and not mode.startswith("rev_rev (fallback"):
+            raise ValueError(f"hvp_mode={mode!r}: choose one of {HVP_MODES}")
+        self.f = f
+        self.params = params
+        self.mode = mode
+        self.n_products = 0
+        self._value: torch.Tensor | None = None
+        self._grad: Params | None = None
+        self._leaves: Params | None = None
+        self._grad_graph: tuple[torch.Tensor, ...] | None = None
+
+    @property
+    def value(self) -> torch.Tensor:
+        if self._value is None:
+            self._first_order()
+        return self._value
+
+    @property
+    def grad(self) -> Params:
+        if self._grad is None:
+            self._first_order()
+        return self._grad
+
+    def __call__(self, direction: Params) -> Params:
+        with sdpa_kernel(SDPBackend.MATH):
+            if self.mode == "fwd_rev":
+                try:
+                    (grad, value), (product, _) = torch.func.jvp(
+                        torch.func.grad_and_value(self.f), (self.params,), (direction,)
+                    )
+                except (NotImplementedError, RuntimeError) as err:
+                    if not _lacks_forward_ad(err):
+                        raise
+                    self.mode = f"rev_rev (fallback: {str(err).splitlines()[0]})"
+                    return self(direction)
+                if self._grad is None:
+                    self._grad, self._value = grad, value
+            else:
+                product = self._reverse(direction)
+        self.n_products += 1
+        return product
+
+    def _first_order(self) -> None:
+        if self.mode == "fwd_rev":
+            with sdpa_kernel(SDPBackend.MATH):
+                self._grad, self._value = torch.func.grad_and_value(self.f)(self.params)
+        else:
+            self._build_reverse()
+
+    def _build_reverse(self) -> None:
+        # plain autograd, not torch.func: it also differentiates old-style autograd.Functions
+        leaves = {k: t.detach().requires_grad_() for k, t in self.params.items()}
+        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+            value = self.f(leaves)
+            grads = torch.autograd.grad(
+                value, list(leaves.values()), create_graph=True, allow_unused=True, materialize_grads=True
+            )
+        self._leaves, self._grad_graph = leaves, grads
+        self._grad = {k: g.detach() for k, g in zip(leaves, grads)}
+        self._value = value.detach()
+
+    def _reverse(self, direction: Params) -> Params:
+        if self._grad_graph is None:
+            self._build_reverse()
+        # a gradient entry that does not depend on the parameters (f linear there) has a zero Hessian row
+        pairs = [(g, direction[k]) for k, g in zip(self._leaves, self._grad_graph) if g.requires_grad]
+        if not pairs:
+            return {k: torch.zeros_like(t) for k, t in self.params.items()}
+        try:
+            products = torch.autograd.grad(
+                [g for g, _ in pairs], list(self._leaves.values()), grad_outputs=[d for _, d in pairs],
+                retain_graph=True, allow_unused=True, materialize_grads=True,
+            )
+        except (NotImplementedError, RuntimeError) as err:
+            raise RuntimeError(
+                f"exact Hessian-vector products need double backward through every operation of the model, "
+                f"and one lacks it ({str(err).splitlines()[0]}). If it is attention: {ATTENTION_FIX}."
+            ) from err
+        return dict(zip(self._leaves, products))
+
+
+def top_curvature(hessian: HessianAt, tol: float = 1e-6, dense_below: int = 64) -> float:
+    """L = the largest eigenvalue of -H (THEORY.md s.3), in float64.
+
+    With fewer than ``dense_below`` coordinates the Hessian is materialised one
+    column per product and solved exactly (ARPACK needs more coordinates than
+    Lanczos vectors); otherwise ARPACK Lanczos (scipy ``eigsh``, largest
+    algebraic) runs on the operator v -> -H v.
+    """
+    like = hessian.params
+    n = sum(t.numel() for t in like.values())
+    some = next(iter(like.values()))
+
+    def minus_hv(vector: np.ndarray) -> np.ndarray:
+        direction = unflatten(torch.as_tensor(np.ravel(vector), dtype=some.dtype, device=some.device), like)
+        return -flatten(hessian(direction)).detach().to("cpu", torch.float64).numpy()
+
+    if n < dense_below:
+        columns = np.stack([minus_hv(e) for e in np.eye(n)], axis=1)
+        return float(eigh((columns + columns.T) / 2, eigvals_only=True)[-1])
+    operator = LinearOperator((n, n), matvec=minus_hv, dtype=np.float64)
+    # a fixed start vector from a private generator: reproducible, and numpy's global RNG is left alone
+    start = np.random.default_rng(0).standard_normal(n)
+    return float(eigsh(operator, k=1, which="LA", tol=tol, v0=start, return_eigenvectors=False)[0])
