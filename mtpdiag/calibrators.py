@@ -22,12 +22,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .losses import AlignedLogprobs, token_logprobs
+from .probe import Probe
 
 PROXIES = ("ratio", "step")
 AGGREGATES = ("sum", "tokenwise")
@@ -107,12 +109,14 @@ def response_block(response_mask: torch.Tensor) -> torch.Tensor:
     return block
 
 
-def per_head_keys(values: torch.Tensor, key: str) -> dict[str, float]:
-    """``{key: v}`` for one head, ``{key_0: v0, key_1: v1, ...}`` for several."""
-    values = values.tolist()
-    if len(values) == 1:
-        return {key: values[0]}
-    return {f"{key}_{k}": v for k, v in enumerate(values)}
+def per_head_info(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """``{key: v}`` for one head, ``{key_0: v0, key_1: v1, ...}`` for several; one
+    device-to-host copy for all keys."""
+    keys = list(values)
+    rows = torch.stack([values[k].to(torch.float64) for k in keys]).tolist()
+    if len(rows[0]) == 1:
+        return {key: row[0] for key, row in zip(keys, rows)}
+    return {f"{key}_{k}": v for key, row in zip(keys, rows) for k, v in enumerate(row)}
 
 
 class _ForwardOnBatch(torch.nn.Module):
@@ -140,46 +144,20 @@ def functional_forward(inputs: CalibrationInputs, params: dict):
     return torch.func.functional_call(wrapper, {f"model.{n}": p for n, p in params.items()}, (inputs.batch,))
 
 
-def main_logprobs_of(inputs: CalibrationInputs, shared_names) -> Callable:
-    """theta_S -> the main head's per-token log-probs [B, T-1], other parameters fixed."""
-    frozen = {n: p.detach() for n, p in inputs.model.named_parameters() if n not in shared_names}
-
-    def main_logprobs(shared: dict) -> torch.Tensor:
-        return token_logprobs(functional_forward(inputs, {**frozen, **shared}).main)
-
-    return main_logprobs
+def head_losses(inputs: CalibrationInputs, num_heads: int) -> list[Callable]:
+    """The MTP loss of each head as ``loss(out, batch)``; with one head, the whole MTP loss."""
+    if num_heads == 1:
+        return [inputs.aux_loss]
+    return [partial(inputs.aux_loss, head_weights=torch.eye(num_heads)[k]) for k in range(num_heads)]
 
 
-def shared_gradients(inputs: CalibrationInputs, num_heads: int):
-    """S (found from the autograd graph: parameters both losses reach), g = grad J_batch
-    on S and m_k = -grad of head k's MTP loss on S (one head: of the whole MTP loss).
-
-    Returns ``(shared, g, [m_1, ..., m_K])``: ``shared`` maps names to detached values.
-    """
-    params = {n: p.detach().requires_grad_(True) for n, p in inputs.model.named_parameters()}
-    names = list(params)
-    with torch.enable_grad():
-        out = functional_forward(inputs, params)
-        objective = inputs.objective(out, inputs.batch)
-        aux_losses = [inputs.aux_loss(out, inputs.batch)] if num_heads == 1 else [
-            inputs.aux_loss(out, inputs.batch, head_weights=torch.eye(num_heads)[k]) for k in range(num_heads)
-        ]
-        g = torch.autograd.grad(objective, list(params.values()), retain_graph=True, allow_unused=True)
-        ms = [
-            torch.autograd.grad(loss, list(params.values()), retain_graph=k + 1 < num_heads, allow_unused=True)
-            for k, loss in enumerate(aux_losses)
-        ]
-    reached_by_mtp = [any(m[i] is not None for m in ms) for i in range(len(names))]
-    shared = {n: params[n].detach() for i, n in enumerate(names) if g[i] is not None and reached_by_mtp[i]}
-    index = {n: i for i, n in enumerate(names)}
-
-    def on_shared(grads, sign):
-        return {
-            n: sign * grads[index[n]] if grads[index[n]] is not None else torch.zeros_like(shared[n])
-            for n in shared
-        }
-
-    return shared, on_shared(g, 1.0), [on_shared(m, -1.0) for m in ms]
+def require_gradient_inputs(inputs: CalibrationInputs, who: str) -> None:
+    missing = [n for n in ("model", "batch", "forward", "objective", "aux_loss") if getattr(inputs, n) is None]
+    if missing:
+        raise ValueError(
+            f"{who} needs CalibrationInputs.{', '.join(missing)}: the trainer must pass the model, the mini-batch "
+            "and the forward / objective / aux_loss callables (or use OCC with proxy='ratio', which needs none)"
+        )
 
 
 class _WarningCounter:
@@ -221,6 +199,11 @@ class OCC(Calibrator, _WarningCounter):
       not with a log-prob.
     * ``clip=(lo, hi)`` clamps each step's lambda; ``ema=beta`` then smooths it over
       calls (one call per mini-batch): lambda = beta * previous + (1 - beta) * new.
+
+    ``info`` per head (suffix ``_k`` when K > 1): ``c_hat``, ``v_hat2``, ``r_hat2``
+    (|delta_RL|^2, ~0 on the first mini-batch after pi_old is recomputed),
+    ``lambda_raw`` (before clip and EMA), ``n_tokens``; and ``lambda_plus``,
+    ``warnings`` (heads set to 0 on this call), ``warnings_total``.
     """
 
     def __init__(
@@ -254,6 +237,7 @@ class OCC(Calibrator, _WarningCounter):
         self.lambda_plus, self.eps = float(lambda_plus), float(eps)
         self.clip, self.ema, self.finite_difference = clip, ema, finite_difference
         self._ema_value: torch.Tensor | None = None
+        self._shared: tuple[torch.nn.Module, list[str]] | None = None  # (model, S names) for the step proxy
         options = [proxy, aggregate, "masked" if self.masked else "unmasked", f"lambda_plus={self.lambda_plus:g}"]
         if finite_difference is not None:
             options.append(f"fd={finite_difference:g}")
@@ -287,6 +271,7 @@ class OCC(Calibrator, _WarningCounter):
         # where(), not multiplication: a non-finite value outside the mask must not leak in
         c_hat = torch.where(mask, d_rl * d_mtp, zero).sum(dims)
         v_hat2 = torch.where(mask, d_mtp.square(), zero).sum(dims)
+        r_hat2 = torch.where(mask, d_rl.square(), zero).sum(dims)  # |delta_RL|^2: ~0 on a fresh pi_old
         n_tokens = mask.sum(dims)
         if self.aggregate == "sum":
             raw = c_hat / (v_hat2 + self.eps)
@@ -297,10 +282,9 @@ class OCC(Calibrator, _WarningCounter):
         usable = torch.isfinite(v_hat2) & (v_hat2 > 0)
         lambdas, info = self.zero_unusable(raw, usable)
         lambdas = self._smooth(lambdas, usable & torch.isfinite(raw))
-        info.update(per_head_keys(c_hat, "c_hat"))
-        info.update(per_head_keys(v_hat2, "v_hat2"))
-        info.update(per_head_keys(raw, "lambda_raw"))
-        info.update(per_head_keys(n_tokens, "n_tokens"))
+        info.update(per_head_info(
+            {"c_hat": c_hat, "v_hat2": v_hat2, "r_hat2": r_hat2, "lambda_raw": raw, "n_tokens": n_tokens}
+        ))
         info["lambda_plus"] = self.lambda_plus
         return Calibration(lambdas, info)
 
@@ -313,15 +297,10 @@ class OCC(Calibrator, _WarningCounter):
         return d_rl, d_mtp, mask
 
     def _step_deltas(self, inputs: CalibrationInputs):
-        missing = [n for n in ("model", "batch", "forward", "objective", "aux_loss") if getattr(inputs, n) is None]
-        if missing:
-            raise ValueError(
-                f"the step proxy needs CalibrationInputs.{', '.join(missing)}: the trainer must pass the model, "
-                "the mini-batch and the forward / objective / aux_loss callables (or use proxy='ratio')"
-            )
+        require_gradient_inputs(inputs, "the step proxy")
         K = inputs.logprobs.mtp.size(0)
         with rng_untouched(inputs.model):
-            shared, g, ms = shared_gradients(inputs, K)
+            shared, g, ms = self._shared_gradients(inputs, K)
             eta = inputs.lr
             tangents = [{n: eta * g[n] for n in shared}] + [{n: eta * m[n] for n in shared} for m in ms]
             deltas = [self._logprob_change(inputs, shared, t) for t in tangents]
@@ -329,11 +308,42 @@ class OCC(Calibrator, _WarningCounter):
         tokens = inputs.response_mask.bool() if self.masked else response_block(inputs.response_mask)
         return d_rl, d_mtp, tokens.unsqueeze(0).expand_as(d_mtp)
 
+    def _shared_names(self, inputs: CalibrationInputs) -> list[str]:
+        """S as the Probe finds it (from the autograd graph), on the first batch, then kept."""
+        if self._shared is None or self._shared[0] is not inputs.model:
+            probe = Probe(inputs.model, inputs.objective, inputs.aux_loss, inputs.forward)
+            self._shared = (inputs.model, probe.find_shared(inputs.batch))
+        return self._shared[1]
+
+    def _shared_gradients(self, inputs: CalibrationInputs, num_heads: int):
+        """theta_S, g = grad J_batch on S and m_k = -grad of head k's MTP loss on S
+        (one forward, one backward per loss), in the model's current train/eval mode."""
+        names = self._shared_names(inputs)
+        params = dict(inputs.model.named_parameters())
+        theta = {n: params[n].detach().requires_grad_() for n in names}
+        fixed = {n: p.detach() for n, p in params.items() if n not in theta}
+        losses = [inputs.objective, *head_losses(inputs, num_heads)]
+        with torch.enable_grad():
+            out = functional_forward(inputs, {**fixed, **theta})
+            grads = [
+                torch.autograd.grad(loss(out, inputs.batch), list(theta.values()), retain_graph=i + 1 < len(losses),
+                                    allow_unused=True)
+                for i, loss in enumerate(losses)
+            ]
+        shared = {n: t.detach() for n, t in theta.items()}
+
+        def on_shared(grad, sign):
+            return {n: sign * t if t is not None else torch.zeros_like(shared[n]) for n, t in zip(shared, grad)}
+
+        return shared, on_shared(grads[0], 1.0), [on_shared(grad, -1.0) for grad in grads[1:]]
+
     def _logprob_change(self, inputs: CalibrationInputs, shared: dict, tangent: dict) -> torch.Tensor:
         """J @ tangent: the first-order change of the main head's per-token log-probs."""
-        if not shared:  # nothing both losses reach (e.g. a fully detached MTP head): no change
-            return torch.zeros_like(inputs.logprobs.main)
-        main_logprobs = main_logprobs_of(inputs, set(shared))
+        frozen = {n: p.detach() for n, p in inputs.model.named_parameters() if n not in shared}
+
+        def main_logprobs(theta: dict) -> torch.Tensor:
+            return token_logprobs(functional_forward(inputs, {**frozen, **theta}).main)
+
         # fused SDPA kernels lack forward-mode AD (THEORY.md s.7); the math backend has it
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
             if self.finite_difference is None:
@@ -367,3 +377,110 @@ class OCC(Calibrator, _WarningCounter):
         ema = state["ema_value"]
         self._ema_value = None if ema is None else torch.tensor(ema, dtype=torch.float64)
         self.warnings_total = int(state["warnings_total"])
+
+
+class _ProbeCalibrator(Calibrator, _WarningCounter):
+    """A calibrator that measures g and m with one :class:`~mtpdiag.probe.Probe` per head
+    (head k's probe uses head k's MTP loss alone; with one head, the whole MTP loss)."""
+
+    def __init__(self):
+        _WarningCounter.__init__(self)
+        self._probes: tuple[torch.nn.Module, list[Probe]] | None = None
+
+    def _probes_for(self, inputs: CalibrationInputs) -> list[Probe]:
+        require_gradient_inputs(inputs, self.name)
+        if self._probes is None or self._probes[0] is not inputs.model:
+            K = inputs.logprobs.mtp.size(0)
+            probes = [Probe(inputs.model, inputs.objective, loss, inputs.forward) for loss in head_losses(inputs, K)]
+            self._probes = (inputs.model, probes)
+        return self._probes[1]
+
+    def _finish(self, values: list[float | None], info: dict[str, list]) -> Calibration:
+        """lambda per head from ``values`` (None where undefined: 0 and a warning)."""
+        def as_tensor(per_head):
+            return torch.tensor([float("nan") if v is None else v for v in per_head], dtype=torch.float64)
+
+        lambdas = as_tensor(values)
+        lambdas, counts = self.zero_unusable(lambdas, torch.isfinite(lambdas))
+        counts.update(per_head_info({key: as_tensor(per_head) for key, per_head in info.items()}))
+        return Calibration(lambdas, counts)
+
+    def state_dict(self) -> dict:
+        return {"warnings_total": self.warnings_total}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.warnings_total = int(state["warnings_total"])
+
+
+class Oracle(_ProbeCalibrator):
+    """lambda_t = scale * lambda*, measured by the Probe on the calibrator's own mini-batch
+    at the current parameters (small models only: it costs Hessian-vector products).
+
+    ``source="taylor"``: lambda*_taylor = (c + eta h_gm) / (-eta h_mm) (THEORY.md s.2);
+    ``"measured"``: the argmax of the exact curve Delta(lambda) (a 1-D search refined
+    from a grid around lambda*_taylor; THEORY.md s.4). Both are for one SGD step of
+    size ``inputs.lr``. A direction that is not concave has no lambda*: 0 and a warning.
+    With K > 1 heads each head's lambda* is measured for that head's loss alone.
+    """
+
+    SOURCES = ("taylor", "measured")
+
+    def __init__(self, source: str = "taylor", scale: float = 1.0):
+        if source not in self.SOURCES:
+            raise ValueError(f"source={source!r}: choose one of {self.SOURCES}")
+        super().__init__()
+        self.source, self.scale = source, float(scale)
+        self.name = f"oracle[{source}" + (f",scale={self.scale:g}]" if self.scale != 1.0 else "]")
+
+    def __call__(self, inputs: CalibrationInputs) -> Calibration:
+        records = [
+            probe.measure(inputs.batch, inputs.lr, hvp=True, gg_curvature=False, line_search=self.source == "measured")
+            for probe in self._probes_for(inputs)
+        ]
+        taylor = [r.lambda_star_taylor for r in records]
+        info = {"lambda_star_taylor": taylor, "c": [r.c for r in records], "v2": [r.v2 for r in records],
+                "h_mm": [r.h_mm for r in records]}
+        chosen = taylor
+        if self.source == "measured":
+            curves = [r.curve("sgd") for r in records]
+            chosen = [c.lambda_star_search if c is not None else None for c in curves]
+            info["lambda_star_meas"] = chosen
+            info["lambda_star_meas_fit"] = [c.lambda_star_fit if c is not None else None for c in curves]
+        return self._finish([None if v is None else self.scale * v for v in chosen], info)
+
+
+class CosineGate(_ProbeCalibrator):
+    """lambda_t = lambda0 * max(0, cos(g, m)) on the shared parameters (Du et al. 2018,
+    arXiv 1812.02224): the MTP gradient is kept, scaled down, while it points the same
+    way as the RL gradient, and dropped when it points against it. Gradients only."""
+
+    def __init__(self, lambda0: float = 1.0):
+        super().__init__()
+        self.lambda0 = float(lambda0)
+        self.name = f"cosine[lambda0={self.lambda0:g}]"
+
+    def __call__(self, inputs: CalibrationInputs) -> Calibration:
+        records = [
+            probe.measure(inputs.batch, inputs.lr, hvp=False, line_search=False) for probe in self._probes_for(inputs)
+        ]
+        cos = [r.cos for r in records]  # None when g = 0 or m = 0
+        values = [None if c is None else self.lambda0 * max(0.0, c) for c in cos]
+        return self._finish(values, {"cos": cos, "c": [r.c for r in records], "v2": [r.v2 for r in records]})
+
+
+CALIBRATORS: dict[str, Callable[..., Calibrator]] = {
+    "fixed": lambda num_heads, lam=0.1: FixedLambda(lam),
+    "occ-paper": lambda num_heads: OCC.paper(),
+    "occ-reference": lambda num_heads, scaling_factor=0.1: OCC.reference(num_heads, scaling_factor),
+    "occ": lambda num_heads, **options: OCC(**options),
+    "oracle": lambda num_heads, **options: Oracle(**options),
+    "cosine": lambda num_heads, lambda0=1.0: CosineGate(lambda0),
+}
+
+
+def make_calibrator(name: str, num_heads: int = 1, **options) -> Calibrator:
+    """A calibrator by name (see ``CALIBRATORS``), e.g. ``make_calibrator("occ-reference",
+    num_heads=2)`` or ``make_calibrator("occ", proxy="step", aggregate="tokenwise")``."""
+    if name not in CALIBRATORS:
+        raise ValueError(f"calibrator {name!r}: choose one of {sorted(CALIBRATORS)}")
+    return CALIBRATORS[name](num_heads, **options)

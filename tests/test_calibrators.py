@@ -12,12 +12,15 @@ import torch.nn as nn
 from mtpdiag.calibrators import (
     OCC,
     CalibrationInputs,
+    CosineGate,
     FixedLambda,
+    Oracle,
+    make_calibrator,
     response_block,
-    shared_gradients,
 )
 from mtpdiag.losses import AlignedLogprobs, aligned_logprobs, mtp_policy_loss, rl_objective, token_logprobs
 from mtpdiag.model import GPT, GPTConfig, GPTOutput, HeadPrediction
+from mtpdiag.probe import Probe
 
 EPS = 1e-8
 F64 = torch.float64
@@ -77,6 +80,7 @@ def test_paper_preset_sums_over_response_tokens():
         assert out.info[f"c_hat_{k}"] == pytest.approx(C_MASKED[k], rel=1e-12)
         assert out.info[f"v_hat2_{k}"] == pytest.approx(V2_MASKED[k], rel=1e-12)
         assert out.info[f"n_tokens_{k}"] == 5
+        assert out.info[f"r_hat2_{k}"] == pytest.approx(0.19, rel=1e-12)  # 0.1^2 + 0.2^2 + 0.3^2 + 0.2^2 + 0.1^2
     expected = [C_MASKED[k] / (V2_MASKED[k] + EPS) for k in range(2)]
     assert out.lambdas.tolist() == pytest.approx(expected, rel=1e-12)
     assert out.info["warnings"] == 0
@@ -378,13 +382,6 @@ def test_step_proxy_on_a_linear_model_is_exactly_the_jacobian_inner_product(aggr
         assert out.lambdas[k].item() == pytest.approx(expected.item(), rel=1e-9)
 
 
-def test_shared_parameters_are_found_from_the_graph():
-    model = LinearLogprobModel(2, 5, n_shared=3, num_heads=2)
-    batch = rl_batch(model, 2, 6, vocab=2)
-    shared, g, ms = shared_gradients(model_inputs(model, batch, 0.1), num_heads=2)
-    assert set(shared) == {"theta"} and set(g) == {"theta"} and len(ms) == 2
-
-
 def test_step_proxy_jvp_and_finite_difference_agree_with_error_shrinking_like_h_squared():
     model = tiny_gpt()
     batch = rl_batch(model, B=4, T=10, vocab=11)
@@ -433,18 +430,135 @@ def test_step_proxy_runs_on_fused_attention_and_matches_the_math_path():
     torch.testing.assert_close(sdpa, math, rtol=1e-9, atol=0)
 
 
-def test_step_proxy_with_detached_mtp_heads_has_zero_v_hat2_and_warns():
+def test_step_proxy_with_all_advantages_zero_has_zero_v_hat2_and_warns():
+    # every group's rewards equal: zero advantages, so g = m = 0 and no log-prob moves
+    model = tiny_gpt()
+    batch = rl_batch(model, B=3, T=9, vocab=11)
+    batch["advantages"] = torch.zeros(3, dtype=F64)
+    out = OCC(proxy="step")(model_inputs(model, batch, 0.1))
+    assert out.lambdas.tolist() == [0.0, 0.0]
+    assert out.info["v_hat2_0"] == 0.0 and out.info["warnings"] == 2
+
+
+def test_step_proxy_with_detached_mtp_heads_says_there_is_no_shared_set():
     model = tiny_gpt()
     batch = rl_batch(model, B=3, T=9, vocab=11)
 
     def detached(m, b):
         return m(b["input_ids"], mtp_detach="detach")
 
-    out = OCC(proxy="step")(model_inputs(model, batch, 0.1, forward=detached))
-    assert out.lambdas.tolist() == [0.0, 0.0]
-    assert out.info["v_hat2_0"] == 0.0 and out.info["warnings"] == 2
+    with pytest.raises(ValueError, match="detached"):
+        OCC(proxy="step")(model_inputs(model, batch, 0.1, forward=detached))
 
 
 def test_step_proxy_without_a_model_names_the_fix():
     with pytest.raises(ValueError, match="proxy='ratio'"):
         OCC(proxy="step")(hand_inputs())
+
+
+# ---------------------------------------------------------------------------
+# oracle and cosine gate
+# ---------------------------------------------------------------------------
+
+
+def linear_model_gradients(model: LinearLogprobModel, batch: dict):
+    """g on S = {theta} and m_k = -grad of head k's policy loss, by autograd on the module."""
+    out = call_model(model, batch)
+    K = model.phi.size(0)
+    g = torch.autograd.grad(rl_objective(out, batch), model.theta, retain_graph=True)[0]
+    ms = [
+        -torch.autograd.grad(mtp_policy_loss(out, batch, head_weights=torch.eye(K)[k]), model.theta, retain_graph=True)[0]
+        for k in range(K)
+    ]
+    return g, ms
+
+
+def linear_model_hessian(model: LinearLogprobModel, batch: dict) -> torch.Tensor:
+    """With log-probs -1 + A theta and every ratio inside the clip range, J_batch is
+    mean over response tokens of A_adv * exp(a . theta - 1 - old), so its Hessian is
+    mean of A_adv * ratio * a a^T, written out here."""
+    mask = batch["response_mask"].bool()
+    L = mask.size(1)
+    a = model.A[:, :L][mask]  # [N, n]
+    logp = -1 + a @ model.theta.detach()
+    ratio = torch.exp(logp - batch["old_logprobs"][mask])
+    assert ((ratio > 0.8) & (ratio < 1.28)).all(), "the hand Hessian assumes no token is clipped"
+    weight = batch["advantages"].unsqueeze(1).expand_as(mask)[mask] * ratio
+    return (a.T * weight) @ a / mask.sum()
+
+
+def test_oracle_taylor_matches_the_hand_derived_lambda_star_per_head():
+    B, T, K, eta = 4, 7, 2, 0.3
+    model = LinearLogprobModel(B, T - 1, n_shared=5, num_heads=K)
+    batch = rl_batch(model, B, T, vocab=2)
+    batch["advantages"] = -batch["advantages"].abs() - 0.1  # all negative: J is concave along every direction
+    g, ms = linear_model_gradients(model, batch)
+    H = linear_model_hessian(model, batch)
+    expected = [((g @ m + eta * g @ H @ m) / (-eta * m @ H @ m)).item() for m in ms]
+    out = Oracle("taylor", scale=0.5)(model_inputs(model, batch, eta))
+    assert out.lambdas.tolist() == pytest.approx([0.5 * e for e in expected], rel=1e-8)
+    assert [out.info["lambda_star_taylor_0"], out.info["lambda_star_taylor_1"]] == pytest.approx(expected, rel=1e-8)
+    assert out.info["warnings"] == 0
+
+
+def test_oracle_without_concavity_gives_zero_and_a_warning():
+    B, T = 4, 7
+    model = LinearLogprobModel(B, T - 1, n_shared=5, num_heads=1)
+    batch = rl_batch(model, B, T, vocab=2)
+    batch["advantages"] = batch["advantages"].abs() + 0.1  # all positive: J is convex, h_mm > 0
+    out = Oracle("taylor")(model_inputs(model, batch, 0.3))
+    assert out.lambdas.tolist() == [0.0]
+    assert out.info["h_mm"] > 0 and out.info["warnings"] == 1
+    assert out.info["lambda_star_taylor"] != out.info["lambda_star_taylor"]  # NaN: undefined, logged as such
+
+
+def test_oracle_measured_takes_the_probe_curve_argmax_near_the_taylor_value():
+    model = tiny_gpt(n_mtp=1)
+    batch = rl_batch(model, B=4, T=10, vocab=11)
+    batch["advantages"] = batch["advantages"] - batch["advantages"].mean()
+    inputs = model_inputs(model, batch, lr=1e-3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    rng = torch.get_rng_state()
+    out = Oracle("measured")(inputs)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(p, before[n]) and p.grad is None for n, p in model.named_parameters())
+    reference = Probe(model, rl_objective, mtp_policy_loss, call_model).measure(batch, 1e-3, gg_curvature=False)
+    measured = reference.curve("sgd").lambda_star_search
+    assert out.lambdas.item() == pytest.approx(measured, rel=1e-6)
+    assert out.info["lambda_star_meas"] == pytest.approx(measured, rel=1e-6)
+    # a small step: the exact curve is close to the Taylor quadratic
+    assert out.info["lambda_star_meas"] == pytest.approx(out.info["lambda_star_taylor"], rel=0.05)
+
+
+@pytest.mark.parametrize("mtp_sign", [1.0, -1.0])
+def test_cosine_gate_is_lambda0_times_the_positive_part_of_the_cosine(mtp_sign):
+    B, T, K = 4, 7, 2
+    model = LinearLogprobModel(B, T - 1, n_shared=5, num_heads=K)
+    with torch.no_grad():  # head k's prediction of each token moves with (+) or against (-) the main head's
+        for k in range(K):
+            model.A_mtp[k, :, : T - 2 - k] = mtp_sign * model.A[:, k + 1 :]
+    batch = rl_batch(model, B, T, vocab=2)
+    g, ms = linear_model_gradients(model, batch)
+    cos = [(g @ m / (g.norm() * m.norm())).item() for m in ms]
+    assert all(c * mtp_sign > 0.5 for c in cos)
+    out = CosineGate(lambda0=0.3)(model_inputs(model, batch, 0.1))
+    assert out.lambdas.tolist() == pytest.approx([0.3 * max(0.0, c) for c in cos], rel=1e-9, abs=0)
+    assert [out.info["cos_0"], out.info["cos_1"]] == pytest.approx(cos, rel=1e-9)
+
+
+def test_gradient_calibrators_without_a_model_name_the_fix():
+    for calibrator in (Oracle(), CosineGate()):
+        with pytest.raises(ValueError, match="proxy='ratio'"):
+            calibrator(hand_inputs())
+    with pytest.raises(ValueError, match="choose one of"):
+        Oracle("meas")
+
+
+def test_make_calibrator_builds_the_presets_by_name():
+    assert make_calibrator("occ-paper").name == "occ-paper"
+    assert make_calibrator("occ-reference", num_heads=4).lambda_plus == pytest.approx(0.025)
+    assert make_calibrator("occ", proxy="step", aggregate="tokenwise").proxy == "step"
+    assert make_calibrator("oracle", source="measured").source == "measured"
+    assert make_calibrator("cosine", lambda0=0.5).lambda0 == 0.5
+    with pytest.raises(ValueError, match="choose one of"):
+        make_calibrator("occ-paprer")
