@@ -54,7 +54,9 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) 
     r = rewards.view(-1, group_size)
     centred = r - r.mean(dim=1, keepdim=True)
     std = r.std(dim=1, keepdim=True, unbiased=False)
-    return torch.where(std > 0, centred / (std + eps), torch.zeros_like(centred)).view(-1)
+    # compare the rewards themselves: a rounded mean can leave a tiny nonzero std
+    uniform = (r == r[:, :1]).all(dim=1, keepdim=True)
+    return torch.where(uniform, torch.zeros_like(centred), centred / (std + eps)).view(-1)
 
 
 def clipped_surrogate(
@@ -67,7 +69,9 @@ def clipped_surrogate(
 ) -> torch.Tensor:
     """DAPO token-level clipped surrogate (to maximise): mean over masked tokens of
     min(r A, clip(r, 1-eps_low, 1+eps_high) A), r = exp(logp - old_logp)."""
-    ratio = torch.exp(logp - old_logp)
+    # zero the log-ratio off the mask so that an overflowing exp there cannot turn
+    # into NaN in the loss (inf * 0) or in its gradient
+    ratio = torch.exp((logp - old_logp).masked_fill(mask == 0, 0.0))
     adv = advantages.unsqueeze(-1)
     per_token = torch.minimum(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
     return masked_mean(per_token, mask)
