@@ -1,0 +1,175 @@
+"""RL objectives and MTP losses against element-by-element float64 oracles."""
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mtpdiag.losses import (
+    aligned_logprobs,
+    clipped_surrogate,
+    completion_logprob,
+    group_advantages,
+    j_true,
+    masked_mean,
+    mtp_ce_loss,
+    mtp_policy_loss,
+    rl_objective,
+    sft_loss,
+    token_logprobs,
+)
+from mtpdiag.model import GPT, GPTConfig
+
+VOCAB, B, T = 9, 4, 8
+
+
+@pytest.fixture(scope="module", params=["parallel", "sequential"])
+def model(request):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(VOCAB, block_size=T, d_model=16, n_layer=1, n_head=2, n_mtp=2, mtp_wiring=request.param)).double()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    gen = torch.Generator().manual_seed(1)
+    mask = torch.zeros(B, T - 1, dtype=torch.float64)
+    for b in range(B):
+        mask[b, 2 : 4 + b] = 1.0  # completions of different lengths
+    return {
+        "input_ids": torch.randint(0, VOCAB, (B, T), generator=gen),
+        "response_mask": mask,
+        "old_logprobs": -torch.rand(B, T - 1, generator=gen, dtype=torch.float64) * 3,
+        "advantages": torch.randn(B, generator=gen, dtype=torch.float64),
+    }
+
+
+def surrogate_oracle(logp, old, adv, mask, eps_low, eps_high):
+    """DAPO's token-level mean, one token at a time."""
+    total, count = 0.0, 0.0
+    for b in range(len(logp)):
+        for i in range(len(logp[b])):
+            if mask[b][i]:
+                ratio = math.exp(logp[b][i] - old[b][i])
+                clipped = min(max(ratio, 1 - eps_low), 1 + eps_high)
+                total += min(ratio * adv[b], clipped * adv[b])
+                count += 1
+    return total / max(count, 1.0)
+
+
+@given(seed=st.integers(0, 2**31), eps_low=st.floats(0.05, 0.5), eps_high=st.floats(0.05, 0.5))
+def test_clipped_surrogate_matches_the_token_by_token_oracle(seed, eps_low, eps_high):
+    gen = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(3, 5, generator=gen, dtype=torch.float64) * 2
+    old = logp + torch.randn(3, 5, generator=gen, dtype=torch.float64) * 0.4  # ratios on both sides of the clip
+    adv = torch.randn(3, generator=gen, dtype=torch.float64)
+    mask = (torch.rand(3, 5, generator=gen) > 0.3).double()
+    expected = surrogate_oracle(logp.tolist(), old.tolist(), adv.tolist(), mask.tolist(), eps_low, eps_high)
+    assert clipped_surrogate(logp, old, adv, mask, eps_low, eps_high).item() == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("advantage", [1.5, -1.5])
+def test_masked_positions_never_reach_the_loss_or_its_gradient_even_when_not_finite(advantage):
+    logp = torch.tensor([[-1.0, -2.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    old = torch.tensor([[-1.2, -1.9, -1000.0]], dtype=torch.float64)  # exp(1000) overflows
+    mask = torch.tensor([[1.0, 1.0, 0.0]], dtype=torch.float64)
+    value = clipped_surrogate(logp, old, torch.tensor([advantage], dtype=torch.float64), mask)
+    value.backward()
+    expected = surrogate_oracle(logp.tolist(), old.tolist(), [advantage], mask.tolist(), 0.2, 0.28)
+    assert value.item() == pytest.approx(expected, rel=1e-12)
+    assert torch.isfinite(logp.grad).all() and logp.grad[0, 2] == 0
+
+
+def test_at_ratio_one_the_surrogate_gradient_is_the_advantage_weighted_score(model, batch):
+    """grad J = masked mean of A_b * grad log pi(token) when pi_old = pi."""
+    params = [p for name, p in model.named_parameters() if not name.startswith("mtp_heads.")]
+    out = model(batch["input_ids"], with_mtp=False)
+    logp = token_logprobs(out.main)
+    on_policy = dict(batch, old_logprobs=logp.detach())
+    grads = torch.autograd.grad(rl_objective(out, on_policy), params, retain_graph=True)
+    weights = batch["advantages"][:, None] * batch["response_mask"] / batch["response_mask"].sum()
+    expected = torch.autograd.grad((weights * logp).sum(), params)
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-14)
+
+
+@given(values=st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=1, max_size=6), group_size=st.integers(1, 8))
+def test_groups_with_uniform_reward_get_exactly_zero_advantage(values, group_size):
+    rewards = torch.tensor([v for v in values for _ in range(group_size)], dtype=torch.float64)
+    assert torch.equal(group_advantages(rewards, group_size), torch.zeros_like(rewards))
+
+
+def test_group_advantages_are_standardised_within_each_group():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.3, 0.3, 0.3, 0.3, 2.0, 1.0, 1.0, 0.0], dtype=torch.float64)
+    adv = group_advantages(rewards, 4).view(3, 4)
+    r = rewards.view(3, 4)
+    for g in (0, 2):
+        expected = (r[g] - r[g].mean()) / (r[g].std(unbiased=False) + 1e-6)
+        torch.testing.assert_close(adv[g], expected, rtol=1e-12, atol=0)
+    assert torch.equal(adv[1], torch.zeros(4, dtype=torch.float64))
+
+
+def test_aligned_logprobs_put_each_heads_prediction_of_a_token_under_that_token(model, batch):
+    out = model(batch["input_ids"])
+    lp = aligned_logprobs(out)
+    assert lp.mtp.shape == (2, B, T - 1)
+    torch.testing.assert_close(lp.main, token_logprobs(out.main), rtol=0, atol=0)
+    for k, pred in enumerate(out.mtp):
+        per_head = token_logprobs(pred)
+        for j, pos in enumerate(pred.target_pos.tolist()):
+            # entry i of the aligned layout concerns the token at sequence position i + 1
+            assert torch.equal(lp.mtp[k, :, pos - 1], per_head[:, j])
+        assert lp.mtp_valid[k].tolist() == [i + 1 in pred.target_pos.tolist() for i in range(T - 1)]
+
+
+def test_mtp_policy_loss_is_the_main_clipped_loss_on_head_logprobs_with_main_old_logprobs(model, batch):
+    out = model(batch["input_ids"])
+    lp = aligned_logprobs(out)
+    weights = [0.7, 0.2]
+    expected = 0.0
+    for k in range(2):
+        mask = (batch["response_mask"] * lp.mtp_valid[k]).tolist()
+        expected -= weights[k] * surrogate_oracle(
+            lp.mtp[k].tolist(), batch["old_logprobs"].tolist(), batch["advantages"].tolist(), mask, 0.2, 0.28
+        )
+    assert mtp_policy_loss(out, batch, weights).item() == pytest.approx(expected, rel=1e-12)
+
+
+def cross_entropy_oracle(pred, mask_for_target):
+    """Mean -log softmax(logits)[target] over rows whose target position is masked in."""
+    total, count = 0.0, 0
+    for b in range(pred.logits.shape[0]):
+        for j, pos in enumerate(pred.target_pos.tolist()):
+            if mask_for_target[b][pos - 1]:
+                logits = pred.logits[b, j].tolist()
+                log_norm = math.log(sum(math.exp(x) for x in logits))
+                total += log_norm - logits[pred.targets[b, j]]
+                count += 1
+    return total / max(count, 1)
+
+
+def test_mtp_ce_and_sft_losses_match_the_cross_entropy_oracle(model, batch):
+    out = model(batch["input_ids"])
+    mask = batch["response_mask"].tolist()
+    heads = [cross_entropy_oracle(pred, mask) for pred in out.mtp]
+    assert mtp_ce_loss(out, batch, [1.0, 0.5]).item() == pytest.approx(heads[0] + 0.5 * heads[1], rel=1e-12)
+    main = cross_entropy_oracle(out.main, mask)
+    assert sft_loss(out, batch, 0.3).item() == pytest.approx(main + 0.3 * sum(heads), rel=1e-12)
+
+
+def test_j_true_is_the_mean_probability_of_the_whole_completion(model, batch):
+    out = model(batch["input_ids"])
+    probs = torch.softmax(out.main.logits, -1)
+    expected = []
+    for b in range(B):
+        p = 1.0
+        for i in range(T - 1):
+            if batch["response_mask"][b, i]:
+                p *= probs[b, i, batch["input_ids"][b, i + 1]].item()
+        expected.append(p)
+    torch.testing.assert_close(completion_logprob(out, batch).exp(), torch.tensor(expected, dtype=torch.float64))
+    assert j_true(out, batch).item() == pytest.approx(sum(expected) / B, rel=1e-12)
+
+
+def test_masked_mean_of_an_empty_mask_is_zero_not_nan():
+    assert masked_mean(torch.ones(2, 3), torch.zeros(2, 3)).item() == 0.0
