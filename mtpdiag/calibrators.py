@@ -13,6 +13,8 @@ Calibrators:
   Presets :meth:`OCC.paper` and :meth:`OCC.reference`.
 * :class:`Oracle`: lambda*_taylor or lambda*_meas from the :class:`~mtpdiag.probe.Probe`.
 * :class:`CosineGate`: lambda0 * max(0, cos(g, m)) (Du et al. 2018).
+* :class:`WithShadows`: trains with one calibrator and logs what others would
+  have chosen on the same mini-batch (proxies against the oracle, row by row).
 
 A proxy whose v_hat^2 is zero or non-finite, or whose result is non-finite, gives
 lambda = 0 for that head and counts a warning (``info["warnings"]``), so NaN never
@@ -466,6 +468,46 @@ class CosineGate(_ProbeCalibrator):
         cos = [r.cos for r in records]  # None when g = 0 or m = 0
         values = [None if c is None else self.lambda0 * max(0.0, c) for c in cos]
         return self._finish(values, {"cos": cos, "c": [r.c for r in records], "v2": [r.v2 for r in records]})
+
+
+class WithShadows(Calibrator):
+    """Trains with ``primary`` and also runs ``shadows`` on the same inputs (same
+    mini-batch, same parameters), logging what they would have chosen: shadow
+    ``label``'s lambdas as ``<label>_lambda`` and its info as ``<label>_<key>``.
+    This compares proxies with each other and with an :class:`Oracle` on one
+    trajectory, row by row. ``every``: run the shadows on every n-th call only.
+    """
+
+    def __init__(self, primary: Calibrator, shadows: dict[str, Calibrator], every: int = 1):
+        if every < 1:
+            raise ValueError(f"every={every} must be at least 1")
+        self.primary, self.shadows, self.every = primary, dict(shadows), int(every)
+        self.calls = 0
+        self.name = f"{primary.name}+shadows({','.join(f'{k}={c.name}' for k, c in self.shadows.items())})"
+
+    def __call__(self, inputs: CalibrationInputs) -> Calibration:
+        result = self.primary(inputs)
+        info = dict(result.info)
+        if self.calls % self.every == 0:
+            for label, shadow in self.shadows.items():
+                shadowed = shadow(inputs)
+                info.update({f"{label}_{key}": v for key, v in per_head_info({"lambda": shadowed.lambdas}).items()})
+                info.update({f"{label}_{key}": v for key, v in shadowed.info.items()})
+        self.calls += 1
+        return Calibration(result.lambdas, info)
+
+    def state_dict(self) -> dict:
+        return {
+            "calls": self.calls,
+            "primary": self.primary.state_dict(),
+            "shadows": {label: c.state_dict() for label, c in self.shadows.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.calls = int(state["calls"])
+        self.primary.load_state_dict(state["primary"])
+        for label, c in self.shadows.items():
+            c.load_state_dict(state["shadows"][label])
 
 
 CALIBRATORS: dict[str, Callable[..., Calibrator]] = {

@@ -15,6 +15,7 @@ from mtpdiag.calibrators import (
     CosineGate,
     FixedLambda,
     Oracle,
+    WithShadows,
     make_calibrator,
     response_block,
 )
@@ -562,3 +563,21 @@ def test_make_calibrator_builds_the_presets_by_name():
     assert make_calibrator("cosine", lambda0=0.5).lambda0 == 0.5
     with pytest.raises(ValueError, match="choose one of"):
         make_calibrator("occ-paprer")
+
+
+def test_shadows_log_what_other_calibrators_would_choose_on_the_same_inputs():
+    cal = WithShadows(OCC.paper(), {"ref": OCC.reference(num_heads=2), "smooth": OCC(ema=0.5)}, every=2)
+    first = cal(hand_inputs())
+    alone = OCC.paper()(hand_inputs())
+    torch.testing.assert_close(first.lambdas, alone.lambdas)
+    reference = OCC.reference(num_heads=2)(hand_inputs())
+    assert [first.info["ref_lambda_0"], first.info["ref_lambda_1"]] == reference.lambdas.tolist()
+    assert first.info["ref_c_hat_1"] == reference.info["c_hat_1"]
+    assert first.info["c_hat_0"] == alone.info["c_hat_0"]
+    second = cal(scaled_inputs(3.0))
+    assert not any(key.startswith(("ref_", "smooth_")) for key in second.info)  # every=2: shadows skipped
+
+    resumed = WithShadows(OCC.paper(), {"ref": OCC.reference(num_heads=2), "smooth": OCC(ema=0.5)}, every=2)
+    resumed.load_state_dict(cal.state_dict())
+    assert resumed(scaled_inputs(-1.0)).info == cal(scaled_inputs(-1.0)).info
+    assert "smooth=occ[ratio,sum,masked,lambda_plus=1,ema=0.5]" in cal.name
