@@ -64,6 +64,11 @@ class HessianAt:
     without a forward-mode derivative, the object switches to ``rev_rev`` and
     ``mode`` reads ``"rev_rev (fallback: <reason>)"``, so a record can say which
     path ran. ``n_products`` counts Hessian-vector products.
+
+    Caveat of ``rev_rev``: a custom ``autograd.Function`` whose backward is not
+    itself differentiable (marked ``once_differentiable``, or computed by a
+    kernel outside autograd) cuts the second-order graph, and autograd then
+    silently drops those terms; ``fwd_rev`` refuses such functions instead.
     """
 
     def __init__(self, f: Callable[[Params], torch.Tensor], params: Params, mode: str = "fwd_rev"):
@@ -121,9 +126,12 @@ class HessianAt:
         leaves = {k: t.detach().requires_grad_() for k, t in self.params.items()}
         with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
             value = self.f(leaves)
-            grads = torch.autograd.grad(
-                value, list(leaves.values()), create_graph=True, allow_unused=True, materialize_grads=True
-            )
+            if value.requires_grad:
+                grads = torch.autograd.grad(
+                    value, list(leaves.values()), create_graph=True, allow_unused=True, materialize_grads=True
+                )
+            else:  # f does not read these parameters: zero gradient, zero Hessian
+                grads = tuple(torch.zeros_like(t) for t in leaves.values())
         self._leaves, self._grad_graph = leaves, grads
         self._grad = {k: g.detach() for k, g in zip(leaves, grads)}
         self._value = value.detach()

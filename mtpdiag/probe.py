@@ -291,6 +291,9 @@ class Probe:
         values = [self._checked_value(loss, outputs, batch) for loss in losses]
         grads = []
         for i, value in enumerate(values):
+            if not value.requires_grad:  # the loss does not read S at all (e.g. a detached MTP head)
+                grads.append({k: torch.zeros_like(t) for k, t in params.items()})
+                continue
             grad = torch.autograd.grad(
                 value, list(leaves.values()), retain_graph=i < len(values) - 1, allow_unused=True, materialize_grads=True
             )
