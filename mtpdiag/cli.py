@@ -1,0 +1,108 @@
+"""Command line: ``mtpdiag train ...`` (one subcommand per job).
+
+Every :class:`~mtpdiag.train.TrainConfig` field is a flag (``--block-size``,
+``--lr``, ...); task options are ``--task-option digits=4``. With ``--resume`` the
+run directory's saved config is the base and flags given override it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+
+from .rundir import RunDir
+from .tasks import TASKS
+from .train import DETACH_MODES, DTYPES, OPTIMIZERS, REGIMES, NonFiniteLossError, TrainConfig, train
+
+CHOICES = {
+    "task": sorted(TASKS),
+    "regime": REGIMES,
+    "optimizer": OPTIMIZERS,
+    "detach_mode": tuple(DETACH_MODES),
+    "dtype": tuple(DTYPES),
+    "mtp_wiring": ("parallel", "sequential"),
+    "attention": ("math", "sdpa"),
+}
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean: use true or false")
+
+
+def _task_option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: write a task option as KEY=VALUE, e.g. digits=4")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+PARSERS = {"int": int, "float": float, "str": str, "bool": _bool, "int | None": int, "float | None": float}
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field. Defaults are suppressed so that only the flags
+    actually given override the base config (the defaults, or a resumed run's)."""
+    defaults = TrainConfig()
+    for f in fields(TrainConfig):
+        if f.name == "task_options":
+            parser.add_argument("--task-option", dest="task_options", action="append", type=_task_option,
+                                default=argparse.SUPPRESS, metavar="KEY=VALUE",
+                                help="task constructor option, repeatable (e.g. digits=4)")
+            continue
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}", dest=f.name, type=PARSERS[f.type], choices=CHOICES.get(f.name),
+            default=argparse.SUPPRESS, help=f"default: {getattr(defaults, f.name)}",
+        )
+    parser.add_argument("--out", required=True, help="run directory, e.g. runs/x")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.add_argument("--sft-cache", default=None,
+                        help="SFT cache folder (default: $MTPDIAG_CACHE or ~/.cache/mtpdiag)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                        help="hide the progress bar (it is hidden anyway when not on a terminal)")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Flags given on the command line over the base config: a resumed run's saved
+    config, else the defaults."""
+    saved = RunDir(args.out).read_config() if args.resume else None
+    base = saved["config"] if saved else TrainConfig().to_dict()
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    if "task_options" in given:
+        given["task_options"] = dict(given["task_options"])
+    return TrainConfig.from_dict({**base, **given})
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    cfg = config_from_args(args)
+    result = train(cfg, args.out, resume=args.resume, progress=args.progress, cache_dir=args.sft_cache)
+    final = result.metrics.iloc[-1]
+    print(
+        f"{cfg.regime}: step {int(final['step'])}, J_true {final['j_true']:.4f}, "
+        f"pass@1 {final['pass1']:.3f} [{final['pass1_ci_low']:.3f}, {final['pass1_ci_high']:.3f}] -> {result.out}"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mtpdiag", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    train_parser = commands.add_parser("train", help="SFT warm start (cached), then RL in one MTP regime")
+    add_train_arguments(train_parser)
+    train_parser.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, NonFiniteLossError) as err:
+        sys.exit(f"mtpdiag {args.command}: error: {err}")

@@ -1,0 +1,583 @@
+"""SFT warm start, then RL with MTP heads, in one file (nanoGPT spirit).
+
+RL step (GRPO/DAPO style, no KL): sample ``prompts_per_step`` prompts, ``group_size``
+completions each (temperature sampling, EOS, ``max_new_tokens``), reward them with
+the task's verifier, normalise rewards within each group, recompute pi_old, call the
+callbacks, then take one optimiser step per mini-batch on
+
+    loss = -J_batch + sum_k lambda_k * L_MTP,k
+
+where J_batch is the main head's clipped token-level surrogate and L_MTP depends on
+the regime:
+
+* ``detach``: MTP cross-entropy on a graph cut from every parameter the main head
+  uses (``detach_mode=full``) or only from the trunk (``trunk_only``), weight 1,
+  so the heads keep learning; ``lam`` does not apply.
+* ``ce``: MTP cross-entropy on the sampled tokens (no advantages), fixed ``lam``.
+* ``policy``: the main head's clipped loss on the MTP heads' log-probs, ratio
+  exp(log q_k - log pi_old(main)), fixed ``lam``.
+* ``occ``: ``policy`` with lambda_t from a :class:`~mtpdiag.calibrators.Calibrator`,
+  called once per mini-batch (``FixedLambda(lam)`` unless one is given).
+
+Randomness of step s is a function of (seed, s) only, so a resumed run repeats
+an uninterrupted one bit for bit, and callbacks cannot shift the trajectory.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .calibrators import CalibrationInputs, Calibrator, FixedLambda
+from .evaluation import (
+    completion_rewards,
+    exact_j_true,
+    j_true_batch,
+    rollout_mask,
+    sample_completions,
+    sampled_pass_at_1,
+)
+from .losses import AlignedLogprobs, aligned_logprobs, group_advantages, mtp_ce_loss, mtp_policy_loss, rl_objective
+from .losses import sft_loss, token_logprobs
+from .model import GPT, GPTConfig, GPTOutput
+from .rundir import RunDir
+from .tasks import TASKS, Task, make_task
+
+REGIMES = ("detach", "ce", "policy", "occ")
+DETACH_MODES = {"full": "detach", "trunk_only": "detach_trunk_only"}
+OPTIMIZERS = ("adamw", "sgd")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DEFAULT_LAMBDA = 1.0
+# Fields a resumed run may change: the step budget, and where it runs.
+RESUMABLE_FIELDS = ("steps", "device")
+SFT_VALIDATION_SEED = 1  # the held-out evaluation set uses the task's default seed
+MODEL_FIELDS = tuple(f.name for f in fields(GPTConfig) if f.name != "vocab_size")
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a run; saved as config.json. The defaults are the
+    "small config" (about 1M parameters) measured in the README."""
+
+    # task
+    task: str = "addition"
+    task_options: dict = field(default_factory=dict)
+    # model (GPTConfig fields; the vocabulary comes from the task)
+    block_size: int = 32
+    d_model: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    n_mtp: int = 1
+    mtp_wiring: str = "parallel"
+    attention: str = "math"
+    # SFT warm start: next-token + MTP cross-entropy on target completions, stopped
+    # once J_true on a validation set (disjoint seed from the held-out set) reaches
+    # sft_target (None: run all sft_steps), checked every sft_eval_every steps
+    sft_steps: int = 3000
+    sft_target: float | None = 0.5
+    sft_eval_every: int = 25
+    sft_batch_size: int = 64
+    sft_lr: float = 1e-3
+    sft_mtp_weight: float = 1.0
+    # RL
+    steps: int = 200
+    prompts_per_step: int = 32
+    group_size: int = 8
+    temperature: float = 1.0
+    max_new_tokens: int | None = None  # None: the task's longest correct completion
+    minibatches: int = 2
+    lr: float = 1e-4
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    regime: str = "detach"
+    lam: float | None = None  # MTP coefficient for ce/policy/occ; None: DEFAULT_LAMBDA
+    detach_mode: str = "full"
+    # evaluation, bookkeeping
+    eval_every: int = 20
+    eval_prompts: int = 256
+    eval_samples: int = 4
+    checkpoint_every: int = 50
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}: choose one of {sorted(TASKS)}")
+        for name, value, choices in (
+            ("regime", self.regime, REGIMES),
+            ("optimizer", self.optimizer, OPTIMIZERS),
+            ("detach_mode", self.detach_mode, tuple(DETACH_MODES)),
+            ("dtype", self.dtype, tuple(DTYPES)),
+        ):
+            if value not in choices:
+                raise ValueError(f"unknown {name} {value!r}: choose one of {list(choices)}")
+        if self.regime == "detach" and self.lam is not None:
+            raise ValueError(
+                "lam does not apply to regime 'detach' (its MTP heads train on a detached graph with weight 1): "
+                "drop --lam, or choose --regime ce, policy or occ"
+            )
+        if self.regime != "detach" and self.detach_mode != "full":
+            raise ValueError(f"detach_mode applies only to regime 'detach', not {self.regime!r}: drop --detach-mode")
+        for name in ("steps", "prompts_per_step", "group_size", "minibatches", "eval_every", "eval_prompts",
+                     "eval_samples", "checkpoint_every", "sft_batch_size", "sft_eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.sft_steps < 1:
+            raise ValueError(f"sft_steps={self.sft_steps} must be at least 1")
+        if self.minibatches > self.prompts_per_step * self.group_size:
+            raise ValueError(
+                f"minibatches={self.minibatches} exceeds the {self.prompts_per_step * self.group_size} rollouts per "
+                "step (prompts_per_step * group_size): lower --minibatches"
+            )
+        if not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature} must be > 0")
+        self.model_config(vocab_size=2)  # GPTConfig validates wiring, attention and head sizes
+
+    @property
+    def mtp_lambda(self) -> float:
+        """The fixed MTP coefficient of ce/policy (and of occ's default calibrator)."""
+        return DEFAULT_LAMBDA if self.lam is None else self.lam
+
+    def model_config(self, vocab_size: int) -> GPTConfig:
+        return GPTConfig(vocab_size=vocab_size, **{name: getattr(self, name) for name in MODEL_FIELDS})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {unknown}")
+        return cls(**values)
+
+
+def build_task(cfg: TrainConfig) -> Task:
+    """The task, after checking that the model and generation length fit it."""
+    task = make_task(cfg.task, **cfg.task_options)
+    max_new = max_new_tokens(cfg, task)
+    if max_new < task.max_completion_len:
+        raise ValueError(
+            f"max_new_tokens={max_new} is shorter than task {cfg.task!r}'s correct completions "
+            f"({task.max_completion_len} tokens with EOS): raise --max-new-tokens"
+        )
+    needed = task.prompt_len + max_new
+    if cfg.block_size < needed:
+        raise ValueError(
+            f"block_size={cfg.block_size} is too small for task {cfg.task!r}: prompts take {task.prompt_len} tokens "
+            f"and completions up to {max_new}, so set --block-size {needed} or more"
+        )
+    return task
+
+
+def max_new_tokens(cfg: TrainConfig, task: Task) -> int:
+    return task.max_completion_len if cfg.max_new_tokens is None else cfg.max_new_tokens
+
+
+def step_seed(seed: int, step: int, stream: str) -> int:
+    """An independent seed for each (run seed, step, purpose)."""
+    return int(np.random.SeedSequence([seed, step, int.from_bytes(stream.encode(), "little")]).generate_state(1)[0])
+
+
+def build_model(cfg: TrainConfig, task: Task) -> GPT:
+    torch.manual_seed(step_seed(cfg.seed, 0, "init"))
+    model = GPT(cfg.model_config(task.tokenizer.vocab_size))
+    return model.to(device=cfg.device, dtype=DTYPES[cfg.dtype])
+
+
+# ----------------------------------------------------------------------------- regimes
+
+
+@dataclass(frozen=True)
+class RegimeLosses:
+    """What the trainer optimises on one mini-batch, as pure functions of
+    (model output, batch): loss = -objective(out, batch) + aux_loss(out, batch, lambdas).
+    ``aux_loss`` with no head weights is L_MTP summed over heads with weight 1."""
+
+    regime: str
+    mtp_detach: str
+    eps_low: float
+    eps_high: float
+
+    def forward(self, model, batch: dict) -> GPTOutput:
+        return model(batch["input_ids"], mtp_detach=self.mtp_detach)
+
+    def objective(self, out: GPTOutput, batch: dict) -> torch.Tensor:
+        return rl_objective(out, batch, self.eps_low, self.eps_high)
+
+    def aux_loss(self, out: GPTOutput, batch: dict, head_weights=None) -> torch.Tensor:
+        if self.regime in ("detach", "ce"):
+            return mtp_ce_loss(out, batch, head_weights)
+        return mtp_policy_loss(out, batch, head_weights, self.eps_low, self.eps_high)
+
+
+def regime_losses(cfg: TrainConfig) -> RegimeLosses:
+    mtp_detach = DETACH_MODES[cfg.detach_mode] if cfg.regime == "detach" else "none"
+    return RegimeLosses(cfg.regime, mtp_detach, cfg.eps_low, cfg.eps_high)
+
+
+# ----------------------------------------------------------------------------- SFT warm start
+
+
+def sft_hash(cfg: TrainConfig) -> str:
+    """Hash of everything that determines the SFT weights."""
+    keys = ("task", "task_options", *MODEL_FIELDS, "sft_steps", "sft_target", "sft_eval_every", "sft_batch_size",
+            "sft_lr", "sft_mtp_weight", "eval_prompts", "seed", "dtype")
+    spec = {key: getattr(cfg, key) for key in keys}
+    spec["device_type"] = torch.device(cfg.device).type
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def sft_cache_file(cfg: TrainConfig, cache_dir: str | Path | None = None) -> Path:
+    """``<cache_dir or $MTPDIAG_CACHE or ~/.cache/mtpdiag>/sft/<hash>.pt``."""
+    root = cache_dir or os.environ.get("MTPDIAG_CACHE") or Path.home() / ".cache" / "mtpdiag"
+    return Path(root) / "sft" / f"{sft_hash(cfg)}.pt"
+
+
+def run_sft(cfg: TrainConfig, task: Task, progress: bool | None = None) -> tuple[GPT, dict]:
+    """Supervised warm start on target completions: next-token + MTP cross-entropy,
+    until validation J_true reaches ``sft_target``. Returns (model, summary)."""
+    model = build_model(cfg, task)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr)
+    rng = random.Random(step_seed(cfg.seed, 0, "sft"))
+    validation = j_true_batch(task, task.heldout_problems(cfg.eval_prompts, SFT_VALIDATION_SEED), cfg.device)
+    val_j_true = None
+    bar = tqdm(range(1, cfg.sft_steps + 1), desc="sft", disable=_tqdm_disable(progress))
+    for step in bar:
+        model.train()
+        problems = task.sample_problems(rng, cfg.sft_batch_size)
+        input_ids, response_mask = task.encode_completions(problems, [p.target for p in problems], cfg.device)
+        loss = sft_loss(model(input_ids), {"input_ids": input_ids, "response_mask": response_mask}, cfg.sft_mtp_weight)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"SFT step {step}: loss {loss.item()} is not finite: lower --sft-lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if cfg.sft_target is not None and step % cfg.sft_eval_every == 0:
+            model.eval()
+            val_j_true = exact_j_true(model, validation)
+            bar.set_postfix(val_j_true=f"{val_j_true:.3f}")
+            if val_j_true >= cfg.sft_target:
+                break
+    bar.close()
+    return model, {"sft_steps_run": step, "sft_val_j_true": val_j_true}
+
+
+def warm_start(cfg: TrainConfig, task: Task, cache_dir=None, progress: bool | None = None):
+    """The SFT model, trained once per SFT config and then read from the cache, so
+    every regime with the same seed starts from the same weights.
+    Returns (model, {"sft_cache_file", "sft_steps_run", "sft_val_j_true"})."""
+    file = sft_cache_file(cfg, cache_dir)
+    if file.exists():
+        saved = torch.load(file, map_location=cfg.device, weights_only=True)
+        model = build_model(cfg, task)
+        model.load_state_dict(saved["model"])
+        summary = saved["summary"]
+    else:
+        model, summary = run_sft(cfg, task, progress)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_name(f"{file.name}.{os.getpid()}.tmp")
+        torch.save({"model": model.state_dict(), "summary": summary}, tmp)
+        os.replace(tmp, file)
+    return model, {"sft_cache_file": str(file), **summary}
+
+
+# ----------------------------------------------------------------------------- rollout
+
+
+def rollout(model: GPT, task: Task, cfg: TrainConfig, step: int) -> tuple[dict, torch.Tensor]:
+    """Sample G completions for each of this step's prompts and build the RL batch
+    (input_ids, response_mask, old_logprobs, advantages). Returns (batch, rewards)."""
+    prompt_rng = random.Random(step_seed(cfg.seed, step, "prompts"))
+    problems = [p for p in task.sample_problems(prompt_rng, cfg.prompts_per_step) for _ in range(cfg.group_size)]
+    prompt_ids = task.encode_prompts(problems, cfg.device)
+    generator = torch.Generator(cfg.device).manual_seed(step_seed(cfg.seed, step, "rollout"))
+    tok = task.tokenizer
+    model.eval()
+    completions = sample_completions(
+        model, prompt_ids, max_new_tokens(cfg, task), tok.eos_id, tok.pad_id, cfg.temperature, generator
+    )
+    rewards = completion_rewards(task, problems, completions).to(cfg.device, DTYPES[cfg.dtype])
+    input_ids = torch.cat([prompt_ids, completions], dim=1)
+    with torch.no_grad():  # pi_old, recomputed by the model about to be updated
+        old_logprobs = token_logprobs(model(input_ids, with_mtp=False).main)
+    batch = {
+        "input_ids": input_ids,
+        "response_mask": rollout_mask(task.prompt_len, completions, tok.eos_id).to(old_logprobs.dtype),
+        "old_logprobs": old_logprobs,
+        "advantages": group_advantages(rewards, cfg.group_size),
+    }
+    return batch, rewards
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate(model: GPT, task: Task, cfg: TrainConfig, heldout: dict, step: int) -> dict:
+    """Exact J_true on the held-out batch and sampled pass@1 (temperature 1, so it
+    estimates the same quantity) with its 95% interval."""
+    model.eval()
+    generator = torch.Generator(cfg.device).manual_seed(step_seed(cfg.seed, step, "eval"))
+    problems = task.heldout_problems(cfg.eval_prompts)
+    pass1 = sampled_pass_at_1(
+        model, task, problems, cfg.eval_samples, max_new_tokens(cfg, task), 1.0, generator, cfg.device
+    )
+    return {
+        "j_true": exact_j_true(model, heldout),
+        "pass1": pass1.mean,
+        "pass1_ci_low": pass1.ci_low,
+        "pass1_ci_high": pass1.ci_high,
+    }
+
+
+# ----------------------------------------------------------------------------- RL loop
+
+
+@dataclass
+class StepContext:
+    """What a callback sees, once per RL step, after the rollout batch is built and
+    before the optimiser update (model in training mode, as the update sees it).
+    Callbacks must not change the model, its gradients, the optimiser or the batch."""
+
+    step: int
+    model: GPT
+    batch: dict
+    rewards: torch.Tensor
+    j_true_batch: dict
+    lr: float
+    optimizer: torch.optim.Optimizer
+    losses: RegimeLosses
+    calibrator: Calibrator | None
+    cfg: TrainConfig
+    task: Task
+
+
+Callback = Callable[[StepContext], "dict | None"]
+
+
+@dataclass
+class TrainResult:
+    model: GPT
+    metrics: pd.DataFrame
+    out: Path
+
+
+def make_optimizer(cfg: TrainConfig, model: GPT) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _tqdm_disable(progress: bool | None) -> bool | None:
+    return None if progress is None else not progress  # None: tqdm hides the bar when not on a TTY
+
+
+def _grad_norm(params) -> float:
+    norms = [p.grad.norm() for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
+
+
+def update(model, optimizer, batch, losses, cfg, calibrator, step, on_nonfinite) -> list[dict]:
+    """One optimiser step per mini-batch; returns one metrics row per mini-batch."""
+    model.train()
+    K = cfg.n_mtp
+    n = batch["input_ids"].size(0)
+    rows = []
+    for mb, index in enumerate(torch.arange(n, device=cfg.device).chunk(cfg.minibatches)):
+        mbatch = {key: value[index] for key, value in batch.items()}
+        out = losses.forward(model, mbatch)
+        j_batch = losses.objective(out, mbatch)
+        row = {"step": step, "minibatch": mb}
+        if cfg.regime == "detach":
+            lambdas = torch.ones(K, dtype=DTYPES[cfg.dtype])
+        elif cfg.regime in ("ce", "policy"):
+            lambdas = torch.full((K,), cfg.mtp_lambda, dtype=DTYPES[cfg.dtype])
+        else:
+            lp = aligned_logprobs(out)
+            calibration = calibrator(
+                CalibrationInputs(
+                    step=step, minibatch=mb,
+                    logprobs=AlignedLogprobs(lp.main.detach(), lp.mtp.detach(), lp.mtp_valid),
+                    old_logprobs=mbatch["old_logprobs"], response_mask=mbatch["response_mask"],
+                    lr=optimizer.param_groups[0]["lr"], model=model, batch=mbatch,
+                    forward=losses.forward, objective=losses.objective, aux_loss=losses.aux_loss,
+                )
+            )
+            lambdas = calibration.lambdas.detach()
+            if lambdas.shape != (K,) or not torch.isfinite(lambdas).all():
+                raise ValueError(
+                    f"calibrator {calibrator.name} returned lambdas {lambdas.tolist()} at step {step}, "
+                    f"mini-batch {mb}: it must return {K} finite values, one per MTP head"
+                )
+            row.update({f"calib_{key}": value for key, value in calibration.info.items()})
+        if cfg.regime != "detach":
+            row.update({f"lambda_{k}": lam for k, lam in enumerate(lambdas.tolist())})
+        aux = losses.aux_loss(out, mbatch, lambdas)
+        loss = aux - j_batch
+        with torch.no_grad():
+            row["loss_mtp"] = losses.aux_loss(out, mbatch).item()
+        row.update(j_batch=j_batch.item(), loss_mtp_weighted=aux.item(), loss_total=loss.item())
+        for name in ("j_batch", "loss_mtp_weighted", "loss_total"):
+            if not np.isfinite(row[name]):
+                on_nonfinite(f"step {step}, mini-batch {mb}: {name} = {row[name]} is not finite")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        row["grad_norm"] = _grad_norm(model.parameters())
+        row["grad_norm_mtp_heads"] = _grad_norm(model.mtp_heads.parameters())
+        if not np.isfinite(row["grad_norm"]):
+            on_nonfinite(f"step {step}, mini-batch {mb}: the gradient norm {row['grad_norm']} is not finite")
+        optimizer.step()
+        rows.append(row)
+    return rows
+
+
+def train(
+    cfg: TrainConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    calibrator: Calibrator | None = None,
+    callbacks: list[Callback] = (),
+    progress: bool | None = None,
+    cache_dir: str | Path | None = None,
+) -> TrainResult:
+    """SFT warm start (cached), then ``cfg.steps`` RL steps, logged to the run
+    directory ``out``. ``resume`` continues ``out`` from its last checkpoint
+    (or starts it when it has none)."""
+    if calibrator is not None and cfg.regime != "occ":
+        raise ValueError(f"a calibrator only applies to regime 'occ', not {cfg.regime!r}")
+    if cfg.regime == "occ" and calibrator is None:
+        calibrator = FixedLambda(cfg.mtp_lambda)
+    task = build_task(cfg)
+    run = RunDir(out)
+    if resume:
+        _check_resumable(run, cfg, calibrator)
+    checkpoint = run.open(resume)
+    model, sft_summary = warm_start(cfg, task, cache_dir, progress)
+    run.write_config({
+        "config": cfg.to_dict(),
+        "calibrator": calibrator.name if calibrator else None,
+        "sft": sft_summary,
+        "n_parameters": model.num_parameters(),
+        "versions": {"mtpdiag": __version__, "torch": torch.__version__, "python": platform.python_version()},
+    })
+    optimizer = make_optimizer(cfg, model)
+    losses = regime_losses(cfg)
+    heldout = j_true_batch(task, task.heldout_problems(cfg.eval_prompts), cfg.device)
+    start = 0
+    if checkpoint is not None:
+        start = checkpoint["step"]
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if calibrator is not None:
+            calibrator.load_state_dict(checkpoint["calibrator"])
+    else:
+        run.append({"step": 0, **evaluate(model, task, cfg, heldout, 0)}, [])
+
+    def save_checkpoint(step):
+        state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
+        if calibrator is not None:
+            state["calibrator"] = calibrator.state_dict()
+        run.save_checkpoint(state)
+
+    def on_nonfinite(message):
+        where = f"{run.checkpoint_path} holds the last good state" if run.checkpoint_path.exists() else "no checkpoint yet"
+        raise NonFiniteLossError(f"{message}; stopped before the update ({where})")
+
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"rl {cfg.regime}", disable=_tqdm_disable(progress))
+    for step in range(start + 1, cfg.steps + 1):
+        t0 = time.perf_counter()
+        batch, rewards = rollout(model, task, cfg, step)
+        t_rollout = time.perf_counter() - t0
+        model.train()
+        ctx = StepContext(step, model, batch, rewards, heldout, optimizer.param_groups[0]["lr"], optimizer, losses,
+                          calibrator, cfg, task)
+        t1 = time.perf_counter()
+        extra = {}
+        for callback in callbacks:
+            extra.update(callback(ctx) or {})
+        t_callbacks = time.perf_counter() - t1
+        torch.manual_seed(step_seed(cfg.seed, step, "update"))  # dropout masks, whatever callbacks drew
+        t2 = time.perf_counter()
+        mb_rows = update(model, optimizer, batch, losses, cfg, calibrator, step, on_nonfinite)
+        t_update = time.perf_counter() - t2
+        groups = rewards.view(-1, cfg.group_size)
+        row = {
+            "step": step,
+            "reward_mean": rewards.mean().item(),
+            "uniform_group_frac": (groups.std(dim=1) == 0).float().mean().item(),
+            "response_len_mean": batch["response_mask"].sum(1).mean().item(),
+            **pd.DataFrame(mb_rows).drop(columns=["step", "minibatch"]).mean(numeric_only=True).to_dict(),
+            "lr": ctx.lr,
+            "rollout_time_s": t_rollout,
+            "update_time_s": t_update,
+            "step_time_s": t_rollout + t_update,
+            "callback_time_s": t_callbacks,
+        }
+        clashes = sorted(set(extra) & set(row))
+        if clashes:
+            raise ValueError(f"callback metrics {clashes} clash with the trainer's columns: rename them")
+        row.update(extra)
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            row.update(evaluate(model, task, cfg, heldout, step))
+        run.append(row, mb_rows)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            save_checkpoint(step)
+        bar.update(1)
+        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", j_true=f"{row.get('j_true', float('nan')):.3f}")
+    bar.close()
+    run.mark_complete()
+    return TrainResult(model, run.metrics(), run.path)
+
+
+def _check_resumable(run: RunDir, cfg: TrainConfig, calibrator: Calibrator | None) -> None:
+    saved = run.read_config()
+    if saved is None:
+        return
+    current = cfg.to_dict()
+    differ = sorted(k for k in current if k not in RESUMABLE_FIELDS and saved["config"].get(k) != current[k])
+    if differ:
+        changes = ", ".join(f"{k}: {saved['config'].get(k)!r} -> {current[k]!r}" for k in differ)
+        raise ValueError(
+            f"cannot resume {run.path}: its config differs in {changes}; only {list(RESUMABLE_FIELDS)} may change "
+            "on resume (start a new --out for a different config)"
+        )
+    name = calibrator.name if calibrator else None
+    if saved["calibrator"] != name:
+        raise ValueError(f"cannot resume {run.path}: it ran calibrator {saved['calibrator']!r}, not {name!r}")
+
+
+def load_run(out: str | Path, device: str | None = None) -> tuple[GPT, TrainConfig, Task]:
+    """The model of a run directory's last checkpoint, with its config and task."""
+    run = RunDir(out)
+    saved = run.read_config()
+    if saved is None or not run.checkpoint_path.exists():
+        raise FileNotFoundError(f"{out} has no config.json and checkpoint.pt: is it a run directory of `mtpdiag train`?")
+    values = saved["config"] if device is None else {**saved["config"], "device": device}
+    cfg = TrainConfig.from_dict(values)
+    task = build_task(cfg)
+    model = build_model(cfg, task)
+    model.load_state_dict(torch.load(run.checkpoint_path, map_location=cfg.device, weights_only=False)["model"])
+    return model, cfg, task
