@@ -44,7 +44,16 @@ def _task_option(text: str) -> tuple[str, object]:
         return key, value
 
 
-PARSERS = {"int": int, "float": float, "str": str, "bool": _bool, "int | None": int, "float | None": float}
+def _optional(parse):
+    def parse_or_none(text: str):
+        return None if text.lower() == "none" else parse(text)
+
+    parse_or_none.__name__ = parse.__name__  # argparse names the type in its error messages
+    return parse_or_none
+
+
+PARSERS = {"int": int, "float": float, "str": str, "bool": _bool, "int | None": _optional(int),
+           "float | None": _optional(float)}
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,7 +68,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         parser.add_argument(
             f"--{f.name.replace('_', '-')}", dest=f.name, type=PARSERS[f.type], choices=CHOICES.get(f.name),
-            default=argparse.SUPPRESS, help=f"default: {getattr(defaults, f.name)}",
+            default=argparse.SUPPRESS,
+            help=f"default: {getattr(defaults, f.name)}" + (" ('none' to unset)" if "None" in f.type else ""),
         )
     parser.add_argument("--out", required=True, help="run directory, e.g. runs/x")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")

@@ -1,0 +1,89 @@
+"""`mtpdiag train`: flags map onto TrainConfig, --resume, and clear errors."""
+import json
+
+import pytest
+
+from mtpdiag.cli import main
+from mtpdiag.rundir import read_metrics
+
+TINY = (
+    "--task-option digits=1 --block-size 8 --d-model 32 --n-layer 1 --n-head 2 --sft-steps 100 --sft-target none "
+    "--sft-batch-size 32 --sft-lr 3e-3 --prompts-per-step 4 --group-size 4 --lr 1e-3 --eval-prompts 12 "
+    "--eval-samples 2 --eval-every 2 --checkpoint-every 2 --no-progress"
+).split()
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("sft-cache"))
+
+
+def run_cli(*args):
+    main(["train", *args])
+
+
+def test_train_writes_a_run_directory_from_the_flags(tmp_path, cache, capsys):
+    out = tmp_path / "run"
+    run_cli(*TINY, "--regime", "policy", "--lam", "0.5", "--steps", "3", "--seed", "1", "--out", str(out),
+            "--sft-cache", cache)  # fmt: skip
+    saved = json.loads((out / "config.json").read_text())
+    config = saved["config"]
+    assert config["task_options"] == {"digits": 1}  # parsed as a number, not the string "1"
+    assert (config["regime"], config["lam"], config["steps"], config["seed"]) == ("policy", 0.5, 3, 1)
+    assert config["sft_target"] is None
+    assert saved["sft"]["sft_cache_file"].startswith(cache)
+    assert read_metrics(out)["step"].tolist() == [0, 1, 2, 3]
+    assert not (out / ".incomplete").exists()
+    assert f"policy: step 3, J_true" in capsys.readouterr().out
+
+
+def test_resume_continues_from_the_saved_config(tmp_path, cache):
+    out = str(tmp_path / "run")
+    run_cli(*TINY, "--regime", "ce", "--lam", "0.2", "--steps", "2", "--out", out, "--sft-cache", cache)
+    main(["train", "--out", out, "--resume", "--steps", "4", "--sft-cache", cache, "--no-progress"])
+    assert read_metrics(out)["step"].tolist() == [0, 1, 2, 3, 4]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["lam"] == 0.2
+    with pytest.raises(SystemExit, match=r"cannot resume .* lr: 0.001 -> 0.5"):
+        main(["train", "--out", out, "--resume", "--lr", "0.5", "--sft-cache", cache])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--regime", "joint"], "argument --regime: invalid choice: 'joint'"),
+        (["--task", "sorting"], "argument --task: invalid choice: 'sorting'"),
+        (["--task-option", "digits"], "write a task option as KEY=VALUE"),
+        (["--sft-target", "half"], "invalid float value: 'half'"),
+    ],
+)
+def test_malformed_flags_are_usage_errors(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(*args, "--out", str(tmp_path / "run"))
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--lam", "0.5"], "lam does not apply to regime 'detach'.*drop --lam"),
+        (["--block-size", "6"], "block_size=6 is too small for task 'addition'.*--block-size 7"),
+        (["--minibatches", "99"], "minibatches=99 exceeds the 16 rollouts.*lower --minibatches"),
+    ],
+)
+def test_inconsistent_flags_are_clear_errors(tmp_path, cache, args, message):
+    with pytest.raises(SystemExit, match=f"mtpdiag train: error: {message}"):
+        run_cli(*TINY, *args, "--out", str(tmp_path / "run"), "--sft-cache", cache)
+
+
+def test_existing_run_directory_needs_resume_or_a_new_out(tmp_path, cache):
+    out = str(tmp_path / "run")
+    run_cli(*TINY, "--steps", "1", "--out", out, "--sft-cache", cache)
+    with pytest.raises(SystemExit, match="is not empty: pass --resume to continue that run, or choose a new --out"):
+        run_cli(*TINY, "--steps", "1", "--out", out, "--sft-cache", cache)
+
+
+def test_diverging_training_stops_naming_the_step_and_the_loss(tmp_path, cache):
+    # AdamW moves every weight by about lr, so lr=1e30 overflows the logits at once
+    with pytest.raises(SystemExit, match=r"step 1, mini-batch 1: \w+ = nan is not finite; stopped before the update"):
+        run_cli(*TINY, "--lr", "1e30", "--out", str(tmp_path / "run"), "--sft-cache", cache)
