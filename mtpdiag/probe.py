@@ -194,6 +194,10 @@ class Probe:
     or a predicate ``name -> bool`` chooses S by hand, e.g. to measure a
     detached regime, whose MTP loss reaches no shared parameter by design.
 
+    ``shared_forward`` is the forward that ``"auto"`` finds S with (default:
+    ``forward``): pass the joint forward to measure a detached regime on the S
+    of the joint model.
+
     ``hvp_mode`` is ``fwd_rev`` (default) or ``rev_rev``; see :mod:`mtpdiag.hvp`.
 
     Diagnostics run with eval semantics (dropout off; every module's ``training``
@@ -209,6 +213,7 @@ class Probe:
         forward: Callable | None = None,
         shared: str | Sequence[str] | Callable[[str], bool] = "auto",
         hvp_mode: str = "fwd_rev",
+        shared_forward: Callable | None = None,
     ):
         if hvp_mode not in HVP_MODES:
             raise ValueError(f"hvp_mode={hvp_mode!r}: choose one of {HVP_MODES}")
@@ -216,6 +221,7 @@ class Probe:
         self.objective = objective
         self.aux_loss = aux_loss
         self._module = _ForwardModule(model, forward or default_forward)
+        self._shared_module = _ForwardModule(model, shared_forward) if shared_forward else self._module
         self._shared_spec = shared
         self.hvp_mode = hvp_mode
         self.shared_names: list[str] | None = None
@@ -226,10 +232,12 @@ class Probe:
     def _trainable(self) -> dict[str, torch.Tensor]:
         return {n: p for n, p in self._module.named_parameters() if p.requires_grad}
 
-    def _reached_by(self, loss: Callable, batch: dict) -> set[str]:
-        """Names of the parameters ``loss`` reaches in the autograd graph."""
+    def _reached_by(self, loss: Callable, batch: dict, module: nn.Module) -> set[str]:
+        """Names of the parameters ``loss`` reaches in the autograd graph of ``module``."""
         params = {n: p.detach().requires_grad_() for n, p in self._trainable().items()}
-        value = self._checked_value(loss, functional_call(self._module, params, (batch,)), batch)
+        value = self._checked_value(loss, functional_call(module, params, (batch,)), batch)
+        if not value.requires_grad:
+            return set()
         grads = torch.autograd.grad(value, list(params.values()), allow_unused=True)
         return {n for n, grad in zip(params, grads) if grad is not None}
 
@@ -239,8 +247,9 @@ class Probe:
             return self._find_shared(batch)
 
     def _find_shared(self, batch: dict) -> list[str]:
-        self._reached = {"objective": self._reached_by(self.objective, batch), "aux": self._reached_by(self.aux_loss, batch)}
-        shared = [n for n in self._trainable() if n in self._reached["objective"] and n in self._reached["aux"]]
+        module = self._shared_module
+        reached = {"objective": self._reached_by(self.objective, batch, module), "aux": self._reached_by(self.aux_loss, batch, module)}
+        shared = [n for n in self._trainable() if n in reached["objective"] and n in reached["aux"]]
         if not shared:
             raise ValueError(
                 f"the objective ({_name(self.objective)}) and aux_loss ({_name(self.aux_loss)}) reach no common "
@@ -533,8 +542,11 @@ class Probe:
     def _optimizer_curve(self, optimizer, batch, eval_objective, eval_batch, grid) -> Curve:
         """Delta(lambda) for the optimizer's real step on -objective + lambda aux_loss,
         each from a fresh clone of its state; the optimizer itself is never stepped."""
-        if not self._reached:
-            self._reached = {"objective": self._reached_by(self.objective, batch), "aux": self._reached_by(self.aux_loss, batch)}
+        if not self._reached:  # what the trainer's own forward reaches decides which .grad would be None
+            self._reached = {
+                "objective": self._reached_by(self.objective, batch, self._module),
+                "aux": self._reached_by(self.aux_loss, batch, self._module),
+            }
         trainable = self._trainable()
         name_of = {id(p): n for n, p in trainable.items()}
         if any(id(p) not in name_of for group in optimizer.param_groups for p in group["params"]):

@@ -181,9 +181,11 @@ def test_detach_gives_no_mtp_signal_and_trunk_only_detach_leaks_through_the_tied
 
     with pytest.raises(ValueError, match="shared="):
         Probe(model, losses.rl_objective, losses.mtp_policy_loss, forward=detached).measure(batch, 0.1)
-    record = Probe(model, losses.rl_objective, losses.mtp_policy_loss, forward=detached, shared=joint_shared).measure(
-        batch, 0.1, top_curvature=True
-    )
+    by_names = Probe(model, losses.rl_objective, losses.mtp_policy_loss, forward=detached, shared=joint_shared)
+    by_joint_graph = Probe(model, losses.rl_objective, losses.mtp_policy_loss, forward=detached, shared_forward=lambda m, b: m(b["input_ids"]))
+    record = by_names.measure(batch, 0.1, top_curvature=True)
+    assert by_joint_graph.measure(batch, 0.1, line_search=False).n_shared == record.n_shared
+    assert by_joint_graph.shared_names == joint_shared
     assert record.v2 == 0.0 and record.c == 0.0 and record.h_mm == 0.0
     assert NO_MTP_SIGNAL in record.note
     assert record.cos is None and record.kappa_m is None and record.lambda_star_taylor is None and record.lambda_star_smooth is None
