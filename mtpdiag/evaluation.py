@@ -36,7 +36,7 @@ def sample_completions(
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     for _ in range(max_new_tokens):
         logits = model(idx, with_mtp=False).last_logits
-        probs = F.softmax(logits.float() / temperature, dim=-1)
+        probs = F.softmax(logits / temperature, dim=-1)
         nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         nxt = nxt.masked_fill(done, pad_id)
         idx = torch.cat([idx, nxt[:, None]], dim=1)

@@ -62,7 +62,8 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DEFAULT_LAMBDA = 1.0
 # Fields a resumed run may change: the step budget, and where it runs.
 RESUMABLE_FIELDS = ("steps", "device")
-SFT_VALIDATION_SEED = 1  # the held-out evaluation set uses the task's default seed
+# SFT stops on J_true over these prompts (the held-out evaluation set uses the task's default seed)
+SFT_VALIDATION_SEED, SFT_VALIDATION_PROMPTS = 1, 256
 MODEL_FIELDS = tuple(f.name for f in fields(GPTConfig) if f.name != "vocab_size")
 
 
@@ -244,7 +245,7 @@ def regime_losses(cfg: TrainConfig) -> RegimeLosses:
 def sft_hash(cfg: TrainConfig) -> str:
     """Hash of everything that determines the SFT weights."""
     keys = ("task", "task_options", *MODEL_FIELDS, "sft_steps", "sft_target", "sft_eval_every", "sft_batch_size",
-            "sft_lr", "sft_mtp_weight", "eval_prompts", "seed", "dtype")
+            "sft_lr", "sft_mtp_weight", "seed", "dtype")
     spec = {key: getattr(cfg, key) for key in keys}
     spec["device_type"] = torch.device(cfg.device).type
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
@@ -262,7 +263,7 @@ def run_sft(cfg: TrainConfig, task: Task, progress: bool | None = None) -> tuple
     model = build_model(cfg, task)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr)
     rng = random.Random(step_seed(cfg.seed, 0, "sft"))
-    validation = j_true_batch(task, task.heldout_problems(cfg.eval_prompts, SFT_VALIDATION_SEED), cfg.device)
+    validation = j_true_batch(task, task.heldout_problems(SFT_VALIDATION_PROMPTS, SFT_VALIDATION_SEED), cfg.device)
     val_j_true = None
     bar = tqdm(range(1, cfg.sft_steps + 1), desc="sft", disable=_tqdm_disable(progress))
     for step in bar:
