@@ -336,6 +336,9 @@ def rollout(model: GPT, task: Task, cfg: TrainConfig, step: int) -> tuple[dict, 
 # ----------------------------------------------------------------------------- evaluation
 
 
+EVAL_COLUMNS = {"j_true", "pass1", "pass1_ci_low", "pass1_ci_high"}
+
+
 def evaluate(model: GPT, task: Task, cfg: TrainConfig, heldout: dict, step: int) -> dict:
     """Exact J_true on the held-out batch and sampled pass@1 (temperature 1, so it
     estimates the same quantity) with its 95% interval."""
@@ -528,7 +531,7 @@ def train(
         row = {
             "step": step,
             "reward_mean": rewards.mean().item(),
-            "uniform_group_frac": (groups.std(dim=1) == 0).float().mean().item(),
+            "uniform_group_frac": (groups == groups[:, :1]).all(dim=1).double().mean().item(),
             "response_len_mean": batch["response_mask"].sum(1).mean().item(),
             **pd.DataFrame(mb_rows).drop(columns=["step", "minibatch"]).mean(numeric_only=True).to_dict(),
             "lr": ctx.lr,
@@ -537,12 +540,12 @@ def train(
             "step_time_s": t_rollout + t_update,
             "callback_time_s": t_callbacks,
         }
-        clashes = sorted(set(extra) & set(row))
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            row.update(evaluate(model, task, cfg, heldout, step))
+        clashes = sorted(set(extra) & (set(row) | EVAL_COLUMNS))
         if clashes:
             raise ValueError(f"callback metrics {clashes} clash with the trainer's columns: rename them")
         row.update(extra)
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            row.update(evaluate(model, task, cfg, heldout, step))
         run.append(row, mb_rows)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             save_checkpoint(step)

@@ -388,6 +388,7 @@ def test_calibrator_misuse_is_a_clear_error(tmp_path, cache):
         train(tiny(regime="occ"), tmp_path / "b", calibrator=TwoLambdas(), cache_dir=cache, progress=False)
 
 
-def test_callback_metrics_may_not_overwrite_trainer_columns(tmp_path, cache):
-    with pytest.raises(ValueError, match=r"callback metrics \['reward_mean'\] clash"):
-        train(tiny(), tmp_path / "run", callbacks=[lambda ctx: {"reward_mean": 1.0}], cache_dir=cache, progress=False)
+@pytest.mark.parametrize("column", ["reward_mean", "j_true"])
+def test_callback_metrics_may_not_overwrite_trainer_columns(tmp_path, cache, column):
+    with pytest.raises(ValueError, match=rf"callback metrics \['{column}'\] clash"):
+        train(tiny(), tmp_path / "run", callbacks=[lambda ctx: {column: 1.0}], cache_dir=cache, progress=False)
