@@ -279,6 +279,17 @@ class Probe:
 
     # ------------------------------------------------------------- functions
 
+    def function_of_shared(self, loss: Callable, batch: dict) -> tuple[Callable[[Params], torch.Tensor], Params]:
+        """``loss`` on ``batch`` as a pure function of S (the rest held at its current
+        values), and S's current values; e.g. for :class:`~mtpdiag.hvp.HessianAt`
+        on directions of your own. Keys carry the wrapper prefix ``model.``.
+        Call it under the model's eval semantics (dropout off) for exact results."""
+        shared = [_PREFIX + n for n in self._resolve_shared(batch)]
+        trainable = self._trainable()
+        theta = {n: trainable[n].detach() for n in shared}
+        fixed = {n: p.detach() for n, p in trainable.items() if n not in theta}
+        return self._as_function(loss, batch, fixed), theta
+
     def _checked_value(self, loss: Callable, outputs, batch: dict) -> torch.Tensor:
         value = loss(outputs, batch)
         if not isinstance(value, torch.Tensor) or value.dim() != 0:

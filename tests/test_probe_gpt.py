@@ -88,12 +88,10 @@ def test_gradients_and_hvps_match_autograd_and_a_materialised_hessian(wiring):
             assert getattr(record, key) == pytest.approx(exact.item(), rel=1e-8)
 
         # and vector by vector, on a random direction
-        names = [f"model.{n}" for n in shared]
-        fixed = {f"model.{n}": p.detach() for n, p in model.named_parameters() if n not in shared}
-        theta = {n: p for n, p in zip(names, (dict(model.named_parameters())[s].detach() for s in shared))}
-        f = probe._as_function(losses.rl_objective, batch, fixed)
+        f, theta = probe.function_of_shared(losses.rl_objective, batch)
+        assert list(theta) == [f"model.{n}" for n in shared]
         v = torch.randn_like(x0)
-        product = HessianAt(f, theta, mode)({n: t.view_as(theta[n]) for n, t in zip(names, v.split([t.numel() for t in theta.values()]))})
+        product = HessianAt(f, theta, mode)({n: t.view_as(theta[n]) for n, t in zip(theta, v.split([t.numel() for t in theta.values()]))})
         expected = H @ v
         torch.testing.assert_close(torch.cat([t.reshape(-1) for t in product.values()]), expected, rtol=1e-8, atol=1e-8 * expected.abs().max().item())
 
