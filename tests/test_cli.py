@@ -34,7 +34,7 @@ def test_train_writes_a_run_directory_from_the_flags(tmp_path, cache, capsys):
     assert saved["sft"]["sft_cache_file"].startswith(cache)
     assert read_metrics(out)["step"].tolist() == [0, 1, 2, 3]
     assert not (out / ".incomplete").exists()
-    assert f"policy: step 3, J_true" in capsys.readouterr().out
+    assert "policy: step 3, J_true" in capsys.readouterr().out
 
 
 def test_resume_continues_from_the_saved_config(tmp_path, cache):
