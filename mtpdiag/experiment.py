@@ -1,0 +1,322 @@
+"""The main job: every regime over several seeds from one SFT warm start, with the
+diagnostics on, then the figures and the claims report (THEORY.md s.6).
+
+Layout of a job directory::
+
+    job.json                 preset, arms, seeds, versions
+    .incomplete              present until the figures and report are written
+    runs/<arm>/seed<k>/      one trainer run directory per (arm, seed)
+    eta_sweep.csv            Taylor residual against eta (claim C1, figure F4)
+    figures/                 F1-F6 (PNG and PDF), table1.{csv,md}, claims.{md,csv}
+
+A killed job resumes: finished runs are skipped, unfinished ones continue from
+their last checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import platform
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .calibrators import WithShadows, make_calibrator
+from .hook import CSVSink, DiagnosticsHook, every
+from .losses import j_true
+from .probe import Probe
+from .rundir import RunDir
+from .train import TrainConfig, build_task, load_run, regime_losses, rollout, train, warm_start
+
+INCOMPLETE = ".incomplete"
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One training regime setting: a regime, its fixed lambda or its calibrator."""
+
+    label: str
+    regime: str
+    lam: float | None = None
+    calibrator: str | None = None
+
+    def config(self, base: TrainConfig, seed: int) -> TrainConfig:
+        return replace(base, regime=self.regime, lam=self.lam, seed=seed)
+
+
+DEFAULT_ARMS = (
+    Arm("detach", "detach"),
+    Arm("ce-0.1", "ce", 0.1),
+    Arm("ce-0.5", "ce", 0.5),
+    Arm("policy-0.1", "policy", 0.1),
+    Arm("policy-0.5", "policy", 0.5),
+    Arm("policy-1.0", "policy", 1.0),
+    Arm("occ-paper", "occ", calibrator="occ-paper"),
+    Arm("occ-reference", "occ", calibrator="occ-reference"),
+    Arm("oracle", "occ", calibrator="oracle"),
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    base: TrainConfig
+    seeds: tuple[int, ...]
+    arms: tuple[Arm, ...] = DEFAULT_ARMS
+    diag_every: int = 10
+    eta_sweep_points: int = 7
+    description: str = ""
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "base": self.base.to_dict(),
+            "seeds": list(self.seeds),
+            "arms": [asdict(a) for a in self.arms],
+            "diag_every": self.diag_every,
+            "eta_sweep_points": self.eta_sweep_points,
+            "description": self.description,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preset":
+        return cls(
+            name=d["name"],
+            base=TrainConfig.from_dict(d["base"]),
+            seeds=tuple(d["seeds"]),
+            arms=tuple(Arm(**a) for a in d["arms"]),
+            diag_every=d["diag_every"],
+            eta_sweep_points=d["eta_sweep_points"],
+            description=d.get("description", ""),
+        )
+
+
+def _arm_calibrator(arm: Arm, num_heads: int):
+    """The training calibrator of an occ arm. Every occ arm also logs, as shadows on
+    the same mini-batches, what each OCC reading would have chosen, so claim C5
+    compares all readings on each trajectory."""
+    if arm.calibrator is None:
+        return None
+    shadows = {
+        "shadow_paper": make_calibrator("occ-paper", num_heads),
+        "shadow_reference": make_calibrator("occ-reference", num_heads),
+        "shadow_step": make_calibrator("occ", num_heads, proxy="step"),
+    }
+    return WithShadows(make_calibrator(arm.calibrator, num_heads), shadows)
+
+
+def _joint_forward(model, batch: dict):
+    return model(batch["input_ids"])
+
+
+def _diagnostics(run_dir: Path, diag_every: int) -> DiagnosticsHook:
+    """J_batch and J_true curves every ``diag_every`` steps, with per-block numbers,
+    into the run directory. S is the joint model's, so a detached regime shows
+    what its MTP loss does (or leaks) on the parameters it would share."""
+    return DiagnosticsHook(
+        schedule=every(diag_every),
+        sink=CSVSink(run_dir),
+        eval_objective=j_true,
+        per_block=True,
+        probe_options={"shared_forward": _joint_forward},
+    )
+
+
+def run_unit(job_dir: str, preset: dict, arm: dict, seed: int, threads: int, cache_dir: str | None) -> str:
+    """Train one (arm, seed) into ``<job>/runs/<arm>/seed<k>``, resuming it if it exists.
+    Top level so a worker process can run it."""
+    torch.set_num_threads(threads)
+    preset_obj, arm_obj = Preset.from_dict(preset), Arm(**arm)
+    cfg = arm_obj.config(preset_obj.base, seed)
+    run_dir = unit_dir(Path(job_dir), arm_obj, seed)
+    if RunDir(run_dir).is_complete():
+        return str(run_dir)
+    train(
+        cfg,
+        run_dir,
+        resume=run_dir.exists(),
+        calibrator=_arm_calibrator(arm_obj, cfg.n_mtp),
+        callbacks=[_diagnostics(run_dir, preset_obj.diag_every)],
+        progress=False,
+        cache_dir=cache_dir,
+    )
+    return str(run_dir)
+
+
+def unit_dir(job_dir: Path, arm: Arm, seed: int) -> Path:
+    return job_dir / "runs" / arm.label / f"seed{seed}"
+
+
+def run_job(
+    preset: Preset,
+    out: str | Path,
+    *,
+    workers: int | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool | None = None,
+    report: bool = True,
+) -> Path:
+    """Run every (arm, seed) of ``preset`` into ``out``, then the eta sweep and the
+    report. Re-running on the same ``out`` resumes; a different preset there is an error."""
+    job_dir = Path(out)
+    _open_job(job_dir, preset)
+    workers = workers or min(os.cpu_count() or 1, len(preset.arms) * len(preset.seeds))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    cache_dir = str(cache_dir) if cache_dir is not None else None
+    task = build_task(preset.base)
+    for seed in preset.seeds:  # one SFT per seed, before the workers, so none trains it twice
+        warm_start(replace(preset.base, seed=seed), task, cache_dir, progress=progress)
+
+    units = [(arm, seed) for seed in preset.seeds for arm in preset.arms]
+    todo = [(arm, seed) for arm, seed in units if not RunDir(unit_dir(job_dir, arm, seed)).is_complete()]
+    bar = tqdm(total=len(units), initial=len(units) - len(todo), desc="mtpdiag run", unit="run",
+               disable=None if progress is None else not progress)
+    args = lambda arm, seed: (str(job_dir), preset.to_dict(), asdict(arm), seed, threads, cache_dir)  # noqa: E731
+    if workers == 1:
+        for arm, seed in todo:
+            bar.set_postfix_str(f"{arm.label} seed {seed}")
+            run_unit(*args(arm, seed))
+            bar.update(1)
+    else:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(run_unit, *args(arm, seed)): (arm, seed) for arm, seed in todo}
+            for future in as_completed(futures):
+                arm, seed = futures[future]
+                future.result()
+                bar.set_postfix_str(f"done {arm.label} seed {seed}")
+                bar.update(1)
+    bar.close()
+
+    eta_sweep(preset, job_dir)
+    if report:
+        from .report import build_report
+
+        build_report(job_dir)
+    (job_dir / INCOMPLETE).unlink(missing_ok=True)
+    return job_dir
+
+
+def _open_job(job_dir: Path, preset: Preset) -> None:
+    spec = {"mtpdiag_version": __version__, "preset": preset.to_dict()}
+    file = job_dir / "job.json"
+    if file.exists():
+        saved = json.loads(file.read_text())
+        if saved.get("preset") != spec["preset"]:
+            raise ValueError(
+                f"{job_dir} holds a job with another preset ({saved.get('preset', {}).get('name')!r}); "
+                "choose a new --out, or delete that directory to start over"
+            )
+    elif job_dir.exists() and any(job_dir.iterdir()):
+        raise ValueError(f"{job_dir} is not empty and holds no job.json: choose a new --out")
+    job_dir.mkdir(parents=True, exist_ok=True)
+    (job_dir / INCOMPLETE).touch()
+    spec["versions"] = {"torch": torch.__version__, "python": platform.python_version()}
+    file.write_text(json.dumps(spec, indent=2) + "\n")
+
+
+ETA_SWEEP_LAMBDAS = (-1.0, 1.0, 2.0)
+ETA_SWEEP_DECADES = 2.0
+ETA_SWEEP_TOP = 1e-2
+ETA_SWEEP_MAX_BATCHES = 20
+
+
+def eta_sweep_arm(preset: Preset) -> Arm:
+    """The arm whose final model the eta sweep probes: a joint policy arm if the
+    preset has one (the regime claim C1 is about), else the first non-detach arm."""
+    joint = [a for a in preset.arms if a.regime != "detach"]
+    if not joint:
+        raise ValueError("the eta sweep needs an arm whose MTP loss reaches the shared parameters (not only detach)")
+    return next((a for a in joint if a.regime == "policy"), joint[0])
+
+
+def eta_sweep(preset: Preset, job_dir: Path) -> pd.DataFrame:
+    """|Delta_meas - Delta_taylor| against eta on one rollout batch of a finished
+    run, in float64 so rounding stays far below the eta^3 residual (claim C1, F4).
+
+    The etas span ``ETA_SWEEP_DECADES`` decades up to ``ETA_SWEEP_TOP / (|g| + |m|)``:
+    a step along g + m that moves the parameters by 0.01 in norm. Longer steps
+    push token ratios past the PPO clip, where the surrogate is flat and no
+    Taylor expansion holds (seen as the residual's slope breaking near 0.03)."""
+    file = job_dir / "eta_sweep.csv"
+    if file.exists():
+        return pd.read_csv(file)
+    arm, seed = eta_sweep_arm(preset), preset.seeds[0]
+    run_dir = unit_dir(job_dir, arm, seed)
+    model, cfg, task = load_run(run_dir)
+    model = model.to(torch.float64)
+    cfg = replace(cfg, dtype="float64")
+    losses = regime_losses(cfg)
+    probe = Probe(model, losses.objective, losses.aux_loss, forward=losses.forward)
+    for step in range(cfg.steps + 1, cfg.steps + 1 + ETA_SWEEP_MAX_BATCHES):
+        batch, _ = rollout(model, task, cfg, step)  # the rollouts training would have drawn next
+        first = probe.measure(batch, 1.0, hvp=False, line_search=False)
+        if first.g_norm > 0 and first.m_norm > 0:
+            break
+    else:
+        raise RuntimeError(
+            f"the eta sweep found no rollout batch with a non-zero RL and MTP gradient in {ETA_SWEEP_MAX_BATCHES} "
+            f"tries on {run_dir} (every group had a uniform reward): train longer or with more prompts per step"
+        )
+    eta_max = ETA_SWEEP_TOP / (first.g_norm + first.m_norm)
+    rows = []
+    for eta in np.geomspace(eta_max * 10**-ETA_SWEEP_DECADES, eta_max, preset.eta_sweep_points):
+        record = probe.measure(batch, float(eta), lambdas=ETA_SWEEP_LAMBDAS, gg_curvature=False)
+        for row in record.curve_rows():
+            if row["kind"] == "sgd":
+                rows.append({
+                    "arm": arm.label, "seed": seed, "step": step, "eta": float(eta), "lambda": row["lambda"],
+                    "delta_meas": row["delta_meas"], "delta_taylor": row["delta_taylor"],
+                    "residual": abs(row["delta_meas"] - row["delta_taylor"]),
+                })
+    frame = pd.DataFrame(rows)
+    tmp = file.with_name(file.name + ".tmp")
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, file)
+    return frame
+
+
+SMALL = TrainConfig()
+
+PRESETS = {
+    "quick": Preset(
+        "quick",
+        replace(SMALL, steps=30, prompts_per_step=16, eval_every=10, eval_prompts=128, checkpoint_every=10),
+        seeds=(0,),
+        diag_every=10,
+        eta_sweep_points=5,
+        description="every arm, one seed, 30 RL steps: a look at the whole pipeline in minutes",
+    ),
+    "default": Preset(
+        "default",
+        replace(SMALL, steps=60, prompts_per_step=16, eval_every=10, eval_prompts=128, checkpoint_every=20),
+        seeds=(0, 1, 2),
+        diag_every=10,
+        description="every arm, three seeds, at the small config: the committed figures",
+    ),
+    "full": Preset(
+        "full",
+        replace(SMALL, d_model=384, n_layer=6, n_head=6, block_size=64, n_mtp=2, task="running_sum",
+                task_options={"terms": 8}, sft_steps=3000, steps=400, prompts_per_step=64, eval_every=20,
+                eval_prompts=512, checkpoint_every=50, device="cuda"),
+        seeds=(0, 1, 2, 3, 4),
+        diag_every=20,
+        description="a 10M-parameter GPT with two MTP heads for one GPU (not run on CPU)",
+    ),
+}
+
+
+def micro(preset: Preset) -> Preset:
+    """``preset`` on a tiny model for a few steps: the CI smoke test of the whole path."""
+    base = replace(
+        preset.base, task="addition", task_options={"digits": 1}, block_size=8, d_model=32, n_layer=1, n_head=2,
+        sft_steps=400, sft_target=0.4, sft_lr=3e-3, steps=4, prompts_per_step=4, group_size=4, eval_every=2, eval_prompts=32,
+        eval_samples=2, checkpoint_every=2, device="cpu",
+    )
+    return replace(preset, name=f"{preset.name}-micro", base=base, diag_every=2, eta_sweep_points=4)
