@@ -159,13 +159,13 @@ class ProbeRecord:
     def curve_rows(self) -> list[dict]:
         rows = []
         for curve in self.curves:
-            for lam, delta in zip(curve.lambdas, curve.delta):
+            for lam, delta in zip(curve.lambdas.tolist(), curve.delta.tolist()):
                 sgd = curve.kind == "sgd"
                 rows.append(
                     {
                         "kind": curve.kind,
-                        "lambda": float(lam),
-                        "delta_meas": float(delta),
+                        "lambda": lam,
+                        "delta_meas": delta,
                         "delta_taylor": self.taylor_delta(lam) if sgd else None,
                         "delta_smooth": self.smooth_delta(lam) if sgd else None,
                     }
@@ -217,6 +217,8 @@ class Probe:
     ):
         if hvp_mode not in HVP_MODES:
             raise ValueError(f"hvp_mode={hvp_mode!r}: choose one of {HVP_MODES}")
+        if isinstance(shared, str) and shared != "auto":
+            raise ValueError(f"shared={shared!r}: pass 'auto', a list of parameter names, or a predicate name -> bool")
         self.model = model
         self.objective = objective
         self.aux_loss = aux_loss
@@ -284,11 +286,18 @@ class Probe:
         values), and S's current values; e.g. for :class:`~mtpdiag.hvp.HessianAt`
         on directions of your own. Keys carry the wrapper prefix ``model.``.
         Call it under the model's eval semantics (dropout off) for exact results."""
-        shared = [_PREFIX + n for n in self._resolve_shared(batch)]
-        trainable = self._trainable()
-        theta = {n: trainable[n].detach() for n in shared}
-        fixed = {n: p.detach() for n, p in trainable.items() if n not in theta}
+        with self._isolated(), torch.enable_grad():
+            theta, fixed = self._split(batch)
         return self._as_function(loss, batch, fixed), theta
+
+    def _split(self, batch: dict) -> tuple[Params, Params]:
+        """(S, the other trainable parameters), detached, keyed by wrapper names."""
+        shared = {_PREFIX + n for n in self._resolve_shared(batch)}
+        trainable = self._trainable()
+        return (
+            {n: p.detach() for n, p in trainable.items() if n in shared},
+            {n: p.detach() for n, p in trainable.items() if n not in shared},
+        )
 
     def _checked_value(self, loss: Callable, outputs, batch: dict) -> torch.Tensor:
         value = loss(outputs, batch)
@@ -351,8 +360,10 @@ class Probe:
 
         ``hvp``: h_gm and h_mm (one Hessian-vector product), and with
         ``gg_curvature`` also h_gg / kappa_g (a second one). ``line_search``:
-        Delta(lambda) on ``lambdas`` (default: see ``_grid``), a quadratic fit
-        and a bounded scalar search around the best grid point. ``top_curvature``: L by
+        Delta(lambda) on ``lambdas`` (default: ``GRID_MULTIPLIERS`` times
+        |lambda*_taylor|, floored where the curve is resolvable, else times
+        |g|/|m|), a quadratic fit and a bounded scalar search around the best
+        grid point. ``top_curvature``: L by
         Lanczos; ``L`` given instead is used as is; either gives lambda*_smooth.
         ``per_block``: c, v^2, |g|^2 and h_mm per parameter group (h_mm of a
         group is m_b . (H m)_b, so the groups sum to h_mm).
@@ -390,10 +401,7 @@ class Probe:
 
     def _measure(self, batch, lr, lambdas, hvp, gg_curvature, line_search, want_top, L, per_block,
                  eval_objective, eval_batch, optimizer) -> ProbeRecord:
-        shared = [_PREFIX + n for n in self._resolve_shared(batch)]
-        trainable = self._trainable()
-        theta = {n: trainable[n].detach() for n in shared}
-        fixed = {n: p.detach() for n, p in trainable.items() if n not in theta}
+        theta, fixed = self._split(batch)
         E = self._as_function(eval_objective or self.objective, eval_batch, fixed)
         hessian = HessianAt(E, theta, self.hvp_mode) if hvp or want_top else None
         g, m, e, value, Hm = self._derivatives(batch, theta, fixed, eval_objective, eval_batch, hessian, hvp)
@@ -425,7 +433,9 @@ class Probe:
             record.L, record.L_source = float(L), "given"
         elif want_top:
             record.L, record.L_source = top_curvature(hessian), "measured"
-        if record.L is not None and record.L > 0 and v2 > 0:
+        if record.L is not None and record.L <= 0:
+            notes.append("L <= 0 (no negative curvature): no lambda*_smooth")
+        elif record.L is not None and v2 > 0:
             record.lambda_star_smooth = (c_e - record.L * lr * c) / (record.L * lr * v2)
         if per_block:
             record.blocks = self._blocks(g, m, Hm)

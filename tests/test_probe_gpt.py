@@ -318,6 +318,8 @@ def test_bad_inputs_get_messages_that_name_the_fix():
     batch = rl_batch(model)
     with pytest.raises(ValueError, match="hvp_mode"):
         Probe(model, losses.rl_objective, losses.mtp_policy_loss, hvp_mode="finite_differences")
+    with pytest.raises(ValueError, match="a list of parameter names"):
+        Probe(model, losses.rl_objective, losses.mtp_policy_loss, shared="wte.weight")
     with pytest.raises(ValueError, match="not trainable parameters"):
         Probe(model, losses.rl_objective, losses.mtp_policy_loss, shared=["wte.weight", "no.such"]).measure(batch, 0.1)
     with pytest.raises(ValueError, match="S would be empty"):
