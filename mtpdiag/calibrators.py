@@ -190,7 +190,11 @@ class OCC(Calibrator, _WarningCounter):
       Jacobian of the main head's per-token log-probs w.r.t. the shared parameters
       S, g = grad J_batch, m_k = -grad of head k's MTP loss (both on S), eta =
       ``inputs.lr``. One forward-mode JVP each, or a central finite difference
-      with step ``finite_difference`` (h = 1 is the whole step).
+      (logp(theta + h u) - logp(theta - h u)) / 2h with h = ``finite_difference``:
+      h = 1 is the whole step on both sides (two forwards, no forward-mode AD).
+      A small h cancels catastrophically in float32 when eta u is small (with
+      eta = 1e-4, h = 1e-3 moves log-probs by about their rounding error), so
+      keep h near 1 there; the JVP has no such limit.
     * ``aggregate="sum"``: c_hat / (v_hat^2 + eps) with c_hat = sum delta_RL *
       delta_MTP, v_hat^2 = sum delta_MTP^2; ``"tokenwise"``: the mean over tokens of
       delta_RL * delta_MTP / (delta_MTP^2 + eps) (what the reference code does).
