@@ -193,8 +193,10 @@ class OCC(Calibrator, _WarningCounter):
       (logp(theta + h u) - logp(theta - h u)) / 2h with h = ``finite_difference``:
       h = 1 is the whole step on both sides (two forwards, no forward-mode AD).
       A small h cancels catastrophically in float32 when eta u is small (with
-      eta = 1e-4, h = 1e-3 moves log-probs by about their rounding error), so
-      keep h near 1 there; the JVP has no such limit.
+      eta = 1e-4 and h = 1e-3 the log-probs move by 1e-7 |J u|, near their
+      rounding error), so keep h near 1 there; the JVP has no such limit. The
+      step deltas scale with eta: with eta ~ 1e-4 a token's delta_MTP^2 can be
+      as small as eps = 1e-8, which then shrinks the ``tokenwise`` ratios.
     * ``aggregate="sum"``: c_hat / (v_hat^2 + eps) with c_hat = sum delta_RL *
       delta_MTP, v_hat^2 = sum delta_MTP^2; ``"tokenwise"``: the mean over tokens of
       delta_RL * delta_MTP / (delta_MTP^2 + eps) (what the reference code does).
