@@ -5,7 +5,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from mtpdiag.calibrators import OCC, Oracle, WithShadows
 from mtpdiag.occ_analysis import best_scale, correlation_ci, minibatch_summary, tracking_summary, tracking_table
+from mtpdiag.train import TrainConfig, train
 
 FAST = {"n_resamples": 400}
 
@@ -146,3 +148,27 @@ def test_minibatch_summary_measures_the_first_minibatch_effect():
     assert table.loc[(2, "lambda_0"), "n"] == 6
     assert table.loc[(2, "lambda_0"), "median"] == pytest.approx(np.median(0.4 + 0.01 * np.arange(1, 7)))
     assert table.loc[(1, "calib_r_hat2"), "median_abs"] == pytest.approx(1e-3)
+
+
+def test_first_minibatch_effect_is_measured_in_a_real_occ_run(tmp_path):
+    """pi_old is recomputed just before the update, so on mini-batch 0 the ratio
+    proxy sees delta_RL = 0 and gives lambda = 0; once mini-batch 0 has moved the
+    parameters, mini-batch 1 sees delta_RL != 0. The step proxy and the oracle,
+    shadowed on the same mini-batches, are not tied to mini-batch 0."""
+    cfg = TrainConfig(
+        task_options={"digits": 1}, block_size=8, d_model=32, n_layer=1, n_head=2, sft_steps=150, sft_target=None,
+        sft_batch_size=32, sft_lr=3e-3, steps=3, prompts_per_step=4, group_size=4, minibatches=2, lr=1e-3,
+        eval_every=100, eval_prompts=8, eval_samples=1, regime="occ", dtype="float64",
+    )
+    calibrator = WithShadows(OCC.paper(), {"step": OCC(proxy="step"), "oracle": Oracle("taylor")})
+    train(cfg, tmp_path / "run", calibrator=calibrator, cache_dir=tmp_path / "cache", progress=False)
+    minibatches = pd.read_csv(tmp_path / "run" / "minibatch.csv")
+    summary = minibatch_summary(minibatches, columns=["lambda_0", "calib_r_hat2"], zero_tol=1e-12)
+    first = summary[summary.minibatch == 0].set_index("column")
+    assert first.loc["lambda_0", "frac_zero"] == 1.0 and first.loc["calib_r_hat2", "frac_zero"] == 1.0
+    moved = minibatches.pivot(index="step", columns="minibatch", values="grad_norm")[0] > 0
+    second = minibatches[minibatches.minibatch == 1].set_index("step")
+    assert moved.any(), "no mini-batch 0 had a gradient: the test needs rollouts with mixed rewards"
+    assert (second.loc[moved, "calib_r_hat2"] > 0).all()
+    assert (minibatches["calib_step_lambda"][minibatches.minibatch == 0] != 0).any()
+    assert minibatches["calib_oracle_lambda_star_taylor"].notna().any()
