@@ -30,6 +30,7 @@ import os
 import platform
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
@@ -144,6 +145,8 @@ class TrainConfig:
                      "eval_samples", "checkpoint_every", "sft_batch_size", "sft_eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.sft_target is not None and not 0 < self.sft_target <= 1:
+            raise ValueError(f"sft_target={self.sft_target} is a J_true in (0, 1]; 'none' runs all sft_steps")
         if self.sft_steps < 1:
             raise ValueError(f"sft_steps={self.sft_steps} must be at least 1")
         if self.minibatches > self.prompts_per_step * self.group_size:
@@ -283,6 +286,11 @@ def run_sft(cfg: TrainConfig, task: Task, progress: bool | None = None) -> tuple
             if val_j_true >= cfg.sft_target:
                 break
     bar.close()
+    if cfg.sft_target is not None and (val_j_true is None or val_j_true < cfg.sft_target):
+        warnings.warn(
+            f"SFT ran all sft_steps={cfg.sft_steps} and ended at validation J_true {val_j_true}, short of "
+            f"sft_target={cfg.sft_target}: raise --sft-steps (or --sft-lr) to reach it"
+        )
     return model, {"sft_steps_run": step, "sft_val_j_true": val_j_true}
 
 

@@ -323,6 +323,8 @@ def test_sft_stops_once_validation_j_true_reaches_the_target():
     _, summary = run_sft(cfg, build_task(cfg), progress=False)
     assert summary["sft_val_j_true"] >= 0.2
     assert summary["sft_steps_run"] < 400 and summary["sft_steps_run"] % 10 == 0
+    with pytest.warns(UserWarning, match="SFT ran all sft_steps=20 .* short of sft_target=0.9: raise --sft-steps"):
+        run_sft(tiny(sft_steps=20, sft_target=0.9, sft_eval_every=10), build_task(cfg), progress=False)
 
 
 @pytest.mark.parametrize(
@@ -335,6 +337,7 @@ def test_sft_stops_once_validation_j_true_reaches_the_target():
         ({"optimizer": "lion"}, "unknown optimizer"),
         ({"minibatches": 17}, "lower --minibatches"),
         ({"temperature": 0.0}, "temperature"),
+        ({"sft_target": 1.5}, r"sft_target=1.5 is a J_true in \(0, 1\]"),
     ],
 )
 def test_bad_config_is_a_clear_error(overrides, message):
