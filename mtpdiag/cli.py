@@ -11,6 +11,8 @@ import json
 import sys
 from dataclasses import fields
 
+from .calibrators import CALIBRATORS
+from .experiment import PRESETS, run_job
 from .rundir import RunDir
 from .tasks import TASKS
 from .train import DETACH_MODES, DTYPES, OPTIMIZERS, REGIMES, NonFiniteLossError, TrainConfig, train
@@ -23,6 +25,7 @@ CHOICES = {
     "dtype": tuple(DTYPES),
     "mtp_wiring": ("parallel", "sequential"),
     "attention": ("math", "sdpa"),
+    "calibrator": [*sorted(CALIBRATORS), None],
 }
 
 
@@ -53,7 +56,8 @@ def _optional(parse):
 
 
 PARSERS = {"int": int, "float": float, "str": str, "bool": _bool, "int | None": _optional(int),
-           "float | None": _optional(float)}
+           "float | None": _optional(float),
+           "str | None": _optional(str)}
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,12 +104,30 @@ def cmd_train(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_run(args: argparse.Namespace) -> None:
+    job = run_job(PRESETS[args.preset], args.out or f"runs/{args.preset}", workers=args.workers,
+                  cache_dir=args.sft_cache, progress=args.progress)
+    print(f"figures and claims report: {job / 'figures'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtpdiag", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     train_parser = commands.add_parser("train", help="SFT warm start (cached), then RL in one MTP regime")
     add_train_arguments(train_parser)
     train_parser.set_defaults(func=cmd_train)
+    run_parser = commands.add_parser(
+        "run", help="the main job: every regime over several seeds with diagnostics, then the figures and claims report"
+    )
+    run_parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                            help="; ".join(f"{name}: {p.description}" for name, p in PRESETS.items()))
+    run_parser.add_argument("--out", default=None, help="job directory (default: runs/<preset>); rerun to resume")
+    run_parser.add_argument("--workers", type=int, default=None, help="parallel training processes (default: cores)")
+    run_parser.add_argument("--sft-cache", default=None,
+                            help="SFT cache folder (default: $MTPDIAG_CACHE or ~/.cache/mtpdiag)")
+    run_parser.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                            help="hide the progress bar")
+    run_parser.set_defaults(func=cmd_run)
     return parser
 
 

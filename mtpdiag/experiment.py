@@ -29,8 +29,6 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .calibrators import WithShadows, make_calibrator
-from .hook import CSVSink, DiagnosticsHook, every
-from .losses import j_true
 from .probe import Probe
 from .rundir import RunDir
 from .train import TrainConfig, build_task, load_run, regime_losses, rollout, train, warm_start
@@ -48,7 +46,7 @@ class Arm:
     calibrator: str | None = None
 
     def config(self, base: TrainConfig, seed: int) -> TrainConfig:
-        return replace(base, regime=self.regime, lam=self.lam, seed=seed)
+        return replace(base, regime=self.regime, lam=self.lam, calibrator=self.calibrator, seed=seed)
 
 
 DEFAULT_ARMS = (
@@ -70,7 +68,6 @@ class Preset:
     base: TrainConfig
     seeds: tuple[int, ...]
     arms: tuple[Arm, ...] = DEFAULT_ARMS
-    diag_every: int = 10
     eta_sweep_points: int = 7
     description: str = ""
 
@@ -80,7 +77,6 @@ class Preset:
             "base": self.base.to_dict(),
             "seeds": list(self.seeds),
             "arms": [asdict(a) for a in self.arms],
-            "diag_every": self.diag_every,
             "eta_sweep_points": self.eta_sweep_points,
             "description": self.description,
         }
@@ -92,7 +88,6 @@ class Preset:
             base=TrainConfig.from_dict(d["base"]),
             seeds=tuple(d["seeds"]),
             arms=tuple(Arm(**a) for a in d["arms"]),
-            diag_every=d["diag_every"],
             eta_sweep_points=d["eta_sweep_points"],
             description=d.get("description", ""),
         )
@@ -112,23 +107,6 @@ def _arm_calibrator(arm: Arm, num_heads: int):
     return WithShadows(make_calibrator(arm.calibrator, num_heads), shadows)
 
 
-def _joint_forward(model, batch: dict):
-    return model(batch["input_ids"])
-
-
-def _diagnostics(run_dir: Path, diag_every: int) -> DiagnosticsHook:
-    """J_batch and J_true curves every ``diag_every`` steps, with per-block numbers,
-    into the run directory. S is the joint model's, so a detached regime shows
-    what its MTP loss does (or leaks) on the parameters it would share."""
-    return DiagnosticsHook(
-        schedule=every(diag_every),
-        sink=CSVSink(run_dir),
-        eval_objective=j_true,
-        per_block=True,
-        probe_options={"shared_forward": _joint_forward},
-    )
-
-
 def run_unit(job_dir: str, preset: dict, arm: dict, seed: int, threads: int, cache_dir: str | None) -> str:
     """Train one (arm, seed) into ``<job>/runs/<arm>/seed<k>``, resuming it if it exists.
     Top level so a worker process can run it."""
@@ -143,7 +121,6 @@ def run_unit(job_dir: str, preset: dict, arm: dict, seed: int, threads: int, cac
         run_dir,
         resume=run_dir.exists(),
         calibrator=_arm_calibrator(arm_obj, cfg.n_mtp),
-        callbacks=[_diagnostics(run_dir, preset_obj.diag_every)],
         progress=False,
         cache_dir=cache_dir,
     )
@@ -282,31 +259,33 @@ def eta_sweep(preset: Preset, job_dir: Path) -> pd.DataFrame:
     return frame
 
 
-SMALL = TrainConfig()
+# The theory is for an SGD step of size eta = lr, so the main job trains with SGD:
+# then lambda*_t, the trained lambda and OCC's lambda_t all refer to the step taken.
+# lr 0.005 raises J_true steadily at the small config; 0.02 and above collapse it.
+SMALL = replace(TrainConfig(), optimizer="sgd", lr=0.005)
 
 PRESETS = {
     "quick": Preset(
         "quick",
-        replace(SMALL, steps=30, prompts_per_step=16, eval_every=10, eval_prompts=128, checkpoint_every=10),
+        replace(SMALL, steps=30, prompts_per_step=16, eval_every=10, eval_prompts=128, checkpoint_every=10,
+                diag_every=10),
         seeds=(0,),
-        diag_every=10,
         eta_sweep_points=5,
         description="every arm, one seed, 30 RL steps: a look at the whole pipeline in minutes",
     ),
     "default": Preset(
         "default",
-        replace(SMALL, steps=60, prompts_per_step=16, eval_every=10, eval_prompts=128, checkpoint_every=20),
+        replace(SMALL, steps=60, prompts_per_step=16, eval_every=10, eval_prompts=128, checkpoint_every=20,
+                diag_every=10),
         seeds=(0, 1, 2),
-        diag_every=10,
         description="every arm, three seeds, at the small config: the committed figures",
     ),
     "full": Preset(
         "full",
         replace(SMALL, d_model=384, n_layer=6, n_head=6, block_size=64, n_mtp=2, task="running_sum",
                 task_options={"terms": 8}, sft_steps=3000, steps=400, prompts_per_step=64, eval_every=20,
-                eval_prompts=512, checkpoint_every=50, device="cuda"),
+                eval_prompts=512, checkpoint_every=50, diag_every=20, device="cuda"),
         seeds=(0, 1, 2, 3, 4),
-        diag_every=20,
         description="a 10M-parameter GPT with two MTP heads for one GPU (not run on CPU)",
     ),
 }
@@ -317,6 +296,6 @@ def micro(preset: Preset) -> Preset:
     base = replace(
         preset.base, task="addition", task_options={"digits": 1}, block_size=8, d_model=32, n_layer=1, n_head=2,
         sft_steps=400, sft_target=0.4, sft_lr=3e-3, steps=4, prompts_per_step=4, group_size=4, eval_every=2, eval_prompts=32,
-        eval_samples=2, checkpoint_every=2, device="cpu",
+        eval_samples=2, checkpoint_every=2, diag_every=2, device="cpu",
     )
-    return replace(preset, name=f"{preset.name}-micro", base=base, diag_every=2, eta_sweep_points=4)
+    return replace(preset, name=f"{preset.name}-micro", base=base, eta_sweep_points=4)

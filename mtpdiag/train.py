@@ -41,7 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .calibrators import CalibrationInputs, Calibrator, FixedLambda
+from .calibrators import CALIBRATORS, CalibrationInputs, Calibrator, FixedLambda, make_calibrator
 from .evaluation import (
     completion_rewards,
     exact_j_true,
@@ -50,9 +50,12 @@ from .evaluation import (
     sample_completions,
     sampled_pass_at_1,
 )
-from .losses import AlignedLogprobs, aligned_logprobs, group_advantages, mtp_ce_loss, mtp_policy_loss, rl_objective
+from .hook import CSVSink, DiagnosticsHook, every
+from .losses import AlignedLogprobs, aligned_logprobs, group_advantages, j_true, mtp_ce_loss, mtp_policy_loss
+from .losses import rl_objective
 from .losses import sft_loss, token_logprobs
 from .model import GPT, GPTConfig, GPTOutput
+from .probe import default_forward
 from .rundir import RunDir
 from .tasks import TASKS, Task, make_task
 
@@ -113,12 +116,15 @@ class TrainConfig:
     eps_high: float = 0.28
     regime: str = "detach"
     lam: float | None = None  # MTP coefficient for ce/policy/occ; None: DEFAULT_LAMBDA
+    calibrator: str | None = None  # occ's lambda_t: a name in calibrators.CALIBRATORS; None: fixed lam
     detach_mode: str = "full"
     # evaluation, bookkeeping
     eval_every: int = 20
     eval_prompts: int = 256
     eval_samples: int = 4
     checkpoint_every: int = 50
+    # exact MTP decomposition (Probe) every diag_every RL steps, on J_batch and on J_true; 0: off
+    diag_every: int = 0
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
@@ -139,6 +145,13 @@ class TrainConfig:
                 "lam does not apply to regime 'detach' (its MTP heads train on a detached graph with weight 1): "
                 "drop --lam, or choose --regime ce, policy or occ"
             )
+        if self.calibrator is not None:
+            if self.regime != "occ":
+                raise ValueError(f"calibrator applies only to regime 'occ', not {self.regime!r}: drop --calibrator")
+            if self.calibrator not in CALIBRATORS:
+                raise ValueError(f"unknown calibrator {self.calibrator!r}: choose one of {sorted(CALIBRATORS)}")
+            if self.lam is not None:
+                raise ValueError(f"lam does not apply when calibrator {self.calibrator!r} sets lambda_t: drop --lam")
         if self.regime != "detach" and self.detach_mode != "full":
             raise ValueError(f"detach_mode applies only to regime 'detach', not {self.regime!r}: drop --detach-mode")
         for name in ("steps", "prompts_per_step", "group_size", "minibatches", "eval_every", "eval_prompts",
@@ -147,6 +160,8 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
         if self.sft_target is not None and not 0 < self.sft_target <= 1:
             raise ValueError(f"sft_target={self.sft_target} is a J_true in (0, 1]; 'none' runs all sft_steps")
+        if self.diag_every < 0:
+            raise ValueError(f"diag_every={self.diag_every} must be >= 0 (0 turns the diagnostics off)")
         if self.sft_steps < 1:
             raise ValueError(f"sft_steps={self.sft_steps} must be at least 1")
         if self.minibatches > self.prompts_per_step * self.group_size:
@@ -481,9 +496,11 @@ def train(
     if calibrator is not None and cfg.regime != "occ":
         raise ValueError(f"a calibrator only applies to regime 'occ', not {cfg.regime!r}")
     if cfg.regime == "occ" and calibrator is None:
-        calibrator = FixedLambda(cfg.mtp_lambda)
+        calibrator = make_calibrator(cfg.calibrator, cfg.n_mtp) if cfg.calibrator else FixedLambda(cfg.mtp_lambda)
     task = build_task(cfg)
     run = RunDir(out)
+    if cfg.diag_every:
+        callbacks = [diagnostics_hook(cfg, run.path), *callbacks]
     if resume:
         _check_resumable(run, cfg, calibrator)
     checkpoint = run.open(resume)
@@ -562,6 +579,20 @@ def train(
     bar.close()
     run.mark_complete()
     return TrainResult(model, run.metrics(), run.path)
+
+
+def diagnostics_hook(cfg: TrainConfig, out: Path) -> DiagnosticsHook:
+    """The Probe every ``cfg.diag_every`` steps on the regime's own J_batch and MTP
+    loss, with a second curve on held-out J_true, per-block numbers included, into
+    ``out/diag_{steps,curves,blocks}.csv``. S is the joint model's, so a detached
+    regime shows what its MTP loss reaches (or leaks into) there."""
+    return DiagnosticsHook(
+        schedule=every(cfg.diag_every),
+        sink=CSVSink(out),
+        eval_objective=j_true,
+        per_block=True,
+        probe_options={"shared_forward": default_forward},
+    )
 
 
 def _check_resumable(run: RunDir, cfg: TrainConfig, calibrator: Calibrator | None) -> None:

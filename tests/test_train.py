@@ -1,6 +1,7 @@
 """The trainer: sampling and rewards agree with exact J_true, rollout batches,
 resume, callbacks, the SFT cache and every bad-input error."""
 import dataclasses
+import json
 import itertools
 import math
 
@@ -395,3 +396,46 @@ def test_calibrator_misuse_is_a_clear_error(tmp_path, cache):
 def test_callback_metrics_may_not_overwrite_trainer_columns(tmp_path, cache, column):
     with pytest.raises(ValueError, match=rf"callback metrics \['{column}'\] clash"):
         train(tiny(), tmp_path / "run", callbacks=[lambda ctx: {column: 1.0}], cache_dir=cache, progress=False)
+
+
+def test_diag_every_writes_the_decomposition_tables_and_metrics(tmp_path, cache):
+    cfg = tiny(regime="policy", lam=0.5, steps=2, diag_every=2)
+    result = train(cfg, tmp_path / "run", progress=False, cache_dir=cache)
+    steps = pd.read_csv(tmp_path / "run" / "diag_steps.csv")
+    assert sorted(steps["objective"]) == ["j_batch", "j_true"]
+    assert (steps["step"] == 2).all() and (steps["v2"] > 0).all()
+    assert {"wte", "blocks.0"} <= set(pd.read_csv(tmp_path / "run" / "diag_blocks.csv")["block"])
+    assert len(pd.read_csv(tmp_path / "run" / "diag_curves.csv")) > 0
+    row = result.metrics.set_index("step").loc[2]
+    assert row["diag_j_batch_v2"] == pytest.approx(steps.set_index("objective").loc["j_batch", "v2"])
+    assert pd.isna(result.metrics.set_index("step").loc[1].get("diag_j_batch_v2"))
+
+
+def test_diag_every_on_detach_measures_zero_mtp_signal_on_the_joint_shared_set(tmp_path, cache):
+    cfg = tiny(regime="detach", steps=1, diag_every=1)
+    train(cfg, tmp_path / "run", progress=False, cache_dir=cache)
+    steps = pd.read_csv(tmp_path / "run" / "diag_steps.csv")
+    assert (steps["v2"] == 0).all()
+    assert steps["note"].str.contains("no MTP signal on shared parameters").all()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"regime": "policy", "calibrator": "occ-paper"}, "drop --calibrator"),
+        ({"regime": "occ", "calibrator": "nope"}, "unknown calibrator"),
+        ({"regime": "occ", "calibrator": "occ-paper", "lam": 0.5}, "drop --lam"),
+        ({"diag_every": -1}, "diag_every"),
+    ],
+)
+def test_bad_calibrator_and_diagnostics_settings_are_clear_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**overrides)
+
+
+def test_occ_calibrator_by_name_is_logged(tmp_path, cache):
+    cfg = tiny(regime="occ", calibrator="occ-reference", steps=1)
+    result = train(cfg, tmp_path / "run", progress=False, cache_dir=cache)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["calibrator"].startswith("occ")
+    assert "calib_c_hat" in result.metrics.columns and np.isfinite(result.metrics["lambda_0"].iloc[-1])
