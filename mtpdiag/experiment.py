@@ -94,16 +94,21 @@ class Preset:
 
 
 def _arm_calibrator(arm: Arm, num_heads: int):
-    """The training calibrator of an occ arm. Every occ arm also logs, as shadows on
-    the same mini-batches, what each OCC reading would have chosen, so claim C5
-    compares all readings on each trajectory."""
+    """The training calibrator of an occ arm, with shadows that log, on the same
+    mini-batches, what the other readings would choose (claim C5). OCC arms
+    shadow the other ratio preset (free). The oracle arm, which measures
+    lambda*_taylor on every mini-batch anyway, shadows every OCC reading, so each
+    is compared with lambda* on the same mini-batch and parameters."""
     if arm.calibrator is None:
         return None
-    shadows = {
-        "shadow_paper": make_calibrator("occ-paper", num_heads),
-        "shadow_reference": make_calibrator("occ-reference", num_heads),
-        "shadow_step": make_calibrator("occ", num_heads, proxy="step"),
+    readings = {
+        "occ-paper": lambda: make_calibrator("occ-paper", num_heads),
+        "occ-reference": lambda: make_calibrator("occ-reference", num_heads),
+        "occ-step": lambda: make_calibrator("occ", num_heads, proxy="step"),
     }
+    cheap = ("occ-paper", "occ-reference")
+    shadowed = [name for name in (readings if arm.calibrator == "oracle" else cheap) if name != arm.calibrator]
+    shadows = {f"shadow_{name.removeprefix('occ-')}": readings[name]() for name in shadowed}
     return WithShadows(make_calibrator(arm.calibrator, num_heads), shadows)
 
 

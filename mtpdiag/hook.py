@@ -159,7 +159,9 @@ class DiagnosticsHook:
     (named ``objective_name``) and, when ``eval_objective`` is set and an eval
     batch comes with the step, a second curve on it (``eval_name``), e.g. J_true
     on held-out prompts. ``optimizer_faithful`` adds the optimizer's real-step
-    curve. Other keyword options go to :meth:`Probe.measure` (``lambdas``,
+    curve. ``top_curvature_schedule`` picks the steps on which the gradient's own
+    objective also gets its top curvature L (Lanczos: about ten times the cost of
+    a measurement without it). Other keyword options go to :meth:`Probe.measure` (``lambdas``,
     ``hvp``, ``gg_curvature``, ``line_search``, ``top_curvature``, ``L``,
     ``per_block``).
 
@@ -178,6 +180,7 @@ class DiagnosticsHook:
         eval_objective: Callable | None = None,
         eval_name: str = "j_true",
         optimizer_faithful: bool = False,
+        top_curvature_schedule: int | Callable[[int], bool] | None = None,
         probe_options: dict | None = None,
         **measure_options,
     ):
@@ -193,6 +196,7 @@ class DiagnosticsHook:
         self.eval_objective = eval_objective
         self.eval_name = eval_name
         self.optimizer_faithful = optimizer_faithful
+        self.top_curvature_schedule = None if top_curvature_schedule is None else _as_schedule(top_curvature_schedule)
         self.probe_options = probe_options or {}
         self.measure_options = measure_options
 
@@ -207,7 +211,10 @@ class DiagnosticsHook:
         if self.optimizer_faithful and optimizer is None:
             raise ValueError("optimizer_faithful=True needs on_step(..., optimizer=<the training optimizer>)")
         optimizer = optimizer if self.optimizer_faithful else None
-        measured = {self.objective_name: self.probe.measure(batch, lr, optimizer=optimizer, **self.measure_options)}
+        options = dict(self.measure_options)
+        if self.top_curvature_schedule is not None and self.top_curvature_schedule(step):
+            options["top_curvature"] = True
+        measured = {self.objective_name: self.probe.measure(batch, lr, optimizer=optimizer, **options)}
         if self.eval_objective is not None and eval_batch is not None:
             measured[self.eval_name] = self.probe.measure(
                 batch, lr, eval_objective=self.eval_objective, eval_batch=eval_batch, optimizer=optimizer, **self.measure_options

@@ -585,12 +585,16 @@ def diagnostics_hook(cfg: TrainConfig, out: Path) -> DiagnosticsHook:
     """The Probe every ``cfg.diag_every`` steps on the regime's own J_batch and MTP
     loss, with a second curve on held-out J_true, per-block numbers included, into
     ``out/diag_{steps,curves,blocks}.csv``. S is the joint model's, so a detached
-    regime shows what its MTP loss reaches (or leaks into) there."""
+    regime shows what its MTP loss reaches (or leaks into) there. The top
+    curvature L (for the L-smooth form) costs about ten measurements, so it is
+    taken on the first and the last measured step only."""
+    measured_steps = range(cfg.diag_every, cfg.steps + 1, cfg.diag_every)
     return DiagnosticsHook(
         schedule=every(cfg.diag_every),
         sink=CSVSink(out),
         eval_objective=j_true,
         per_block=True,
+        top_curvature_schedule={measured_steps[0], measured_steps[-1]}.__contains__ if measured_steps else None,
         probe_options={"shared_forward": default_forward},
     )
 

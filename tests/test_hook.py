@@ -140,3 +140,20 @@ def test_hook_errors_name_the_fix(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
     with pytest.raises(ImportError, match="pip install pyarrow"):
         ParquetSink(tmp_path)
+
+
+def test_top_curvature_schedule_measures_L_of_the_gradients_objective_on_its_steps_only():
+    model = tiny_gpt()
+    hook = DiagnosticsHook(
+        Probe(model, losses.rl_objective, losses.mtp_policy_loss), every(1), top_curvature_schedule={2}.__contains__,
+        eval_objective=losses.j_true, line_search=False,
+    )
+    for step in (1, 2):
+        batch = rl_batch(model, seed=step)
+        hook.on_step(step, batch, 1e-2, eval_batch={"input_ids": batch["input_ids"], "response_mask": batch["response_mask"]})
+    L = hook.sink.frame("steps").set_index(["step", "objective"])["L"]
+    assert pd.isna(L[(1, "j_batch")]) and pd.isna(L[(2, "j_true")])
+    # L is the top eigenvalue of -H, so it bounds every Rayleigh curvature
+    record = hook.probe.measure(rl_batch(model, seed=2), 1e-2, top_curvature=True, line_search=False)
+    assert L[(2, "j_batch")] == pytest.approx(record.L, rel=1e-6)
+    assert record.L >= record.kappa_m and record.L >= record.kappa_g
