@@ -560,6 +560,7 @@ def train(
             "response_len_mean": batch["response_mask"].sum(1).mean().item(),
             **pd.DataFrame(mb_rows).drop(columns=["step", "minibatch"]).mean(numeric_only=True).to_dict(),
             "lr": ctx.lr,
+            **({"calibrator": calibrator.name} if calibrator is not None else {}),
             "rollout_time_s": t_rollout,
             "update_time_s": t_update,
             "step_time_s": t_rollout + t_update,
