@@ -280,7 +280,7 @@ PRESETS = {
     ),
     "default": Preset(
         "default",
-        replace(SMALL, steps=60, prompts_per_step=16, eval_every=10, eval_prompts=128, checkpoint_every=20,
+        replace(SMALL, steps=40, prompts_per_step=16, eval_every=10, eval_prompts=128, checkpoint_every=20,
                 diag_every=10),
         seeds=(0, 1, 2),
         description="every arm, three seeds, at the small config: the committed figures",
