@@ -1,0 +1,151 @@
+"""Data parallelism under ``torch.distributed``: each rank holds a shard of the batch,
+and every number mtpdiag reports is the number of the whole batch.
+
+The token-level means of the RL losses (DAPO: sum over the masked tokens of the
+whole batch / their number) are not means of per-rank means when ranks hold
+different numbers of tokens. So inside :func:`global_means` mtpdiag's means
+divide by the count over all ranks: each rank's loss is then its *share* of the
+whole-batch loss, and the shares, their gradients and their Hessian-vector
+products SUM over ranks to the single-process values. The parameters are
+replicated, so dot products of summed gradients need no further reduction.
+
+Diagnostics run on the raw module (DDP's hooks do not fire for
+``torch.autograd.grad``, and DDP has no double backward: pytorch issues 47562,
+63812), and the Probe, the calibrators and the trainer all-reduce here.
+
+Every function is a no-op on one process, so the same code runs with and
+without a process group.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Callable, Iterable, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+_GLOBAL_MEANS: ContextVar[bool] = ContextVar("mtpdiag_global_means", default=False)
+
+
+def is_distributed() -> bool:
+    """True when a process group with more than one rank is initialised."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def is_main_process() -> bool:
+    """Rank 0, or the only process: the one that writes files."""
+    return rank() == 0
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over ranks (a new tensor, detached); ``tensor`` itself on one process."""
+    if not is_distributed():
+        return tensor
+    total = tensor.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
+def all_reduce_tree(tree: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every tensor of a dict summed over ranks, in one collective."""
+    if not is_distributed() or not tree:
+        return tree
+    flat = all_reduce_sum(torch.cat([t.detach().reshape(-1) for t in tree.values()]))
+    pieces = flat.split([t.numel() for t in tree.values()])
+    return {k: p.view_as(t).to(t.dtype) for (k, t), p in zip(tree.items(), pieces)}
+
+
+@contextmanager
+def global_means():
+    """Inside, mtpdiag's means (``losses.masked_mean`` and the prompt mean of
+    ``losses.j_true``) divide by the count over all ranks, so that on several
+    ranks each loss is this rank's share of the whole-batch loss. Nests; has
+    no effect on one process. Every rank must evaluate the same losses in the
+    same order (each mean is one collective)."""
+    token = _GLOBAL_MEANS.set(True)
+    try:
+        yield
+    finally:
+        _GLOBAL_MEANS.reset(token)
+
+
+def global_count(count: torch.Tensor) -> torch.Tensor:
+    """The denominator of a mean: ``count`` summed over ranks inside :func:`global_means`
+    on several ranks, else ``count`` itself. Use it in a loss of your own."""
+    if not _GLOBAL_MEANS.get():
+        return count
+    return all_reduce_sum(count)
+
+
+def global_mean(values: torch.Tensor) -> torch.Tensor:
+    """``values.mean()``, or inside :func:`global_means` on several ranks this rank's
+    share of the mean over every rank's values."""
+    if not (_GLOBAL_MEANS.get() and is_distributed()):
+        return values.mean()
+    return values.sum() / global_count(torch.tensor(values.numel(), dtype=values.dtype, device=values.device))
+
+
+def shard(n: int, device=None) -> torch.Tensor:
+    """This rank's rows of ``n``: the ``rank()``-th of ``world_size()`` consecutive
+    parts, as equal as possible (``torch.tensor_split``)."""
+    return torch.arange(n, device=device).tensor_split(world_size())[rank()]
+
+
+def run_on_main(fn: Callable[[], T]) -> T:
+    """``fn()`` on rank 0 only; every rank returns its result (which must pickle),
+    or raises its exception, so that a failure on rank 0 does not leave the others
+    waiting in a collective."""
+    if not is_distributed():
+        return fn()
+    box: list = [None]
+    if rank() == 0:
+        try:
+            box = [(True, fn())]
+        except Exception as err:
+            dist.broadcast_object_list([(False, err)], src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
+def broadcast_tensors(tensors: Iterable[torch.Tensor], src: int = 0) -> None:
+    """Overwrite ``tensors`` (in place) with rank ``src``'s values, e.g. a model's
+    ``state_dict().values()``."""
+    if is_distributed():
+        for tensor in tensors:
+            dist.broadcast(tensor, src=src)
+
+
+@contextmanager
+def process_group_from_env(device: str | torch.device):
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) and with no process
+    group yet, initialise the one torchrun describes for the duration: gloo on CPU;
+    on CUDA, this rank's ``LOCAL_RANK`` GPU as the current device, NCCL for CUDA
+    tensors and gloo for CPU ones. A group the caller initialised is used as is."""
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not launched or not dist.is_available() or dist.is_initialized():
+        yield
+        return
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("cpu:gloo,cuda:nccl")
+    else:
+        dist.init_process_group("gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
