@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .distributed import global_count, global_mean
 from .model import GPTOutput, HeadPrediction
 
 
@@ -45,7 +46,9 @@ def aligned_logprobs(out: GPTOutput) -> AlignedLogprobs:
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp_min(1.0)
+    """Mean of ``x`` over the mask; inside ``mtpdiag.distributed.global_means()`` on
+    several ranks, this rank's share of the mean over every rank's masked entries."""
+    return (x * mask).sum() / global_count(mask.sum()).clamp_min(1.0)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
@@ -127,5 +130,6 @@ def completion_logprob(out: GPTOutput, batch: dict) -> torch.Tensor:
 
 def j_true(out: GPTOutput, batch: dict) -> torch.Tensor:
     """Exact expected exact-match reward: mean_x pi(y*(x) | x), teacher forced on
-    a batch whose completions are the unique targets."""
-    return completion_logprob(out, batch).exp().mean()
+    a batch whose completions are the unique targets (under
+    ``mtpdiag.distributed.global_means()``, this rank's share of the mean over all prompts)."""
+    return global_mean(completion_logprob(out, batch).exp())
