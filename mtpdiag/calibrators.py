@@ -19,6 +19,11 @@ Calibrators:
 A proxy whose v_hat^2 is zero or non-finite, or whose result is non-finite, gives
 lambda = 0 for that head and counts a warning (``info["warnings"]``), so NaN never
 reaches the loss.
+
+Under ``torch.distributed`` each rank passes its shard of the mini-batch and every
+rank gets the lambda of the whole mini-batch: OCC sums its token sums over ranks
+(and the step proxy its gradients), the Probe-based calibrators inherit the
+Probe's reductions (see :mod:`mtpdiag.distributed`).
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from typing import Any, Callable
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .distributed import all_reduce_tree, global_means
 from .losses import AlignedLogprobs, token_logprobs
 from .probe import Probe
 
@@ -277,15 +283,20 @@ class OCC(Calibrator, _WarningCounter):
         zero = torch.zeros((), dtype=d_mtp.dtype, device=d_mtp.device)
         dims = tuple(range(1, d_mtp.dim()))
         # where(), not multiplication: a non-finite value outside the mask must not leak in
-        c_hat = torch.where(mask, d_rl * d_mtp, zero).sum(dims)
-        v_hat2 = torch.where(mask, d_mtp.square(), zero).sum(dims)
-        r_hat2 = torch.where(mask, d_rl.square(), zero).sum(dims)  # |delta_RL|^2: ~0 on a fresh pi_old
-        n_tokens = mask.sum(dims)
+        sums = {
+            "c_hat": torch.where(mask, d_rl * d_mtp, zero).sum(dims),
+            "v_hat2": torch.where(mask, d_mtp.square(), zero).sum(dims),
+            "r_hat2": torch.where(mask, d_rl.square(), zero).sum(dims),  # |delta_RL|^2: ~0 on a fresh pi_old
+            "n_tokens": mask.sum(dims),
+        }
+        if self.aggregate == "tokenwise":
+            sums["ratios"] = torch.where(mask, d_rl * d_mtp / (d_mtp.square() + self.eps), zero).sum(dims)
+        sums = all_reduce_tree(sums)  # on several ranks: the sums over the whole mini-batch
+        c_hat, v_hat2, r_hat2, n_tokens = sums["c_hat"], sums["v_hat2"], sums["r_hat2"], sums["n_tokens"]
         if self.aggregate == "sum":
             raw = c_hat / (v_hat2 + self.eps)
         else:
-            per_token = d_rl * d_mtp / (d_mtp.square() + self.eps)
-            raw = torch.where(mask, per_token, zero).sum(dims) / n_tokens.clamp_min(1)
+            raw = sums["ratios"] / n_tokens.clamp_min(1)
         raw = self.lambda_plus * raw
         usable = torch.isfinite(v_hat2) & (v_hat2 > 0)
         lambdas, info = self.zero_unusable(raw, usable)
@@ -325,13 +336,14 @@ class OCC(Calibrator, _WarningCounter):
 
     def _shared_gradients(self, inputs: CalibrationInputs, num_heads: int):
         """theta_S, g = grad J_batch on S and m_k = -grad of head k's MTP loss on S
-        (one forward, one backward per loss), in the model's current train/eval mode."""
+        (one forward, one backward per loss), in the model's current train/eval mode;
+        on several ranks, those of the whole mini-batch."""
         names = self._shared_names(inputs)
         params = dict(inputs.model.named_parameters())
         theta = {n: params[n].detach().requires_grad_() for n in names}
         fixed = {n: p.detach() for n, p in params.items() if n not in theta}
         losses = [inputs.objective, *head_losses(inputs, num_heads)]
-        with torch.enable_grad():
+        with torch.enable_grad(), global_means():
             out = functional_forward(inputs, {**fixed, **theta})
             grads = [
                 torch.autograd.grad(loss(out, inputs.batch), list(theta.values()), retain_graph=i + 1 < len(losses),
@@ -341,7 +353,9 @@ class OCC(Calibrator, _WarningCounter):
         shared = {n: t.detach() for n, t in theta.items()}
 
         def on_shared(grad, sign):
-            return {n: sign * t if t is not None else torch.zeros_like(shared[n]) for n, t in zip(shared, grad)}
+            return all_reduce_tree(
+                {n: sign * t if t is not None else torch.zeros_like(shared[n]) for n, t in zip(shared, grad)}
+            )
 
         return shared, on_shared(grads[0], 1.0), [on_shared(grad, -1.0) for grad in grads[1:]]
 
