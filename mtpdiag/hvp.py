@@ -23,6 +23,8 @@ from scipy.linalg import eigh
 from scipy.sparse.linalg import LinearOperator, eigsh
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .distributed import all_reduce_sum, all_reduce_tree
+
 HVP_MODES = ("fwd_rev", "rev_rev")
 
 Params = dict[str, torch.Tensor]
@@ -36,9 +38,11 @@ ATTENTION_FIX = (
 def tree_dot(a: Params, b: Params) -> torch.Tensor:
     """<a, b> summed over every tensor of two same-keyed dicts.
 
-    Every inner product and norm the toolkit reports goes through here, so a
-    model whose parameters are sharded across ranks needs one all-reduce (sum)
-    added at this point.
+    Every inner product and norm the toolkit reports goes through here. Under
+    data parallelism the parameters are replicated and the gradients already
+    summed over ranks (``HessianAt(across_ranks=True)``), so no reduction is
+    needed; a model whose parameters are sharded across ranks would need one
+    all-reduce (sum) added at this point.
     """
     return sum((x * b[k]).sum() for k, x in a.items())
 
@@ -65,18 +69,26 @@ class HessianAt:
     ``mode`` reads ``"rev_rev (fallback: <reason>)"``, so a record can say which
     path ran. ``n_products`` counts Hessian-vector products.
 
+    ``across_ranks=True``: ``f`` is this rank's share of a function summed over the
+    ranks of a process group (see :mod:`mtpdiag.distributed`); value, gradient and
+    products are then all-reduced, so every rank holds those of the sum. Every
+    rank must make the same calls.
+
     Caveat of ``rev_rev``: a custom ``autograd.Function`` whose backward is not
     itself differentiable (marked ``once_differentiable``, or computed by a
     kernel outside autograd) cuts the second-order graph, and autograd then
     silently drops those terms; ``fwd_rev`` refuses such functions instead.
     """
 
-    def __init__(self, f: Callable[[Params], torch.Tensor], params: Params, mode: str = "fwd_rev"):
+    def __init__(
+        self, f: Callable[[Params], torch.Tensor], params: Params, mode: str = "fwd_rev", across_ranks: bool = False
+    ):
         if mode not in HVP_MODES and not mode.startswith("rev_rev (fallback"):
             raise ValueError(f"hvp_mode={mode!r}: choose one of {HVP_MODES}")
         self.f = f
         self.params = params
         self.mode = mode
+        self.across_ranks = across_ranks
         self.n_products = 0
         self._value: torch.Tensor | None = None
         self._grad: Params | None = None
@@ -108,16 +120,23 @@ class HessianAt:
                     self.mode = f"rev_rev (fallback: {str(err).splitlines()[0]})"
                     return self(direction)
                 if self._grad is None:
-                    self._grad, self._value = grad, value
+                    self._grad, self._value = self._summed(grad), self._summed(value)
             else:
                 product = self._reverse(direction)
         self.n_products += 1
-        return product
+        return self._summed(product)
+
+    def _summed(self, x):
+        """``x`` (a tensor or a dict of them) summed over ranks when ``across_ranks``."""
+        if not self.across_ranks:
+            return x
+        return all_reduce_tree(x) if isinstance(x, dict) else all_reduce_sum(x)
 
     def _first_order(self) -> None:
         if self.mode == "fwd_rev":
             with sdpa_kernel(SDPBackend.MATH):
-                self._grad, self._value = torch.func.grad_and_value(self.f)(self.params)
+                grad, value = torch.func.grad_and_value(self.f)(self.params)
+            self._grad, self._value = self._summed(grad), self._summed(value)
         else:
             self._build_reverse()
 
@@ -133,8 +152,8 @@ class HessianAt:
             else:  # f does not read these parameters: zero gradient, zero Hessian
                 grads = tuple(torch.zeros_like(t) for t in leaves.values())
         self._leaves, self._grad_graph = leaves, grads
-        self._grad = {k: g.detach() for k, g in zip(leaves, grads)}
-        self._value = value.detach()
+        self._grad = self._summed({k: g.detach() for k, g in zip(leaves, grads)})
+        self._value = self._summed(value.detach())
 
     def _reverse(self, direction: Params) -> Params:
         if self._grad_graph is None:

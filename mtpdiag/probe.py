@@ -11,6 +11,13 @@ It works with any ``nn.Module``: ``forward(model, batch)`` produces outputs,
 batch)`` the MTP loss to minimise. Sign conventions: g = grad_S objective,
 m = -grad_S aux_loss, one SGD step with coefficient lambda moves S by
 lr * (g + lambda m); parameters outside S stay fixed.
+
+Under ``torch.distributed`` (more than one rank) each rank passes its shard of
+the batch and every rank gets the numbers of the whole batch: each loss is
+evaluated as this rank's share of the whole-batch loss (mtpdiag's losses do so
+inside :func:`mtpdiag.distributed.global_means`, which the probe enters), and
+values, gradients and Hessian-vector products are summed over ranks. Every
+rank calls ``measure`` with the same arguments, on the raw (unwrapped) module.
 """
 from __future__ import annotations
 
@@ -28,7 +35,9 @@ from scipy.optimize import minimize_scalar
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .distributed import all_reduce_sum, all_reduce_tree, global_means
 from .hvp import HVP_MODES, HessianAt, Params, top_curvature, tree_dot
+from .integrations import require_unwrapped
 
 NO_MTP_SIGNAL = "no MTP signal on shared parameters"
 NOT_CONCAVE = "direction not concave (h_mm >= 0): no lambda*"
@@ -203,6 +212,12 @@ class Probe:
     Diagnostics run with eval semantics (dropout off; every module's ``training``
     flag is restored afterwards) and inside a forked RNG, so the caller's random
     stream is unchanged.
+
+    Data parallel: ``objective`` and ``aux_loss`` must return this rank's share
+    of the whole-batch value (the shares sum over ranks to it). mtpdiag's losses
+    do; in a loss of your own divide by
+    :func:`mtpdiag.distributed.global_count` or use
+    :func:`~mtpdiag.distributed.global_mean`.
     """
 
     def __init__(
@@ -219,7 +234,7 @@ class Probe:
             raise ValueError(f"hvp_mode={hvp_mode!r}: choose one of {HVP_MODES}")
         if isinstance(shared, str) and shared != "auto":
             raise ValueError(f"shared={shared!r}: pass 'auto', a list of parameter names, or a predicate name -> bool")
-        self.model = model
+        self.model = require_unwrapped(model)
         self.objective = objective
         self.aux_loss = aux_loss
         self._module = _ForwardModule(model, forward or default_forward)
@@ -285,7 +300,9 @@ class Probe:
         """``loss`` on ``batch`` as a pure function of S (the rest held at its current
         values), and S's current values; e.g. for :class:`~mtpdiag.hvp.HessianAt`
         on directions of your own. Keys carry the wrapper prefix ``model.``.
-        Call it under the model's eval semantics (dropout off) for exact results."""
+        Call it under the model's eval semantics (dropout off) for exact results.
+        On several ranks the function is this rank's share: build
+        ``HessianAt(..., across_ranks=True)`` on it."""
         with self._isolated(), torch.enable_grad():
             theta, fixed = self._split(batch)
         return self._as_function(loss, batch, fixed), theta
@@ -300,21 +317,27 @@ class Probe:
         )
 
     def _checked_value(self, loss: Callable, outputs, batch: dict) -> torch.Tensor:
-        value = loss(outputs, batch)
+        with global_means():  # on several ranks: this rank's share of the whole-batch loss
+            value = loss(outputs, batch)
         if not isinstance(value, torch.Tensor) or value.dim() != 0:
             raise ValueError(f"{_name(loss)} must return a scalar tensor, got {type(value).__name__} {getattr(value, 'shape', '')}")
         return value
 
-    def _as_function(self, loss: Callable, batch: dict, fixed: Params) -> Callable[[Params], torch.Tensor]:
-        """loss at (S = argument, everything else = ``fixed``) as a pure function of S."""
+    def _as_function(
+        self, loss: Callable, batch: dict, fixed: Params, summed: bool = False
+    ) -> Callable[[Params], torch.Tensor]:
+        """loss at (S = argument, everything else = ``fixed``) as a pure function of S;
+        ``summed``: the whole-batch value (summed over ranks), not this rank's share."""
 
         def f(shared: Params) -> torch.Tensor:
-            return self._checked_value(loss, functional_call(self._module, {**fixed, **shared}, (batch,)), batch)
+            value = self._checked_value(loss, functional_call(self._module, {**fixed, **shared}, (batch,)), batch)
+            return all_reduce_sum(value) if summed else value
 
         return f
 
     def _gradients(self, losses: Sequence[Callable], batch: dict, params: Params, fixed: Params):
-        """Values and gradients of several losses of the same outputs: one forward, one backward each."""
+        """Values and gradients of several losses of the same outputs: one forward, one backward
+        each; both summed over ranks."""
         leaves = {k: t.detach().requires_grad_() for k, t in params.items()}
         outputs = functional_call(self._module, {**fixed, **leaves}, (batch,))
         values = [self._checked_value(loss, outputs, batch) for loss in losses]
@@ -327,7 +350,8 @@ class Probe:
                 value, list(leaves.values()), retain_graph=i < len(values) - 1, allow_unused=True, materialize_grads=True
             )
             grads.append(dict(zip(leaves, grad)))
-        return [v.detach() for v in values], grads
+        values = all_reduce_sum(torch.stack([v.detach() for v in values])).unbind()
+        return list(values), [all_reduce_tree(grad) for grad in grads]
 
     @staticmethod
     def _check_finite(grad: Params, role: str, loss: Callable) -> None:
@@ -403,7 +427,7 @@ class Probe:
                  eval_objective, eval_batch, optimizer) -> ProbeRecord:
         theta, fixed = self._split(batch)
         E = self._as_function(eval_objective or self.objective, eval_batch, fixed)
-        hessian = HessianAt(E, theta, self.hvp_mode) if hvp or want_top else None
+        hessian = HessianAt(E, theta, self.hvp_mode, across_ranks=True) if hvp or want_top else None
         g, m, e, value, Hm = self._derivatives(batch, theta, fixed, eval_objective, eval_batch, hessian, hvp)
         c = tree_dot(g, m).item()
         g2 = tree_dot(g, g).item()
@@ -443,11 +467,12 @@ class Probe:
         if line_search or optimizer is not None:
             grid = self._grid(lambdas, record)
             if line_search and v2 > 0:
-                base = E({k: t + lr * g[k] for k, t in theta.items()})
+                E_total = self._as_function(eval_objective or self.objective, eval_batch, fixed, summed=True)
+                base = E_total({k: t + lr * g[k] for k, t in theta.items()})
 
                 def sgd_delta(lam: float) -> float:
                     moved = {k: t + lr * (g[k] + lam * m[k]) for k, t in theta.items()}
-                    return (E(moved) - base).item()
+                    return (E_total(moved) - base).item()
 
                 record.curves.append(self._curve("sgd", sgd_delta, grid))
             if optimizer is not None:
@@ -599,7 +624,8 @@ class Probe:
             return {n: copies.get(n, t) for n, t in params.items()}
 
         def value(lam: float) -> torch.Tensor:
-            return self._checked_value(evaluate, functional_call(self._module, stepped(lam), (eval_batch,)), eval_batch)
+            outputs = functional_call(self._module, stepped(lam), (eval_batch,))
+            return all_reduce_sum(self._checked_value(evaluate, outputs, eval_batch))
 
         base = value(0.0)
         return self._curve("optimizer", lambda lam: (value(lam) - base).item(), grid)
