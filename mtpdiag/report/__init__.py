@@ -1,0 +1,62 @@
+"""Figures F1-F6, Table 1 and the claims report of a job (or of one trainer run).
+
+    from mtpdiag.report import build_report
+    build_report("runs/my-job")            # writes runs/my-job/figures/
+
+Each figure alone: ``figures.concave_curves(load_job(path), out_dir)`` and so on;
+``analyses/*.py`` are the same calls from the command line.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+from . import claims, figures, table
+from .load import Job, JobError, load_job
+
+__all__ = ["Job", "JobError", "build_report", "claims", "figures", "load_job", "run_analysis", "table"]
+
+FIGURES_DIR = "figures"
+
+
+def build_report(job_dir, out_dir=None) -> dict:
+    """Every figure, Table 1 and the claims report into ``out_dir`` (default
+    ``<job>/figures``). A figure whose inputs are missing is not made: the returned
+    ``skipped`` and the claims report say why, and a warning is raised.
+
+    Returns ``{"out_dir", "figures": {F1: [paths]...}, "table1": [paths],
+    "claims": [paths], "claims_table": DataFrame, "skipped": {F4: reason...}}``.
+    """
+    job = load_job(job_dir)
+    out = Path(out_dir) if out_dir is not None else job.path / FIGURES_DIR
+    made, skipped = {}, {}
+    for name, make in figures.FIGURES.items():
+        try:
+            made[name] = make(job, out)
+        except JobError as err:
+            skipped[name] = str(err)
+            warnings.warn(f"{name} not made: {err}", stacklevel=2)
+    table_paths = table.write_table1(job, out)
+    claim_paths, claims_table = claims.write_claims(job, out, skipped)
+    return {"out_dir": out, "figures": made, "table1": table_paths, "claims": claim_paths,
+            "claims_table": claims_table, "skipped": skipped}
+
+
+def run_analysis(make, description: str, argv=None) -> int:
+    """The command line of an ``analyses/`` script: ``<job_dir> [--out DIR]``; ``make(job, out)``
+    returns the paths written. Bad input exits with status 2 and the reason."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("job_dir", help="a job directory (mtpdiag run) or a run directory (mtpdiag train)")
+    parser.add_argument("--out", default=None, help=f"output folder (default: <job_dir>/{FIGURES_DIR})")
+    args = parser.parse_args(argv)
+    try:
+        job = load_job(args.job_dir)
+        paths = make(job, Path(args.out) if args.out else job.path / FIGURES_DIR)
+    except JobError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    return 0

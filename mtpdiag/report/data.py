@@ -1,0 +1,83 @@
+"""Tables derived from a job's CSVs that several figures and claims share."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+
+from .load import Job, JobError
+
+OBJECTIVE = "j_batch"  # the curve of the gradient's own objective (THEORY.md s.2); "j_true" is the held-out one
+# what other calibrators would have chosen, logged by calibrators.WithShadows as calib_<label>_lambda[_0]
+SHADOW_COLUMN = re.compile(r"^calib_(?P<label>.+)_lambda(?:_0)?$")
+SHADOW_PREFIX = "shadow_"
+STAR_COLUMNS = ("lambda_star_taylor", "lambda_star_meas_search")
+
+
+def diag_steps(job: Job, needed_for: str, columns=(), arms=None, objective: str = OBJECTIVE) -> pd.DataFrame:
+    """The diagnostics rows of one curve objective."""
+    steps = job.table("diag_steps", columns=columns, needed_for=needed_for, arms=arms)
+    rows = steps[steps["objective"] == objective]
+    if rows.empty:
+        raise JobError(
+            f"{needed_for} needs diagnostics of objective {objective!r} in {job.path}; the diag_steps.csv files "
+            f"only have {sorted(steps['objective'].unique())}"
+        )
+    return rows
+
+
+def checkpoints(steps) -> list[tuple[str, int]]:
+    """An early, a middle and a late step out of the measured ``steps`` (fewer when fewer were measured)."""
+    measured = sorted(set(int(s) for s in steps))
+    picked = {"early": measured[0], "middle": measured[len(measured) // 2], "late": measured[-1]}
+    seen, out = set(), []
+    for name, step in picked.items():
+        if step not in seen:
+            seen.add(step)
+            out.append((name, step))
+    return out
+
+
+def proxy_name(label: str) -> str:
+    """``shadow_paper`` and a primary ``occ-paper`` both read ``paper``."""
+    return label.removeprefix(SHADOW_PREFIX).removeprefix("occ-")
+
+
+def tracking_frame(job: Job, needed_for: str = "OCC tracking") -> pd.DataFrame:
+    """lambda_t of every OCC reading next to the measured lambda*_t, one row per
+    (occ arm, seed, step, proxy): columns ``arm, seed, step, proxy, lambda_t,
+    lambda_plus`` and ``STAR_COLUMNS`` (NaN on steps without diagnostics).
+
+    lambda_t is the step's mean over mini-batches (metrics.csv); lambda*_t is measured
+    on the whole step batch before the update. The arm's own ``lambda_0`` is named
+    after its calibrator; shadows after their label. Where an arm logs a shadow of its
+    own reading, its own column is kept.
+    """
+    arms = job.arms_of("occ")
+    metrics = job.table("metrics", columns=("lambda_0",), needed_for=needed_for, arms=arms)
+    diag = diag_steps(job, needed_for, columns=STAR_COLUMNS, arms=arms)
+    frames = []
+    for arm in arms:
+        rows = metrics[metrics["arm"] == arm.label]
+        sources = {proxy_name(arm.calibrator or arm.label): ("lambda_0", "calib_lambda_plus")}
+        for column in rows.columns:
+            match = SHADOW_COLUMN.match(column)
+            if match and rows[column].notna().any():
+                label = match["label"]
+                sources.setdefault(proxy_name(label), (column, f"calib_{label}_lambda_plus"))
+        for proxy, (column, plus) in sources.items():
+            frames.append(pd.DataFrame({
+                "arm": arm.label, "seed": rows["seed"], "step": rows["step"], "proxy": proxy,
+                "lambda_t": rows[column], "lambda_plus": rows[plus] if plus in rows else np.nan,
+            }))
+    tracked = pd.concat(frames, ignore_index=True).dropna(subset=["lambda_t"])
+    return tracked.merge(diag[["arm", "seed", "step", *STAR_COLUMNS]], on=["arm", "seed", "step"], how="left")
+
+
+def final_values(job: Job, column: str, needed_for: str = "the final table") -> pd.DataFrame:
+    """The last finite ``column`` of every run: ``arm, seed, step, value``."""
+    metrics = job.table("metrics", columns=(column,), needed_for=needed_for)
+    rows = metrics[np.isfinite(pd.to_numeric(metrics[column], errors="coerce"))]
+    last = rows.sort_values("step").groupby(["arm", "seed"], sort=False).tail(1)
+    return last[["arm", "seed", "step", column]].rename(columns={column: "value"}).reset_index(drop=True)

@@ -1,0 +1,403 @@
+"""Figures F1-F6 of a job. Each function reads the job's CSVs, plots, saves
+``<out_dir>/<name>.{png,pdf}`` and writes the numbers it plotted to
+``<out_dir>/<name>_data.csv`` (so every point traces to CSV rows), and returns
+the three paths. Missing inputs raise :class:`~mtpdiag.report.load.JobError`;
+a job that legitimately lacks an arm (no occ arm for F3) gets a figure that says so.
+"""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+
+from ..occ_analysis import correlation_ci
+from ..probe import ProbeRecord
+from . import stats, style
+from .data import OBJECTIVE, STAR_COLUMNS, checkpoints, diag_steps, tracking_frame
+from .load import Job, JobError
+from .stats import loglog_slope, seed_bands
+
+NAMES = {
+    "F1": "F1_concave_curves",
+    "F2": "F2_decomposition",
+    "F3": "F3_occ_tracking",
+    "F4": "F4_taylor_residual",
+    "F5": "F5_performance",
+    "F6": "F6_per_block",
+}
+DELTA_UNITS = {"j_batch": "ΔJ_batch (surrogate, advantage units)", "j_true": "ΔJ_true (probability)"}
+EXPECTED_ETA_SLOPE = 3  # the Taylor remainder is O(eta^3) (THEORY.md s.2)
+
+
+def _finish(fig, out_dir, name: str, data: pd.DataFrame) -> list[Path]:
+    out_dir = Path(out_dir)
+    paths = style.save(fig, out_dir, name)
+    data_path = out_dir / f"{name}_data.csv"
+    data.to_csv(data_path, index=False)
+    return [*paths, data_path]
+
+
+def _representatives(job: Job, arms) -> list:
+    """``arms`` (labels) if given, else the first arm of each regime in job order."""
+    if arms:
+        return [job.arm(label) for label in arms]
+    seen, chosen = set(), []
+    for arm in job.arms:
+        if arm.regime not in seen:
+            seen.add(arm.regime)
+            chosen.append(arm)
+    return chosen
+
+
+def _none_as_nan(row: pd.Series) -> SimpleNamespace:
+    """A CSV row as the attributes ProbeRecord's formulas read (NaN cells become None)."""
+    return SimpleNamespace(**{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()})
+
+
+# ----------------------------------------------------------------------------- F1
+
+
+def concave_curves(job: Job, out_dir, arms=None, objective: str = OBJECTIVE) -> list[Path]:
+    """F1: Delta(lambda) at an early, a middle and a late measured step, one row per
+    arm (default: one arm per regime), first seed with measurements: the measured
+    points, their quadratic fit, the Taylor parabola, the L-smooth parabola, the
+    lambda* markers and the harm threshold 2 lambda*_taylor."""
+    needed = "F1 (concave curves)"
+    chosen = _representatives(job, arms)
+    steps = diag_steps(job, needed, columns=("a", "b", "c", "v2", "L", "harm_threshold", *STAR_COLUMNS,
+                                             "lambda_star_smooth", "fit_a2", "fit_a1", "fit_a0", "fit_r2", "note"),
+                       arms=chosen, objective=objective)
+    curves = job.table("diag_curves", columns=("delta_taylor", "delta_smooth"), needed_for=needed, arms=chosen)
+    curves = curves[(curves["objective"] == objective) & (curves["kind"] == "sgd")]
+    if curves.empty:
+        raise JobError(f"{needed}: no measured SGD curve of objective {objective!r} in {job.path}")
+    n_cols = max(len(checkpoints(group["step"])) for _, group in steps.groupby("arm"))
+    colors = style.arm_colors(job.arms)
+    used = []
+    with style.styled():
+        fig, axes = style.new_figure(len(chosen), n_cols)
+        for row, arm in enumerate(chosen):
+            of_arm = steps[steps["arm"] == arm.label]
+            if of_arm.empty:
+                for ax in axes[row]:
+                    style.note(ax, f"{arm.label}: no diagnostics rows for objective {objective!r}")
+                continue
+            seed = next(s for s in job.seeds if (of_arm["seed"] == s).any())
+            run = of_arm[of_arm["seed"] == seed]
+            picks = checkpoints(run["step"])
+            for col in range(n_cols):
+                ax = axes[row, col]
+                if col >= len(picks):
+                    style.note(ax, f"{arm.label}: only {len(picks)} measured step(s)")
+                    continue
+                position, step = picks[col]
+                record = run[run["step"] == step].iloc[0]
+                points = curves[(curves["arm"] == arm.label) & (curves["seed"] == seed) & (curves["step"] == step)]
+                title = f"{arm.label}, seed {seed}: {position} (step {step})"
+                ax.set_xlabel(style.LAMBDA_LABEL)
+                ax.set_ylabel(DELTA_UNITS.get(objective, f"Δ {objective}"))
+                if points.empty:
+                    ax.set_title(title)
+                    style.note(ax, f"no curve measured at this step: {record['note']}")
+                    continue
+                used.append(points.assign(**record[["a", "b", "L", "fit_r2", "harm_threshold", "lambda_star_smooth",
+                                                    *STAR_COLUMNS]].to_dict()))
+                ax.set_title(f"{title}\n{_curve_panel(ax, points, record, colors[arm.label])}", fontsize=7)
+        _figure_legend(fig, axes, loc="outside lower center", ncols=4)
+        fig.suptitle(f"F1: Δ(λ) = J(θ + η(g + λm)) − J(θ + ηg), objective {objective}")
+        if not used:
+            raise JobError(f"{needed}: none of the chosen arms {[a.label for a in chosen]} has a measured curve")
+        return _finish(fig, out_dir, NAMES["F1"], pd.concat(used, ignore_index=True))
+
+
+def _curve_panel(ax, points: pd.DataFrame, record: pd.Series, color) -> str:
+    """Draw one curve; returns the panel's numbers (R², L, the lambda*) for its title."""
+    lam = np.linspace(points["lambda"].min(), points["lambda"].max(), 200)
+    params = _none_as_nan(record)
+    ax.axhline(0, color="0.5", linewidth=0.8)
+    ax.plot(points["lambda"], points["delta_meas"], "o", color=color, label="measured Δ(λ)", zorder=3)
+    numbers = []
+    if np.isfinite(record["fit_a2"]):
+        ax.plot(lam, np.polyval(record[["fit_a2", "fit_a1", "fit_a0"]].astype(float), lam), color=color, linewidth=0.8,
+                label="quadratic fit of the measured points")
+        numbers.append(f"R² {record['fit_r2']:.3f}")
+    shown = [points["delta_meas"].to_numpy()]
+    if params.a is not None:
+        taylor = ProbeRecord.taylor_delta(params, lam)
+        ax.plot(lam, taylor, "--", color="black", label="Taylor a λ − b λ²")
+        shown.append(taylor)
+    if params.L is not None:
+        ax.plot(lam, ProbeRecord.smooth_delta(params, lam), ":", color="tab:orange", label="L-smooth expression")
+        numbers.append(f"L {params.L:.3g}")
+    else:
+        numbers.append("L not measured")
+    for column, line, label in STAR_MARKERS:
+        if np.isfinite(record[column]):
+            numbers.append(f"{label} {record[column]:.3g}")
+            if lam[0] <= record[column] <= lam[-1]:
+                ax.axvline(record[column], linestyle=line, color="0.3", linewidth=0.9, label=label)
+    if np.isfinite(record["harm_threshold"]):
+        # a concave Taylor quadratic is below 0, i.e. worse than detaching, for lambda > max(0, 2 lambda*)
+        harmful = max(0.0, record["harm_threshold"])
+        if harmful < lam[-1]:
+            ax.axvspan(harmful, lam[-1], color="tab:red", alpha=0.1, label="λ > max(0, 2λ*): worse than detach")
+        numbers.append(f"2λ* {record['harm_threshold']:.3g}")
+    values = np.concatenate(shown)
+    span = values.max() - values.min() or abs(values.max()) or 1.0
+    ax.set_ylim(values.min() - 0.15 * span, values.max() + 0.15 * span)  # the L-smooth bound may run far below
+    return textwrap.fill(", ".join(numbers), TITLE_WIDTH)
+
+
+TITLE_WIDTH = 60  # characters per line of a panel's numbers
+STAR_MARKERS = (("lambda_star_taylor", "--", "λ*_Taylor"), ("lambda_star_meas_search", "-", "λ*_meas"),
+                ("lambda_star_smooth", ":", "λ*_smooth"))
+
+
+def _figure_legend(fig, axes, **options) -> None:
+    """One legend for the whole figure: every distinct label of its panels."""
+    handles = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), **options)
+
+
+# ----------------------------------------------------------------------------- F2
+
+
+DECOMPOSITION = (  # column, axis label, symlog axis, possible values
+    ("c", "c = ⟨g, m⟩ (J·L_MTP / θ²)", False, (-np.inf, np.inf)),
+    ("cos", "cos(g, m) (dimensionless)", False, (-1.0, 1.0)),
+    ("v2", "v² = |m|² (L_MTP² / θ²)", True, (0.0, np.inf)),
+    ("neg_h_mm", "−h_mm = −mᵀHm (J·L_MTP² / θ⁴)", True, (-np.inf, np.inf)),
+)
+
+
+def decomposition(job: Job, out_dir, objective: str = OBJECTIVE) -> list[Path]:
+    """F2: c, cos, v^2 and -h_mm over training, one line per arm (seed mean, 95% band)."""
+    steps = diag_steps(job, "F2 (decomposition)", columns=("c", "cos", "v2", "h_mm"), objective=objective)
+    steps = steps.assign(neg_h_mm=-pd.to_numeric(steps["h_mm"], errors="coerce"))
+    colors = style.arm_colors(job.arms)
+    plotted = []
+    with style.styled():
+        fig, axes = style.new_figure(2, 2)
+        for ax, (column, label, log, bounds) in zip(axes.flat, DECOMPOSITION, strict=True):
+            for arm in job.arms:
+                summary = seed_bands(steps[steps["arm"] == arm.label], column)
+                if summary.empty:
+                    continue
+                style.band(ax, summary, "step", arm.label, colors[arm.label], bounds)
+                plotted.append(summary.assign(quantity=column))
+            if log:
+                style.symlog_scale(ax, steps[column])
+            ax.axhline(0, color="0.5", linewidth=0.8)
+            ax.set_xlabel(style.STEP_LABEL)
+            ax.set_ylabel(label)
+        if not plotted:
+            raise JobError(f"F2 (decomposition): c, cos, v2 and h_mm of objective {objective!r} are all empty "
+                           f"in {job.path}")
+        handles, labels = axes[0, 0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside right center")
+        fig.suptitle(f"F2: per-step decomposition on the shared parameters, objective {objective} "
+                     "(mean over seeds, 95% t-band)")
+        return _finish(fig, out_dir, NAMES["F2"], pd.concat(plotted, ignore_index=True))
+
+
+# ----------------------------------------------------------------------------- F3
+
+STAR_LINES = (("lambda_star_taylor", "-", "λ*_Taylor"), ("lambda_star_meas_search", ":", "λ*_meas"))
+
+
+def occ_tracking(job: Job, out_dir) -> list[Path]:
+    """F3: per occ arm, lambda*_t (Taylor and measured) and each OCC reading's
+    lambda_t over training (seed mean, 95% band), and the scatter of lambda_t
+    against lambda*_taylor with Spearman rho and its bootstrap CI."""
+    arms = job.arms_of("occ")
+    with style.styled():
+        if not arms:
+            fig, axes = style.new_figure(1, 1)
+            style.note(axes[0, 0], f"no occ arm in this job (arms: {[a.label for a in job.arms]}):\nnothing to track")
+            empty = pd.DataFrame(columns=["arm", "seed", "step", "proxy", "lambda_t"])
+            return _finish(fig, out_dir, NAMES["F3"], empty)
+        frame = tracking_frame(job, "F3 (OCC tracking)")
+        proxies = list(pd.unique(frame["proxy"]))
+        proxy_colors = {p: f"C{i}" for i, p in enumerate(proxies)}
+        fig, axes = style.new_figure(len(arms), 2)
+        for row, arm in enumerate(arms):
+            of_arm = frame[frame["arm"] == arm.label]
+            series, scatter = axes[row]
+            series.set_title(f"{arm.label}: λ_t and λ*_t over training")
+            scatter.set_title(f"{arm.label}: λ_t against λ*_Taylor (pooled seeds)")
+            stars = of_arm.drop_duplicates(["seed", "step"])
+            if stars["lambda_star_taylor"].notna().sum() == 0:
+                style.note(series, "no step with a measured λ*_Taylor\n(no concave direction or no diagnostics)")
+                style.note(scatter, "nothing to compare")
+                continue
+            for column, line, label in STAR_LINES:
+                summary = seed_bands(stars, column, by=("step",))
+                if not summary.empty:
+                    style.band(series, summary, "step", label, "black", linestyle=line)
+            for proxy in proxies:
+                rows = of_arm[of_arm["proxy"] == proxy]
+                if rows.empty:
+                    continue
+                color = proxy_colors[proxy]
+                style.band(series, seed_bands(rows, "lambda_t", by=("step",)), "step", f"λ_t {proxy}", color)
+                paired = rows.dropna(subset=["lambda_star_taylor"])
+                rho = correlation_ci(paired["lambda_t"].to_numpy(float), paired["lambda_star_taylor"].to_numpy(float),
+                                     "spearman", stats.N_RESAMPLES, stats.CONFIDENCE, stats.SEED)
+                scatter.plot(paired["lambda_t"], paired["lambda_star_taylor"], "o", color=color, alpha=0.7,
+                             label=f"{proxy}: ρ = {rho['spearman']:.2f} [{rho['spearman_lo']:.2f}, "
+                                   f"{rho['spearman_hi']:.2f}], n = {len(paired)}")
+            style.symlog_scale(series, pd.concat([of_arm["lambda_t"], stars["lambda_star_taylor"]]))
+            style.symlog_scale(scatter, of_arm["lambda_t"], axis="x")
+            style.symlog_scale(scatter, stars["lambda_star_taylor"])
+            series.set_xlabel(style.STEP_LABEL)
+            series.set_ylabel("λ (dimensionless, symlog)")
+            series.legend(loc="best")
+            scatter.set_xlabel("λ_t of the OCC reading (dimensionless)")
+            scatter.set_ylabel("λ*_Taylor at that step (dimensionless)")
+            scatter.legend(loc="best")
+        fig.suptitle("F3: OCC λ_t (mean over the step's mini-batches) against λ*_t "
+                     "(whole step batch, before the update)")
+        return _finish(fig, out_dir, NAMES["F3"], frame)
+
+
+# ----------------------------------------------------------------------------- F4
+
+SWEEP_SERIES = ["arm", "seed", "step", "lambda"]
+
+
+def taylor_residual(job: Job, out_dir) -> list[Path]:
+    """F4: |Delta_meas - Delta_taylor| against eta (log-log), one thin line per
+    (arm, seed, step, lambda), the fitted common slope with its cluster-bootstrap
+    CI, and a slope-3 reference."""
+    sweep = job.eta_sweep("F4 (Taylor residual)")
+    fit = loglog_slope(sweep, "eta", "residual", SWEEP_SERIES)
+    if fit["n_series"] == 0:
+        raise JobError(
+            f"F4 (Taylor residual): {job.path / 'eta_sweep.csv'} has no series with positive residuals at 2+ etas "
+            f"({len(sweep)} rows, {fit['n_dropped']} with residual <= 0 or not finite)"
+        )
+    colors = style.arm_colors(job.arms)
+    used = sweep[(sweep["eta"] > 0) & (sweep["residual"] > 0)]
+    with style.styled():
+        fig, axes = style.new_figure(1, 1, panel=(5.5, 4.2))
+        ax = axes[0, 0]
+        labelled = set()
+        for key, series in used.groupby(SWEEP_SERIES, sort=True):
+            arm = key[0]
+            ax.plot(series["eta"], series["residual"], "-o", markersize=2, linewidth=0.6, alpha=0.5,
+                    color=colors.get(arm, "0.5"), label=None if arm in labelled else arm)
+            labelled.add(arm)
+        eta = np.geomspace(used["eta"].min(), used["eta"].max(), 50)
+        ci = f"[{fit['low']:.2f}, {fit['high']:.2f}]" if np.isfinite(fit["low"]) else "(no CI: < 3 series)"
+        ax.plot(eta, np.exp(fit["intercept"]) * eta ** fit["slope"], color="black", linewidth=2,
+                label=f"fit: slope {fit['slope']:.2f} {ci}")
+        centre = np.exp(np.log(eta).mean())
+        ax.plot(eta, np.exp(fit["intercept"]) * centre ** fit["slope"] * (eta / centre) ** EXPECTED_ETA_SLOPE, "--",
+                color="tab:red", label=f"slope {EXPECTED_ETA_SLOPE} (Taylor remainder O(η³))")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("step size η (learning rate)")
+        ax.set_ylabel("|Δ_meas − Δ_Taylor| (J units)")
+        ax.legend(loc="best")
+        ax.set_title(f"F4: Taylor residual, {fit['n_series']} series, {fit['n_points']} points "
+                     f"({fit['n_dropped']} with zero residual left out)")
+        return _finish(fig, out_dir, NAMES["F4"], used.assign(fitted_slope=fit["slope"], slope_low=fit["low"],
+                                                               slope_high=fit["high"]))
+
+
+# ----------------------------------------------------------------------------- F5
+
+PERFORMANCE = (
+    ("j_true", "exact J_true = mean π(y*|x) (probability)"),
+    ("pass1", "sampled pass@1 (fraction correct)"),
+)
+PROBABILITY = (0.0, 1.0)
+
+
+def performance(job: Job, out_dir) -> list[Path]:
+    """F5: exact J_true and sampled pass@1 on the held-out prompts against step,
+    one line per arm (seed mean, 95% t-band)."""
+    metrics = job.table("metrics", needed_for="F5 (performance)")
+    colors = style.arm_colors(job.arms)
+    plotted = []
+    with style.styled():
+        fig, axes = style.new_figure(1, 2)
+        for ax, (column, label) in zip(axes.flat, PERFORMANCE, strict=True):
+            for arm in job.arms:
+                summary = seed_bands(metrics[metrics["arm"] == arm.label], column)
+                if summary.empty:
+                    raise JobError(f"F5 (performance): arm {arm.label} has no {column} value in its metrics.csv files")
+                style.band(ax, summary, "step", arm.label, colors[arm.label], PROBABILITY, marker="o", markersize=3)
+                plotted.append(summary.assign(quantity=column))
+            ax.set_xlabel(style.STEP_LABEL)
+            ax.set_ylabel(label)
+        handles, labels = axes[0, 0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside right center")
+        fig.suptitle(f"F5: held-out performance ({len(job.seeds)} seed(s); mean, 95% t-band over seeds)")
+        return _finish(fig, out_dir, NAMES["F5"], pd.concat(plotted, ignore_index=True))
+
+
+# ----------------------------------------------------------------------------- F6
+
+BLOCK_QUANTITIES = (
+    ("c", "c_block = ⟨g_b, m_b⟩ (J·L_MTP / θ²)", (-np.inf, np.inf)),
+    ("v2", "v²_block = |m_b|² (L_MTP² / θ²)", (0.0, np.inf)),
+)
+
+
+def per_block(job: Job, out_dir, objective: str = OBJECTIVE) -> list[Path]:
+    """F6: c and v^2 per parameter block over training, one row per policy arm
+    (seed mean, 95% band)."""
+    arms = job.arms_of("policy")
+    with style.styled():
+        if not arms:
+            fig, axes = style.new_figure(1, 1)
+            style.note(axes[0, 0], f"no policy arm in this job (arms: {[a.label for a in job.arms]})")
+            return _finish(fig, out_dir, NAMES["F6"], pd.DataFrame(columns=["arm", "block", "step"]))
+        blocks = job.table("diag_blocks", needed_for="F6 (per-block c and v²)", arms=arms)
+        blocks = blocks[blocks["objective"] == objective]
+        if blocks.empty:
+            raise JobError(f"F6 (per-block c and v²): no per-block rows of objective {objective!r} "
+                           f"for {[a.label for a in arms]}")
+        names = list(pd.unique(blocks["block"]))
+        palette = {name: style.mpl.colormaps["viridis"](i / max(len(names) - 1, 1)) for i, name in enumerate(names)}
+        fig, axes = style.new_figure(len(arms), 2)
+        plotted = []
+        for row, arm in enumerate(arms):
+            of_arm = blocks[blocks["arm"] == arm.label]
+            for ax, (column, label, bounds) in zip(axes[row], BLOCK_QUANTITIES, strict=True):
+                ax.set_title(f"{arm.label}: {column} per block")
+                if of_arm.empty:
+                    style.note(ax, f"{arm.label}: no per-block rows")
+                    continue
+                for name in names:
+                    summary = seed_bands(of_arm[of_arm["block"] == name], column, by=("step",))
+                    if not summary.empty:
+                        style.band(ax, summary, "step", name, palette[name], bounds)
+                        plotted.append(summary.assign(arm=arm.label, block=name, quantity=column))
+                if column == "v2":
+                    style.symlog_scale(ax, of_arm[column])
+                ax.axhline(0, color="0.5", linewidth=0.8)
+                ax.set_xlabel(style.STEP_LABEL)
+                ax.set_ylabel(label)
+                ax.legend(loc="best", ncols=2)
+        fig.suptitle(f"F6: where the MTP gradient meets the RL gradient, per parameter block "
+                     f"(policy regime, {objective})")
+        return _finish(fig, out_dir, NAMES["F6"], pd.concat(plotted, ignore_index=True))
+
+
+FIGURES = {
+    "F1": concave_curves,
+    "F2": decomposition,
+    "F3": occ_tracking,
+    "F4": taylor_residual,
+    "F5": performance,
+    "F6": per_block,
+}
