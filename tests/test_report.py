@@ -222,6 +222,14 @@ def test_load_job_names_what_is_missing(micro_job, tmp_path):
         load_job(job)
 
 
+def test_unfinished_runs_are_named_in_the_claims_report(micro_job, tmp_path):
+    job = copy_job(micro_job, tmp_path / "job")
+    (job / "runs" / "ce-0.5" / "seed0" / ".incomplete").touch()
+    claims.write_claims(load_job(job), tmp_path)
+    assert "**Incomplete**" in (tmp_path / "claims.md").read_text()
+    assert "runs/ce-0.5/seed0" in (tmp_path / "claims.md").read_text()
+
+
 def test_load_job_rejects_other_versions_and_foreign_files(micro_job, tmp_path):
     job = copy_job(micro_job, tmp_path / "job")
     job_json(job, ARMS, version="9.3.0")
@@ -278,7 +286,8 @@ def test_a_job_without_occ_or_policy_arms_says_so(micro_job, tmp_path):
 
 
 def test_interval_rules():
-    assert at_least(0.95, 0.99, 0.9) == HOLDS and at_least(0.5, 0.8, 0.9) == FAILS and at_least(0.8, 0.95, 0.9) == INCONCLUSIVE
+    assert at_least(0.95, 0.99, 0.9) == HOLDS and at_least(0.5, 0.8, 0.9) == FAILS
+    assert at_least(0.8, 0.95, 0.9) == INCONCLUSIVE
     assert at_most(-0.5, -0.1, 0) == HOLDS and at_most(0.1, 0.5, 0) == FAILS and at_most(-0.1, 0.1, 0) == INCONCLUSIVE
     assert within(2.8, 3.2, 2.5, 3.5) == HOLDS and within(1.5, 2.0, 2.5, 3.5) == FAILS
     assert within(2.0, 3.0, 2.5, 3.5) == INCONCLUSIVE and at_least(np.nan, np.nan, 0) == INCONCLUSIVE
@@ -287,18 +296,18 @@ def test_interval_rules():
     assert combine(parts[:1]) == HOLDS and combine([]) == INCONCLUSIVE
 
 
-STEP_COLUMNS = list(ProbeRecord(lr=1e-3, dtype="float64", hvp_mode="fwd_rev", n_shared=1, n_shared_tensors=1,
-                                objective_value=0.0, c=0.0, g_norm=1.0, m_norm=1.0, v2=1.0, cos=0.0).as_row())
-CURVE_COLUMNS = ["step", "objective", *ProbeRecord(
-    lr=1e-3, dtype="float64", hvp_mode="fwd_rev", n_shared=1, n_shared_tensors=1, objective_value=0.0, c=0.0, g_norm=1.0,
-    m_norm=1.0, v2=1.0, cos=0.0, curves=[Curve("sgd", np.zeros(1), np.zeros(1), np.zeros(3), None, None, None, 1)],
-).curve_rows()[0]]
+RECORD = dict(lr=1e-3, dtype="float64", hvp_mode="fwd_rev", n_shared=1, n_shared_tensors=1, objective_value=0.0,
+              c=0.0, g_norm=1.0, m_norm=1.0, v2=1.0, cos=0.0)
+STEP_COLUMNS = list(ProbeRecord(**RECORD).as_row())
+CURVE = Curve("sgd", np.zeros(1), np.zeros(1), np.zeros(3), None, None, None, 1)
+CURVE_COLUMNS = ["step", "objective", *ProbeRecord(**RECORD, curves=[CURVE]).curve_rows()[0]]
 
 
-def hand_built_job(root: Path, arms, seeds, diag=None, final_j_true=None, curves=None, sweep=None, metrics=None) -> Path:
-    """A job directory written from hand-built rows, with the trainer's and the Probe's
-    column names. ``diag(arm, seed)`` gives diag_steps rows (step + overrides);
-    ``final_j_true(arm, seed)`` the J_true after the last step."""
+def hand_built_job(root: Path, arms, seeds, diag=None, final_j_true=None, curves=None, sweep=None, metrics=None):
+    """Write a job directory from hand-built rows, with the trainer's and the Probe's
+    column names, and load it. ``diag(arm, seed)`` gives diag_steps rows (step +
+    overrides), ``curves(arm, seed)`` diag_curves rows, ``metrics(arm, seed)`` the
+    metrics rows, or ``final_j_true(arm, seed)`` the J_true after the last step."""
     root.mkdir()
     job_json(root, arms, seeds)
     for arm in arms:
@@ -316,7 +325,8 @@ def hand_built_job(root: Path, arms, seeds, diag=None, final_j_true=None, curves
                                       for row in diag(arm["label"], seed)])
                 frame.to_csv(run / "diag_steps.csv", index=False)
             if curves:
-                pd.DataFrame(curves(arm["label"], seed), columns=CURVE_COLUMNS).to_csv(run / "diag_curves.csv", index=False)
+                frame = pd.DataFrame(curves(arm["label"], seed), columns=CURVE_COLUMNS)
+                frame.to_csv(run / "diag_curves.csv", index=False)
     if sweep is not None:
         sweep.to_csv(root / "eta_sweep.csv", index=False)
     return load_job(root)
@@ -341,7 +351,8 @@ def test_c3_ce_correlation_at_zero(tmp_path, c_offset, n_steps, expected):
     assert claims.claim_c3(job).verdict == expected
 
 
-@pytest.mark.parametrize("v2_late, c_slope, expected", [(1.0, -1.0, HOLDS), (0.01, -1.0, FAILS), (1.0, 0.0, INCONCLUSIVE)])
+@pytest.mark.parametrize("v2_late, c_slope, expected", [
+    (1.0, -1.0, HOLDS), (0.01, -1.0, FAILS), (1.0, 0.0, INCONCLUSIVE)])
 def test_c4_policy_correlation_decays_and_penalty_persists(tmp_path, v2_late, c_slope, expected):
     noise = np.random.default_rng(1).normal(0, 0.01, 12)
     job = hand_built_job(tmp_path / "j", POLICY, (0, 1), diag=lambda arm, seed: [
@@ -355,8 +366,10 @@ def test_c4_policy_correlation_decays_and_penalty_persists(tmp_path, v2_late, c_
 @pytest.mark.parametrize("gain, seeds, expected", [(0.1, (0, 1, 2, 3), HOLDS), (-0.1, (0, 1, 2, 3), FAILS),
                                                    (0.1, (0, 1), INCONCLUSIVE)])
 def test_c6_occ_against_detach(tmp_path, gain, seeds, expected):
-    job = hand_built_job(tmp_path / "j", DETACH + OCC, seeds,
-                         final_j_true=lambda arm, seed: 0.5 + 0.01 * seed + (gain + 0.001 * seed if arm == "occ-paper" else 0))
+    def final_j_true(arm, seed):
+        return 0.5 + 0.01 * seed + (gain + 0.001 * seed if arm == "occ-paper" else 0)
+
+    job = hand_built_job(tmp_path / "j", DETACH + OCC, seeds, final_j_true=final_j_true)
     assert claims.claim_c6(job).verdict == expected
 
 

@@ -74,7 +74,9 @@ C5_PROXY = "paper"  # the reading the verdict is about: the paper's formula (THE
 C5_MIN_STEPS = threshold("C5_MIN_STEPS", 5, "steps with both λ_t (paper reading) and λ*_Taylor needed")
 C5_MIN_RHO = threshold("C5_MIN_RHO", 0.5, "Spearman ρ(λ_t of the paper reading, λ*_Taylor) for 'tracks'")
 C6_MIN_SEEDS = threshold("C6_MIN_SEEDS", 3, "seeds both OCC paper and Detach need")
-C6_MIN_GAIN = threshold("C6_MIN_GAIN", 0.0, "the CI of the paired final J_true difference OCC paper − Detach lies above this")
+C6_MIN_GAIN = threshold(
+    "C6_MIN_GAIN", 0.0, "the CI of the paired final J_true difference OCC paper − Detach lies above this"
+)
 
 
 STATEMENTS = {
@@ -396,8 +398,8 @@ def _markdown(job: Job, table: pd.DataFrame, details: dict, skipped: dict[str, s
     arms = [a.label for a in job.arms]
     lines = [f"# Claims report: {job.name}", "",
              f"Job `{job.path}` ({job.kind}), mtpdiag {job.version}; arms {arms}; seeds {job.seeds}."]
-    if job.incomplete or job.incomplete_runs:
-        lines.append(f"\n**Incomplete**: the job is still running or was stopped; unfinished runs: "
+    if job.incomplete_runs:
+        lines.append(f"\n**Incomplete**: these runs have not finished (still running, or stopped): "
                      f"{job.incomplete_runs}.")
     lines += ["", __doc__.split("\n\n", 1)[1].strip(), ""]
     shown = pd.DataFrame({

@@ -57,7 +57,6 @@ class Job:
     seeds: list[int]
     runs: dict[tuple[str, int], Path]
     version: str
-    incomplete: bool = False
     incomplete_runs: list[str] = field(default_factory=list)
     _cache: dict = field(default_factory=dict, repr=False)
 
@@ -185,8 +184,8 @@ def _load_job_dir(root: Path) -> Job:
         version = json.loads((run / "config.json").read_text()).get("versions", {}).get("mtpdiag")
         if version is not None and not _compatible(version):
             raise _version_error(run, version)
+    # the job's own .incomplete marker stays until its report is written, so only unfinished runs count
     job = Job(root, "job", preset["name"], arms, seeds, runs, spec["mtpdiag_version"],
-              incomplete=(root / INCOMPLETE).exists(),
               incomplete_runs=[str(d.relative_to(root)) for d in runs.values() if (d / INCOMPLETE).exists()])
     job.table("metrics", needed_for=f"the job {root}")  # every run has the columns every report reads
     return job
@@ -201,15 +200,13 @@ def _load_run_dir(root: Path) -> Job:
         raise _version_error(root, version)
     cfg = saved["config"]
     regime, lam = cfg["regime"], cfg.get("lam")
-    calibrator = saved.get("calibrator")
-    if calibrator is not None:
-        calibrator = calibrator.split("+shadows(")[0]  # WithShadows names itself "<primary>+shadows(...)"
+    # the calibrator's name in TrainConfig, else the one it gave itself (WithShadows: "<primary>+shadows(...)")
+    calibrator = cfg.get("calibrator") or (saved.get("calibrator") or "").split("+shadows(")[0] or None
     fixed = f"{regime}-{DEFAULT_LAMBDA if lam is None else lam:g}"  # the label `mtpdiag run` gives a ce/policy arm
     label = {"detach": "detach", "occ": calibrator or "occ"}.get(regime, fixed)
     arm = ArmSpec(label, regime, lam, calibrator)
     seed = int(cfg.get("seed", 0))
     job = Job(root, "run", root.name, [arm], [seed], {(label, seed): root}, version,
-              incomplete=(root / INCOMPLETE).exists(),
               incomplete_runs=["."] if (root / INCOMPLETE).exists() else [])
     job.table("metrics", needed_for=f"the run {root}")
     return job

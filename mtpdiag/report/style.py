@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FixedLocator
 
 DPI = 150
 FORMATS = ("png", "pdf")
@@ -38,6 +39,7 @@ RC = {
 FAMILIES = {"detach": "Greys", "ce": "Reds", "policy": "Blues", "occ": "Greens", "oracle": "Purples"}
 BAND_ALPHA = 0.2
 NO_BAND = "1 seed, no band"
+MAX_SYMLOG_TICKS = 9
 NOTE_WIDTH = 45  # characters per line of a panel's note
 
 STEP_LABEL = "RL step"
@@ -109,11 +111,18 @@ def note(ax, text: str) -> None:
 
 def symlog_scale(ax, values, axis: str = "y") -> None:
     """A symmetric log axis whose linear part spans the smallest 10% of the non-zero
-    magnitudes (drawn two decades wide, so the labels around 0 do not collide):
-    signed quantities over decades stay readable."""
-    v = np.abs(np.asarray(values, dtype=float))
-    v = v[np.isfinite(v) & (v > 0)]
-    if v.size == 0:
+    magnitudes: signed quantities over decades stay readable. Ticks at 0 and at powers
+    of ten a few decades apart (at most ``MAX_SYMLOG_TICKS``), none crowding 0."""
+    x = np.asarray(values, dtype=float)
+    x = x[np.isfinite(x) & (x != 0)]
+    if x.size == 0:
         return
-    linthresh = float(np.percentile(v, 10))
-    (ax.set_yscale if axis == "y" else ax.set_xscale)("symlog", linthresh=linthresh, linscale=2)
+    magnitude = np.abs(x)
+    linthresh = float(np.percentile(magnitude, 10))
+    (ax.set_yscale if axis == "y" else ax.set_xscale)("symlog", linthresh=linthresh)
+    low, high = int(np.floor(np.log10(linthresh))) + 1, int(np.ceil(np.log10(magnitude.max())))
+    sides = int((x > 0).any()) + int((x < 0).any())
+    step = max(1, int(np.ceil(sides * (high - low + 1) / (MAX_SYMLOG_TICKS - 1))))
+    powers = 10.0 ** np.arange(high, low - 1, -step)
+    ticks = [0.0, *(powers if (x > 0).any() else []), *(-powers if (x < 0).any() else [])]
+    (ax.yaxis if axis == "y" else ax.xaxis).set_major_locator(FixedLocator(sorted(ticks)))
