@@ -243,16 +243,15 @@ def claim_c3(job: Job) -> ClaimResult:
     mean, low, high, n = bootstrap_ci(_numeric(rows, "c"))
     cos, cos_low, cos_high, _ = bootstrap_ci(_numeric(rows, "cos"))
     # c's scale changes from step to step, so cos (scale free) must agree: either excluding 0 refutes the claim
-    covers = low <= 0 <= high and cos_low <= 0 <= cos_high
-    if not covers:
-        zero = FAILS
-    else:  # covering 0 with a wide interval says nothing
-        zero = HOLDS if within(cos_low, cos_high, -C3_COS_MARGIN, C3_COS_MARGIN) == HOLDS else INCONCLUSIVE
+    c_covers, cos_covers = low <= 0 <= high, cos_low <= 0 <= cos_high
+    narrow = within(cos_low, cos_high, -C3_COS_MARGIN, C3_COS_MARGIN) == HOLDS
+    # covering 0 with a wide interval says nothing
+    zero = FAILS if not (c_covers and cos_covers) else HOLDS if narrow else INCONCLUSIVE
     concave = int((_numeric(rows, "h_mm") < 0).sum())
     frac, f_low, f_high = proportion_ci(concave, len(rows))
     parts = [
-        Part(f"mean c {_ci(mean, low, high)} and mean cos {_ci(cos, cos_low, cos_high)} both cover 0: {covers}; "
-             f"cos within ±{C3_COS_MARGIN}", zero),
+        Part(f"mean c {_ci(mean, low, high)} covers 0: {c_covers}; mean cos {_ci(cos, cos_low, cos_high)} covers 0: "
+             f"{cos_covers}, within ±{C3_COS_MARGIN}: {narrow}", zero),
         Part(f"h_mm < 0 on {concave}/{len(rows)} = {_ci(frac, f_low, f_high)} vs {C3_MIN_CONCAVE_FRACTION}",
              at_least(f_low, f_high, C3_MIN_CONCAVE_FRACTION)),
     ]
@@ -270,9 +269,10 @@ def crossing_steps(steps: pd.DataFrame, arms) -> pd.DataFrame:
         for seed, run in steps[steps["arm"] == arm.label].groupby("seed"):
             below = run[_numeric(run, "harm_threshold") < (1.0 if arm.lam is None else arm.lam)]
             rows.append({"arm": arm.label, "lambda": arm.lam, "seed": seed,
-                         "crossing_step": below["step"].min() if len(below) else np.nan,
+                         "crossing_step": below["step"].min() if len(below) else None,
                          "last_measured_step": run["step"].max()})
-    return pd.DataFrame(rows, columns=["arm", "lambda", "seed", "crossing_step", "last_measured_step"])
+    frame = pd.DataFrame(rows, columns=["arm", "lambda", "seed", "crossing_step", "last_measured_step"])
+    return frame.astype({"crossing_step": "Int64"})
 
 
 def claim_c4(job: Job) -> tuple[ClaimResult, pd.DataFrame]:
@@ -300,10 +300,13 @@ def claim_c4(job: Job) -> tuple[ClaimResult, pd.DataFrame]:
         ratio, low, high = ratio_of_means_ci(sign * _numeric(early, column), sign * _numeric(late, column))
         parts.append(Part(f"late/early mean {name} {_ci(ratio, low, high)} vs {C4_MIN_PERSIST_RATIO}",
                           at_least(low, high, C4_MIN_PERSIST_RATIO)))
-    summary = crossings.groupby("arm", sort=False)["crossing_step"].median()
-    crossing_text = ", ".join(f"{arm}: {'never' if np.isnan(s) else f'step {s:g}'}" for arm, s in summary.items())
+    crossing_text = ", ".join(
+        f"{arm}: {group.notna().sum()}/{len(group)} seeds"
+        + (f" (median step {group.median():g})" if group.notna().any() else "")
+        for arm, group in crossings.groupby("arm", sort=False)["crossing_step"]
+    )
     result = _result("C4", parts, rho["spearman"], rho["spearman_lo"], rho["spearman_hi"], len(rows),
-                     f"Spearman ρ(step, c) over policy steps; median step where 2λ*_t < λ: {crossing_text}")
+                     f"Spearman ρ(step, c) over policy steps; seeds where 2λ*_t falls below λ: {crossing_text}")
     return result, crossings
 
 
