@@ -112,6 +112,11 @@ def _arm_calibrator(arm: Arm, num_heads: int):
     return WithShadows(make_calibrator(arm.calibrator, num_heads), shadows)
 
 
+def _warm_start(cfg: TrainConfig, cache_dir: str | None, threads: int) -> None:
+    torch.set_num_threads(threads)
+    warm_start(cfg, build_task(cfg), cache_dir, progress=False)
+
+
 def run_unit(job_dir: str, preset: dict, arm: dict, seed: int, threads: int, cache_dir: str | None) -> str:
     """Train one (arm, seed) into ``<job>/runs/<arm>/seed<k>``, resuming it if it exists.
     Top level so a worker process can run it."""
@@ -152,9 +157,14 @@ def run_job(
     workers = workers or min(os.cpu_count() or 1, len(preset.arms) * len(preset.seeds))
     threads = max(1, (os.cpu_count() or 1) // workers)
     cache_dir = str(cache_dir) if cache_dir is not None else None
-    task = build_task(preset.base)
-    for seed in preset.seeds:  # one SFT per seed, before the workers, so none trains it twice
-        warm_start(replace(preset.base, seed=seed), task, cache_dir, progress=progress)
+    # one SFT per seed, before the runs, so no two runs train the same one
+    sft_configs = [replace(preset.base, seed=seed) for seed in preset.seeds]
+    if workers == 1:
+        for cfg in sft_configs:
+            _warm_start(cfg, cache_dir, threads)
+    else:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(_warm_start, sft_configs, [cache_dir] * len(sft_configs), [threads] * len(sft_configs)))
 
     units = [(arm, seed) for seed in preset.seeds for arm in preset.arms]
     todo = [(arm, seed) for arm, seed in units if not RunDir(unit_dir(job_dir, arm, seed)).is_complete()]

@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 from scipy.linalg import eigh
-from scipy.sparse.linalg import LinearOperator, eigsh
+from scipy.sparse.linalg import ArpackError, LinearOperator, eigsh
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .distributed import all_reduce_sum, all_reduce_tree
@@ -197,4 +197,12 @@ def top_curvature(hessian: HessianAt, tol: float = 1e-6, dense_below: int = 64) 
     operator = LinearOperator((n, n), matvec=minus_hv, dtype=np.float64)
     # a fixed start vector from a private generator: reproducible, and numpy's global RNG is left alone
     start = np.random.default_rng(0).standard_normal(n)
-    return float(eigsh(operator, k=1, which="LA", tol=tol, v0=start, return_eigenvectors=False)[0])
+    try:
+        return float(eigsh(operator, k=1, which="LA", tol=tol, v0=start, return_eigenvectors=False)[0])
+    except ArpackError:
+        # ARPACK stops ("starting vector is zero") when H maps its random start
+        # vector to 0, i.e. H = 0 (a batch whose advantages are all 0 has a flat
+        # objective); then every eigenvalue is 0
+        if not np.any(minus_hv(start)):
+            return 0.0
+        raise

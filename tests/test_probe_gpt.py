@@ -110,6 +110,14 @@ def test_shared_set_and_top_curvature_on_the_gpt():
     assert record.L == pytest.approx(top, rel=1e-6)
 
 
+def test_top_curvature_of_a_batch_with_zero_advantages_is_zero_not_an_arpack_error():
+    """All groups with uniform reward give zero advantages: J_batch is flat, H = 0."""
+    model = tiny_gpt("parallel")
+    batch = {**rl_batch(model), "advantages": torch.zeros(B, dtype=torch.float64)}
+    record = Probe(model, losses.rl_objective, losses.mtp_policy_loss).measure(batch, 0.1, top_curvature=True, line_search=False)
+    assert record.L == 0.0 and record.g_norm == 0.0
+
+
 @pytest.mark.parametrize("wiring", ["parallel", "sequential"])
 def test_taylor_residual_scales_like_eta_cubed(wiring):
     model = tiny_gpt(wiring)
