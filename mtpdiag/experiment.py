@@ -229,8 +229,9 @@ def eta_sweep_arm(preset: Preset) -> Arm:
 
 
 def eta_sweep(preset: Preset, job_dir: Path) -> pd.DataFrame:
-    """|Delta_meas - Delta_taylor| against eta on one rollout batch of a finished
-    run, in float64 so rounding stays far below the eta^3 residual (claim C1, F4).
+    """|Delta_meas - Delta_taylor| against eta, for the final model of every seed of
+    one arm on a fresh rollout batch, in float64 so rounding stays far below the
+    eta^3 residual (claim C1, F4).
 
     The etas span ``ETA_SWEEP_DECADES`` decades up to ``ETA_SWEEP_TOP / (|g| + |m|)``:
     a step along g + m that moves the parameters by 0.01 in norm. Longer steps
@@ -239,8 +240,15 @@ def eta_sweep(preset: Preset, job_dir: Path) -> pd.DataFrame:
     file = job_dir / "eta_sweep.csv"
     if file.exists():
         return pd.read_csv(file)
-    arm, seed = eta_sweep_arm(preset), preset.seeds[0]
-    run_dir = unit_dir(job_dir, arm, seed)
+    arm = eta_sweep_arm(preset)
+    frame = pd.DataFrame([row for seed in preset.seeds for row in _eta_sweep_rows(unit_dir(job_dir, arm, seed), preset)])
+    tmp = file.with_name(file.name + ".tmp")
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, file)
+    return frame
+
+
+def _eta_sweep_rows(run_dir: Path, preset: Preset) -> list[dict]:
     model, cfg, task = load_run(run_dir)
     model = model.to(torch.float64)
     cfg = replace(cfg, dtype="float64")
@@ -260,18 +268,16 @@ def eta_sweep(preset: Preset, job_dir: Path) -> pd.DataFrame:
     rows = []
     for eta in np.geomspace(eta_max * 10**-ETA_SWEEP_DECADES, eta_max, preset.eta_sweep_points):
         record = probe.measure(batch, float(eta), lambdas=ETA_SWEEP_LAMBDAS, gg_curvature=False)
-        for row in record.curve_rows():
-            if row["kind"] == "sgd":
-                rows.append({
-                    "arm": arm.label, "seed": seed, "step": step, "eta": float(eta), "lambda": row["lambda"],
-                    "delta_meas": row["delta_meas"], "delta_taylor": row["delta_taylor"],
-                    "residual": abs(row["delta_meas"] - row["delta_taylor"]),
-                })
-    frame = pd.DataFrame(rows)
-    tmp = file.with_name(file.name + ".tmp")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, file)
-    return frame
+        rows += [
+            {
+                "arm": run_dir.parent.name, "seed": cfg.seed, "step": step, "eta": float(eta), "lambda": row["lambda"],
+                "delta_meas": row["delta_meas"], "delta_taylor": row["delta_taylor"],
+                "residual": abs(row["delta_meas"] - row["delta_taylor"]),
+            }
+            for row in record.curve_rows()
+            if row["kind"] == "sgd"
+        ]
+    return rows
 
 
 # The theory is for an SGD step of size eta = lr, so the main job trains with SGD:

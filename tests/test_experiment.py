@@ -74,6 +74,6 @@ def test_eta_sweep_residual_shrinks_like_eta_cubed(resumed_job):
     job = resumed_job[0]
     sweep = pd.read_csv(job / "eta_sweep.csv")
     assert set(sweep["arm"]) == {"policy-0.5"}
-    for lam, rows in sweep.groupby("lambda"):
+    for (seed, lam), rows in sweep.groupby(["seed", "lambda"]):
         slope = np.polyfit(np.log(rows["eta"]), np.log(rows["residual"]), 1)[0]
-        assert 2.7 <= slope <= 3.3, (lam, slope)
+        assert 2.7 <= slope <= 3.3, (seed, lam, slope)
