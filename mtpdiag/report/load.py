@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from .. import __version__
+from ..experiment import Arm
 from ..train import DEFAULT_LAMBDA
 
 JOB_FILE, ETA_SWEEP, INCOMPLETE = "job.json", "eta_sweep.csv", ".incomplete"
@@ -34,14 +35,6 @@ class JobError(ValueError):
     """A job or run directory that an analysis cannot use as it is."""
 
 
-@dataclass(frozen=True)
-class ArmSpec:
-    label: str
-    regime: str
-    lam: float | None = None
-    calibrator: str | None = None
-
-
 @dataclass
 class Job:
     """A loaded job: its arms, seeds and the run directory of each (arm, seed).
@@ -53,20 +46,20 @@ class Job:
     path: Path
     kind: str
     name: str
-    arms: list[ArmSpec]
+    arms: list[Arm]
     seeds: list[int]
     runs: dict[tuple[str, int], Path]
     version: str
     incomplete_runs: list[str] = field(default_factory=list)
     _cache: dict = field(default_factory=dict, repr=False)
 
-    def arm(self, label: str) -> ArmSpec:
+    def arm(self, label: str) -> Arm:
         for arm in self.arms:
             if arm.label == label:
                 return arm
         raise JobError(f"arm {label!r} is not in {self.path}: it has {[a.label for a in self.arms]}")
 
-    def arms_of(self, regime: str) -> list[ArmSpec]:
+    def arms_of(self, regime: str) -> list[Arm]:
         return [a for a in self.arms if a.regime == regime]
 
     def table(self, name: str, columns=(), needed_for: str = "this analysis", arms=None) -> pd.DataFrame:
@@ -171,7 +164,7 @@ def _load_job_dir(root: Path) -> Job:
         raise JobError(f"{root / JOB_FILE} lacks {missing}: it was not written by this mtpdiag's `mtpdiag run`")
     if not _compatible(spec["mtpdiag_version"]):
         raise _version_error(root / JOB_FILE, spec["mtpdiag_version"])
-    arms = [ArmSpec(a["label"], a["regime"], a.get("lam"), a.get("calibrator")) for a in preset["arms"]]
+    arms = [Arm(a["label"], a["regime"], a.get("lam"), a.get("calibrator")) for a in preset["arms"]]
     seeds = [int(s) for s in preset["seeds"]]
     runs = {(a.label, s): root / "runs" / a.label / f"seed{s}" for a in arms for s in seeds}
     absent = [str(d.relative_to(root) / name) for d in runs.values() for name in RUN_FILES if not (d / name).exists()]
@@ -204,7 +197,7 @@ def _load_run_dir(root: Path) -> Job:
     calibrator = cfg.get("calibrator") or (saved.get("calibrator") or "").split("+shadows(")[0] or None
     fixed = f"{regime}-{DEFAULT_LAMBDA if lam is None else lam:g}"  # the label `mtpdiag run` gives a ce/policy arm
     label = {"detach": "detach", "occ": calibrator or "occ"}.get(regime, fixed)
-    arm = ArmSpec(label, regime, lam, calibrator)
+    arm = Arm(label, regime, lam, calibrator)
     seed = int(cfg.get("seed", 0))
     job = Job(root, "run", root.name, [arm], [seed], {(label, seed): root}, version,
               incomplete_runs=["."] if (root / INCOMPLETE).exists() else [])
