@@ -71,6 +71,12 @@ class GPTOutput:
     mtp: list[HeadPrediction] = field(default_factory=list)
     last_logits: torch.Tensor | None = None  # [B, V], next-token logits after the last input
 
+    @classmethod
+    def from_main_logits(cls, logits: torch.Tensor, idx: torch.Tensor) -> "GPTOutput":
+        """The main head's predictions from next-token ``logits`` [B, T, V] of ``idx`` [B, T]."""
+        positions = torch.arange(idx.size(1), device=idx.device)
+        return cls(main=HeadPrediction(logits[:, :-1], idx[:, 1:], positions[1:]), last_logits=logits[:, -1])
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
@@ -197,12 +203,7 @@ class GPT(nn.Module):
             raise ValueError(f"mtp_detach={mtp_detach!r}: choose one of {DETACH_MODES}")
         T = idx.size(1)
         h = self.trunk(idx)
-        logits = self.lm_head(self.ln_f(h))
-        positions = torch.arange(T, device=idx.device)
-        out = GPTOutput(
-            main=HeadPrediction(logits[:, :-1], idx[:, 1:], positions[1:]),
-            last_logits=logits[:, -1],
-        )
+        out = GPTOutput.from_main_logits(self.lm_head(self.ln_f(h)), idx)
         if not with_mtp:
             return out
 
@@ -226,5 +227,5 @@ class GPT(nn.Module):
                 next_embed = F.embedding(idx[:, k:], embed_weight)
                 prev, feats = head(prev[:, : T - k], next_embed)
                 feats = feats[:, : T - 1 - k]
-            out.mtp.append(HeadPrediction(F.linear(feats, head_weight), idx[:, 1 + k :], positions[1 + k :]))
+            out.mtp.append(HeadPrediction(F.linear(feats, head_weight), idx[:, 1 + k :], out.main.target_pos[k:]))
         return out

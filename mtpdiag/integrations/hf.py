@@ -216,12 +216,7 @@ class MTPCausalLM(nn.Module):
         h, after_norm = self._hidden_states(idx)
         output_head = self.hf_model.get_output_embeddings()
         head_weight, head_bias = output_head.weight, output_head.bias
-        logits = F.linear(after_norm, head_weight, head_bias)
-        positions = torch.arange(T, device=idx.device)
-        out = GPTOutput(
-            main=HeadPrediction(logits[:, :-1], idx[:, 1:], positions[1:]),
-            last_logits=logits[:, -1],
-        )
+        out = GPTOutput.from_main_logits(F.linear(after_norm, head_weight, head_bias), idx)
         if not with_mtp:
             return out
 
@@ -243,7 +238,7 @@ class MTPCausalLM(nn.Module):
                 combined = torch.cat([head.norm_hidden(prev[:, : T - k]), head.norm_embed(next_embed)], -1)
                 prev = self._decoder_layer(head.block, head.proj(combined))
                 feats = head.norm(prev)[:, : T - 1 - k]
-            out.mtp.append(HeadPrediction(F.linear(feats, head_weight, head_bias), idx[:, 1 + k :], positions[1 + k :]))
+            out.mtp.append(HeadPrediction(F.linear(feats, head_weight, head_bias), idx[:, 1 + k :], out.main.target_pos[k:]))
         return out
 
 
