@@ -66,6 +66,19 @@ def all_reduce_tree(tree: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: p.view_as(t).to(t.dtype) for (k, t), p in zip(tree.items(), pieces)}
 
 
+def all_reduce_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
+    """Sum every ``.grad`` over ranks, in place and in one collective: after a backward
+    pass of this rank's share of the loss (:func:`global_means`), the gradient of
+    the whole-batch loss, so ``optimizer.step()`` moves every rank identically.
+    Parameters without a gradient are skipped (the same ones on every rank)."""
+    with_grad = [p for p in parameters if p.grad is not None]
+    if not is_distributed() or not with_grad:
+        return
+    summed = all_reduce_tree({str(i): p.grad for i, p in enumerate(with_grad)})
+    for p, total in zip(with_grad, summed.values()):
+        p.grad.copy_(total)
+
+
 @contextmanager
 def global_means():
     """Inside, mtpdiag's means (``losses.masked_mean`` and the prompt mean of

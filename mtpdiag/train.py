@@ -21,6 +21,18 @@ the regime:
 
 Randomness of step s is a function of (seed, s) only, so a resumed run repeats
 an uninterrupted one bit for bit, and callbacks cannot shift the trajectory.
+
+Data parallel (``torchrun --nproc_per_node N``, or a process group the caller
+initialised): rank 0 runs the SFT warm start and sends its weights to the other
+ranks; every rank samples the whole rollout batch (same generator, same
+weights, so the same batch as one process) and keeps its part of each
+optimiser mini-batch; losses are each rank's share of the whole-batch loss
+(:func:`mtpdiag.distributed.global_means`), gradients are summed over ranks
+and every rank takes the same optimiser step. Nothing is wrapped in DDP, so
+the diagnostics run on the raw module. Evaluation runs whole on every rank.
+The metrics equal those of one process on the same global batch (with dropout
+0: dropout masks depend on the shard); rank 0 alone writes the run directory,
+checkpoints and the SFT cache.
 """
 from __future__ import annotations
 
@@ -38,10 +50,22 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import __version__
 from .calibrators import CALIBRATORS, CalibrationInputs, Calibrator, FixedLambda, make_calibrator
+from .distributed import (
+    all_reduce_gradients,
+    all_reduce_sum,
+    broadcast_tensors,
+    global_means,
+    is_main_process,
+    process_group_from_env,
+    run_on_main,
+    shard,
+    world_size,
+)
 from .evaluation import (
     completion_rewards,
     exact_j_true,
@@ -50,7 +74,8 @@ from .evaluation import (
     sample_completions,
     sampled_pass_at_1,
 )
-from .hook import CSVSink, DiagnosticsHook, every
+from .hook import CSVSink, DiagnosticsHook, MemorySink, every
+from .integrations import require_unwrapped
 from .losses import AlignedLogprobs, aligned_logprobs, group_advantages, j_true, mtp_ce_loss, mtp_policy_loss
 from .losses import rl_objective
 from .losses import sft_loss, token_logprobs
@@ -275,10 +300,11 @@ def sft_cache_file(cfg: TrainConfig, cache_dir: str | Path | None = None) -> Pat
     return Path(root) / "sft" / f"{sft_hash(cfg)}.pt"
 
 
-def run_sft(cfg: TrainConfig, task: Task, progress: bool | None = None) -> tuple[GPT, dict]:
+def run_sft(cfg: TrainConfig, task: Task, progress: bool | None = None, model: nn.Module | None = None):
     """Supervised warm start on target completions: next-token + MTP cross-entropy,
-    until validation J_true reaches ``sft_target``. Returns (model, summary)."""
-    model = build_model(cfg, task)
+    until validation J_true reaches ``sft_target``. Trains ``model`` in place
+    (default: a new GPT from ``cfg``). Returns (model, summary)."""
+    model = build_model(cfg, task) if model is None else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr)
     rng = random.Random(step_seed(cfg.seed, 0, "sft"))
     validation = j_true_batch(task, task.heldout_problems(SFT_VALIDATION_PROMPTS, SFT_VALIDATION_SEED), cfg.device)
@@ -309,10 +335,20 @@ def run_sft(cfg: TrainConfig, task: Task, progress: bool | None = None) -> tuple
     return model, {"sft_steps_run": step, "sft_val_j_true": val_j_true}
 
 
-def warm_start(cfg: TrainConfig, task: Task, cache_dir=None, progress: bool | None = None):
+def warm_start(
+    cfg: TrainConfig, task: Task, cache_dir=None, progress: bool | None = None, model: nn.Module | None = None
+):
     """The SFT model, trained once per SFT config and then read from the cache, so
     every regime with the same seed starts from the same weights.
-    Returns (model, {"sft_cache_file", "sft_steps_run", "sft_val_j_true"})."""
+    Returns (model, {"sft_cache_file", "sft_steps_run", "sft_val_j_true"}).
+
+    ``model``: warm-start this module in place instead of mtpdiag's GPT. It is not
+    cached (``sft_cache_file`` None): the cache key is the config, which sees neither
+    a module's architecture nor its initial weights, and a stale hit would load
+    wrong weights silently."""
+    if model is not None:
+        model, summary = run_sft(cfg, task, progress, model)
+        return model, {"sft_cache_file": None, **summary}
     file = sft_cache_file(cfg, cache_dir)
     if file.exists():
         saved = torch.load(file, map_location=cfg.device, weights_only=True)
@@ -386,10 +422,13 @@ def evaluate(model: GPT, task: Task, cfg: TrainConfig, heldout: dict, step: int)
 class StepContext:
     """What a callback sees, once per RL step, after the rollout batch is built and
     before the optimiser update (model in training mode, as the update sees it).
-    Callbacks must not change the model, its gradients, the optimiser or the batch."""
+    Callbacks must not change the model, its gradients, the optimiser or the batch.
+    On several ranks ``batch``, ``rewards`` and ``j_true_batch`` are this rank's
+    rows (the Probe sums over ranks); callbacks run on every rank, and should
+    write files on rank 0 only (:func:`mtpdiag.distributed.is_main_process`)."""
 
     step: int
-    model: GPT
+    model: nn.Module
     batch: dict
     rewards: torch.Tensor
     j_true_batch: dict
@@ -426,58 +465,95 @@ def _grad_norm(params) -> float:
     return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
 
 
+def minibatch_rows(n: int, minibatches: int, device=None) -> list[torch.Tensor]:
+    """This rank's rows of each optimiser mini-batch: the mini-batches are consecutive
+    chunks of the step's ``n`` rollouts, as on one process, and each is split into
+    one consecutive part per rank (:func:`mtpdiag.distributed.shard`)."""
+    return [index[shard(index.numel(), device)] for index in torch.arange(n, device=device).chunk(minibatches)]
+
+
+def check_shards(cfg: TrainConfig) -> None:
+    """Every rank needs at least one rollout of every mini-batch and one held-out prompt."""
+    ranks = world_size()
+    rollouts = torch.arange(cfg.prompts_per_step * cfg.group_size)
+    smallest = min(chunk.numel() for chunk in rollouts.chunk(cfg.minibatches))
+    if smallest < ranks:
+        raise ValueError(
+            f"a mini-batch of {smallest} rollouts cannot give each of the {ranks} ranks one: raise "
+            f"--prompts-per-step or --group-size, or lower --minibatches (or the number of ranks)"
+        )
+    if cfg.eval_prompts < ranks:
+        raise ValueError(
+            f"eval_prompts={cfg.eval_prompts} cannot give each of the {ranks} ranks a held-out prompt: "
+            "raise --eval-prompts"
+        )
+
+
 def update(model, optimizer, batch, losses, cfg, calibrator, step, on_nonfinite) -> list[dict]:
-    """One optimiser step per mini-batch; returns one metrics row per mini-batch."""
+    """One optimiser step per mini-batch of the step's rollout ``batch``; returns one
+    metrics row per mini-batch. On several ranks each computes its share of every
+    loss on its rows, the gradients are summed over ranks, and the rows hold the
+    whole mini-batch's numbers."""
     model.train()
-    K = cfg.n_mtp
     n = batch["input_ids"].size(0)
     rows = []
-    for mb, index in enumerate(torch.arange(n, device=cfg.device).chunk(cfg.minibatches)):
-        mbatch = {key: value[index] for key, value in batch.items()}
-        out = losses.forward(model, mbatch)
-        j_batch = losses.objective(out, mbatch)
-        row = {"step": step, "minibatch": mb}
-        if cfg.regime == "detach":
-            lambdas = torch.ones(K, dtype=DTYPES[cfg.dtype])
-        elif cfg.regime in ("ce", "policy"):
-            lambdas = torch.full((K,), cfg.mtp_lambda, dtype=DTYPES[cfg.dtype])
-        else:
-            lp = aligned_logprobs(out)
-            calibration = calibrator(
-                CalibrationInputs(
-                    step=step, minibatch=mb,
-                    logprobs=AlignedLogprobs(lp.main.detach(), lp.mtp.detach(), lp.mtp_valid),
-                    old_logprobs=mbatch["old_logprobs"], response_mask=mbatch["response_mask"],
-                    lr=optimizer.param_groups[0]["lr"], model=model, batch=mbatch,
-                    forward=losses.forward, objective=losses.objective, aux_loss=losses.aux_loss,
-                )
-            )
-            lambdas = calibration.lambdas.detach()
-            if lambdas.shape != (K,) or not torch.isfinite(lambdas).all():
-                raise ValueError(
-                    f"calibrator {calibrator.name} returned lambdas {lambdas.tolist()} at step {step}, "
-                    f"mini-batch {mb}: it must return {K} finite values, one per MTP head"
-                )
-            row.update({f"calib_{key}": value for key, value in calibration.info.items()})
-        if cfg.regime != "detach":
-            row.update({f"lambda_{k}": lam for k, lam in enumerate(lambdas.tolist())})
-        aux = losses.aux_loss(out, mbatch, lambdas)
-        loss = aux - j_batch
-        with torch.no_grad():
-            row["loss_mtp"] = losses.aux_loss(out, mbatch).item()
-        row.update(j_batch=j_batch.item(), loss_mtp_weighted=aux.item(), loss_total=loss.item())
-        for name in ("j_batch", "loss_mtp_weighted", "loss_total"):
-            if not np.isfinite(row[name]):
-                on_nonfinite(f"step {step}, mini-batch {mb}: {name} = {row[name]} is not finite")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        row["grad_norm"] = _grad_norm(model.parameters())
-        row["grad_norm_mtp_heads"] = _grad_norm(model.mtp_heads.parameters())
-        if not np.isfinite(row["grad_norm"]):
-            on_nonfinite(f"step {step}, mini-batch {mb}: the gradient norm {row['grad_norm']} is not finite")
-        optimizer.step()
+    for mb, index in enumerate(minibatch_rows(n, cfg.minibatches, cfg.device)):
+        with global_means():
+            row = _update_minibatch(model, optimizer, batch, index, mb, losses, cfg, calibrator, step, on_nonfinite)
         rows.append(row)
     return rows
+
+
+def _update_minibatch(model, optimizer, batch, index, mb, losses, cfg, calibrator, step, on_nonfinite) -> dict:
+    """The optimiser step on the rows ``index`` of ``batch``; its metrics row."""
+    K = cfg.n_mtp
+    mbatch = {key: value[index] for key, value in batch.items()}
+    out = losses.forward(model, mbatch)
+    j_batch = losses.objective(out, mbatch)
+    row = {"step": step, "minibatch": mb}
+    if cfg.regime == "detach":
+        lambdas = torch.ones(K, dtype=DTYPES[cfg.dtype])
+    elif cfg.regime in ("ce", "policy"):
+        lambdas = torch.full((K,), cfg.mtp_lambda, dtype=DTYPES[cfg.dtype])
+    else:
+        lp = aligned_logprobs(out)
+        calibration = calibrator(
+            CalibrationInputs(
+                step=step, minibatch=mb,
+                logprobs=AlignedLogprobs(lp.main.detach(), lp.mtp.detach(), lp.mtp_valid),
+                old_logprobs=mbatch["old_logprobs"], response_mask=mbatch["response_mask"],
+                lr=optimizer.param_groups[0]["lr"], model=model, batch=mbatch,
+                forward=losses.forward, objective=losses.objective, aux_loss=losses.aux_loss,
+            )
+        )
+        lambdas = calibration.lambdas.detach()
+        if lambdas.shape != (K,) or not torch.isfinite(lambdas).all():
+            raise ValueError(
+                f"calibrator {calibrator.name} returned lambdas {lambdas.tolist()} at step {step}, "
+                f"mini-batch {mb}: it must return {K} finite values, one per MTP head"
+            )
+        row.update({f"calib_{key}": value for key, value in calibration.info.items()})
+    if cfg.regime != "detach":
+        row.update({f"lambda_{k}": lam for k, lam in enumerate(lambdas.tolist())})
+    aux = losses.aux_loss(out, mbatch, lambdas)
+    loss = aux - j_batch
+    with torch.no_grad():
+        loss_mtp = losses.aux_loss(out, mbatch)
+    # each rank holds its share of every loss: their sum is the whole mini-batch's value
+    values = all_reduce_sum(torch.stack([loss_mtp, j_batch.detach(), aux.detach(), loss.detach()])).tolist()
+    row.update(zip(("loss_mtp", "j_batch", "loss_mtp_weighted", "loss_total"), values))
+    for name in ("j_batch", "loss_mtp_weighted", "loss_total"):
+        if not np.isfinite(row[name]):
+            on_nonfinite(f"step {step}, mini-batch {mb}: {name} = {row[name]} is not finite")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    all_reduce_gradients(model.parameters())
+    row["grad_norm"] = _grad_norm(model.parameters())
+    row["grad_norm_mtp_heads"] = _grad_norm(model.mtp_heads.parameters())
+    if not np.isfinite(row["grad_norm"]):
+        on_nonfinite(f"step {step}, mini-batch {mb}: the gradient norm {row['grad_norm']} is not finite")
+    optimizer.step()
+    return row
 
 
 def train(
@@ -489,32 +565,125 @@ def train(
     callbacks: list[Callback] = (),
     progress: bool | None = None,
     cache_dir: str | Path | None = None,
+    model: nn.Module | None = None,
 ) -> TrainResult:
     """SFT warm start (cached), then ``cfg.steps`` RL steps, logged to the run
     directory ``out``. ``resume`` continues ``out`` from its last checkpoint
-    (or starts it when it has none)."""
+    (or starts it when it has none).
+
+    ``model``: train this module, in place, instead of mtpdiag's GPT built from
+    ``cfg`` (e.g. an :class:`~mtpdiag.integrations.hf.MTPCausalLM`). Called as
+    ``model(idx, mtp_detach=..., with_mtp=...)`` it returns a GPTOutput with
+    ``cfg.n_mtp`` MTP heads (``model.mtp_heads``) over the task's vocabulary;
+    its parameters are on ``cfg.device`` in ``cfg.dtype``; cfg's other model
+    fields do not apply. Its SFT warm start is not cached (see :func:`warm_start`).
+
+    Under ``torchrun`` (or in a process group the caller initialised) every rank
+    calls ``train`` with the same arguments (see the module docstring) and gets
+    the same metrics; rank 0 alone writes ``out``. Callbacks run on every rank
+    and see this rank's rows of the batch, the rewards and the held-out batch.
+    """
+    with process_group_from_env(cfg.device):
+        return _train(cfg, out, resume, calibrator, callbacks, progress, cache_dir, model)
+
+
+class _RowsInMemory(RunDir):
+    """The run directory of a rank other than 0: rows in memory (``train`` returns
+    them), no file written."""
+
+    def write_config(self, config: dict) -> None:
+        """Rank 0 writes config.json."""
+
+    def save_checkpoint(self, state: dict) -> None:
+        """Rank 0 writes checkpoint.pt."""
+
+    def mark_complete(self) -> None:
+        """Rank 0 removes the marker."""
+
+    def _write_csv(self) -> None:
+        """Rank 0 writes the CSV files."""
+
+
+def check_model(model: nn.Module, cfg: TrainConfig, task: Task) -> None:
+    """Reject a user model the trainer cannot run, naming the fix."""
+    require_unwrapped(model)
+    dtype, device = DTYPES[cfg.dtype], torch.device(cfg.device)
+    wrong = {f"{p.dtype} on {p.device}" for p in model.parameters() if p.dtype != dtype or p.device.type != device.type}
+    if wrong:
+        raise ValueError(
+            f"the model has parameters in {sorted(wrong)} but the config says dtype={cfg.dtype}, device={cfg.device}: "
+            f"call model.to(device={cfg.device!r}, dtype=torch.{cfg.dtype}) or change the config"
+        )
+    if not isinstance(getattr(model, "mtp_heads", None), nn.Module):
+        raise ValueError(f"{type(model).__name__} has no `mtp_heads` module: the trainer logs their gradient norm")
+    probe_batch = j_true_batch(task, task.heldout_problems(1), cfg.device)
+    with torch.no_grad():
+        output = model(probe_batch["input_ids"])
+    vocab = task.tokenizer.vocab_size
+    if not isinstance(output, GPTOutput) or len(output.mtp) != cfg.n_mtp or output.main.logits.size(-1) != vocab:
+        got = (f"{len(output.mtp)} MTP heads over {output.main.logits.size(-1)} tokens"
+               if isinstance(output, GPTOutput) else type(output).__name__)
+        raise ValueError(
+            f"the model returned {got}; the trainer needs a GPTOutput with n_mtp={cfg.n_mtp} MTP heads over "
+            f"task {cfg.task!r}'s {vocab} tokens: build it with that vocabulary and n_mtp (or set --n-mtp)"
+        )
+
+
+def _open_run(run: RunDir, cfg: TrainConfig, calibrator: Calibrator | None, resume: bool) -> dict | None:
+    if resume:
+        _check_resumable(run, cfg, calibrator)
+    return run.open(resume)
+
+
+def _warm_start_from_main(cfg, task, cache_dir, progress, model):
+    """``warm_start`` on rank 0 only (one SFT run, one writer of the cache); the other
+    ranks build the same model (or take ``model``) and receive rank 0's weights."""
+    warm = {}
+
+    def on_main():
+        warm["model"], summary = warm_start(cfg, task, cache_dir, progress, model)
+        return summary
+
+    summary = run_on_main(on_main)
+    if is_main_process():
+        model = warm["model"]
+    elif model is None:
+        model = build_model(cfg, task)
+    broadcast_tensors(model.state_dict().values())
+    return model, summary
+
+
+def _train(cfg, out, resume, calibrator, callbacks, progress, cache_dir, model) -> TrainResult:
     if calibrator is not None and cfg.regime != "occ":
         raise ValueError(f"a calibrator only applies to regime 'occ', not {cfg.regime!r}")
     if cfg.regime == "occ" and calibrator is None:
         calibrator = make_calibrator(cfg.calibrator, cfg.n_mtp) if cfg.calibrator else FixedLambda(cfg.mtp_lambda)
     task = build_task(cfg)
-    run = RunDir(out)
+    check_shards(cfg)
+    if model is not None:
+        check_model(model, cfg, task)
+    main = is_main_process()
+    run = RunDir(out) if main else _RowsInMemory(out)
     if cfg.diag_every:
         callbacks = [diagnostics_hook(cfg, run.path), *callbacks]
-    if resume:
-        _check_resumable(run, cfg, calibrator)
-    checkpoint = run.open(resume)
-    model, sft_summary = warm_start(cfg, task, cache_dir, progress)
+    checkpoint = run_on_main(lambda: _open_run(run, cfg, calibrator, resume))
+    if checkpoint is not None and not main:
+        run.rows = checkpoint["rows"]
+    model, sft_summary = _warm_start_from_main(cfg, task, cache_dir, progress, model)
     run.write_config({
         "config": cfg.to_dict(),
+        "model_class": type(model).__name__,
         "calibrator": calibrator.name if calibrator else None,
         "sft": sft_summary,
-        "n_parameters": model.num_parameters(),
+        "n_parameters": sum(p.numel() for p in model.parameters()),
+        "world_size": world_size(),
         "versions": {"mtpdiag": __version__, "torch": torch.__version__, "python": platform.python_version()},
     })
     optimizer = make_optimizer(cfg, model)
     losses = regime_losses(cfg)
     heldout = j_true_batch(task, task.heldout_problems(cfg.eval_prompts), cfg.device)
+    heldout_rows = shard(cfg.eval_prompts, cfg.device)
+    heldout_shard = {key: value[heldout_rows] for key, value in heldout.items()}
     start = 0
     if checkpoint is not None:
         start = checkpoint["step"]
@@ -535,14 +704,17 @@ def train(
         where = f"{run.checkpoint_path} holds the last good state" if run.checkpoint_path.exists() else "no checkpoint yet"
         raise NonFiniteLossError(f"{message}; stopped before the update ({where})")
 
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"rl {cfg.regime}", disable=_tqdm_disable(progress))
+    disable = _tqdm_disable(progress) if main else True
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"rl {cfg.regime}", disable=disable)
     for step in range(start + 1, cfg.steps + 1):
         t0 = time.perf_counter()
+        # every rank samples the whole batch (the one a single process would) and trains on its rows
         batch, rewards = rollout(model, task, cfg, step)
         t_rollout = time.perf_counter() - t0
         model.train()
-        ctx = StepContext(step, model, batch, rewards, heldout, optimizer.param_groups[0]["lr"], optimizer, losses,
-                          calibrator, cfg, task)
+        rows = torch.cat(minibatch_rows(rewards.numel(), cfg.minibatches, cfg.device))
+        ctx = StepContext(step, model, {key: value[rows] for key, value in batch.items()}, rewards[rows], heldout_shard,
+                          optimizer.param_groups[0]["lr"], optimizer, losses, calibrator, cfg, task)
         t1 = time.perf_counter()
         extra = {}
         for callback in callbacks:
@@ -592,7 +764,7 @@ def diagnostics_hook(cfg: TrainConfig, out: Path) -> DiagnosticsHook:
     measured_steps = range(cfg.diag_every, cfg.steps + 1, cfg.diag_every)
     return DiagnosticsHook(
         schedule=every(cfg.diag_every),
-        sink=CSVSink(out),
+        sink=CSVSink(out) if is_main_process() else MemorySink(),  # rank 0 writes the files
         eval_objective=j_true,
         per_block=True,
         top_curvature_schedule={measured_steps[0], measured_steps[-1]}.__contains__ if measured_steps else None,
@@ -623,6 +795,11 @@ def load_run(out: str | Path, device: str | None = None) -> tuple[GPT, TrainConf
     saved = run.read_config()
     if saved is None or not run.checkpoint_path.exists():
         raise FileNotFoundError(f"{out} has no config.json and checkpoint.pt: is it a run directory of `mtpdiag train`?")
+    if saved.get("model_class", "GPT") != "GPT":
+        raise ValueError(
+            f"{out} trained a {saved['model_class']}, not mtpdiag's GPT: build that model and load "
+            f"torch.load('{run.checkpoint_path}')['model'] into it"
+        )
     values = saved["config"] if device is None else {**saved["config"], "device": device}
     cfg = TrainConfig.from_dict(values)
     task = build_task(cfg)

@@ -1,0 +1,391 @@
+"""Data parallelism under torch.distributed (float64): two gloo ranks, each holding
+part of a batch, give the Probe record, the calibrators' lambda and the trainer's
+metrics of one process holding the whole batch; torchrun runs the CLI trainer;
+wrapped modules, a fused attention kernel in an HVP and a user model that does not
+fit are clear errors; the trainer trains a Hugging Face model."""
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mtpdiag import losses
+from mtpdiag.calibrators import OCC, CalibrationInputs, CosineGate, Oracle, WithShadows
+from mtpdiag.cli import main as cli_main
+from mtpdiag.model import GPT, GPTConfig, GPTOutput, HeadPrediction
+from mtpdiag.probe import Probe
+from mtpdiag.train import TrainConfig, load_run, train
+
+WORLD = 2
+# float64 sums taken in another order differ by rounding (~1e-16 relative); the
+# acceptance bound is 1e-6, and ABS is for quantities that are 0 up to rounding
+# (e.g. Delta(0), or |delta_RL|^2 on a fresh pi_old)
+RTOL, ABS = 1e-6, 1e-12
+TIMING = ["time_s", "rollout_time_s", "update_time_s", "step_time_s", "callback_time_s"]
+REPO = Path(__file__).resolve().parents[1]
+
+# ----------------------------------------------------------------------------- shared set-up
+
+
+def tiny_gpt() -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=14, block_size=8, d_model=8, n_layer=1, n_head=2, n_mtp=2)).double()
+
+
+def rl_batch(model: GPT) -> dict:
+    """7 rollouts with response lengths 1 to 5 tokens, old log-probs a little off the
+    current ones; rows 0-2 go to rank 0 and rows 3-6 to rank 1, so the ranks hold
+    different numbers of rows and of tokens."""
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, 14, (7, 8), generator=gen)
+    mask = torch.zeros(7, 7, dtype=torch.float64)
+    for row, length in enumerate([5, 1, 4, 2, 3, 5, 2]):
+        mask[row, 2 : 2 + length] = 1.0
+    with torch.no_grad():
+        current = losses.token_logprobs(model(ids).main)
+    old = current + 0.1 * torch.randn(current.shape, generator=gen, dtype=torch.float64)
+    return {"input_ids": ids, "response_mask": mask, "old_logprobs": old,
+            "advantages": torch.randn(7, generator=gen, dtype=torch.float64)}  # fmt: skip
+
+
+def j_true_eval_batch() -> dict:
+    gen = torch.Generator().manual_seed(2)
+    mask = torch.zeros(5, 7, dtype=torch.float64)
+    mask[:, 3:] = 1.0
+    return {"input_ids": torch.randint(2, 14, (5, 8), generator=gen), "response_mask": mask}
+
+
+def rows_of(batch: dict, rank: int | None, split: int) -> dict:
+    """The whole batch (rank None), or rank 0's first ``split`` rows / rank 1's rest."""
+    if rank is None:
+        return batch
+    index = slice(0, split) if rank == 0 else slice(split, None)
+    return {key: value[index] for key, value in batch.items()}
+
+
+def stepped_adamw(model: GPT) -> torch.optim.AdamW:
+    """AdamW with one step of state, the same in every process."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    for p in model.parameters():
+        p.grad = 0.01 * torch.ones_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return optimizer
+
+
+def measure_everything(rank: int | None) -> dict:
+    """Probe records and calibrator outputs on this rank's rows (rank None: all rows)."""
+    model = tiny_gpt()
+    batch = rows_of(rl_batch(model), rank, 3)
+    eval_batch = rows_of(j_true_eval_batch(), rank, 2)
+    optimizer = stepped_adamw(model)
+    full = Probe(model, losses.rl_objective, losses.mtp_policy_loss).measure(
+        batch, 0.05, top_curvature=True, per_block=True, eval_objective=losses.j_true, eval_batch=eval_batch,
+        optimizer=optimizer,
+    )
+    own = Probe(model, losses.rl_objective, losses.mtp_policy_loss, hvp_mode="rev_rev").measure(batch, 0.05)
+    with torch.no_grad():
+        logprobs = losses.aligned_logprobs(model(batch["input_ids"]))
+    inputs = CalibrationInputs(
+        step=1, minibatch=1, logprobs=logprobs, old_logprobs=batch["old_logprobs"],
+        response_mask=batch["response_mask"], lr=0.05, model=model, batch=batch,
+        forward=lambda m, b: m(b["input_ids"]), objective=losses.rl_objective, aux_loss=losses.mtp_policy_loss,
+    )  # fmt: skip
+    calibrators = {
+        "sum-masked": OCC(aggregate="sum", masked=True),
+        "sum-unmasked": OCC(aggregate="sum", masked=False),
+        "tokenwise-masked": OCC(aggregate="tokenwise", masked=True),
+        "tokenwise-unmasked": OCC(aggregate="tokenwise", masked=False),
+        "step-jvp": OCC(proxy="step"),
+        "step-fd": OCC(proxy="step", aggregate="tokenwise", finite_difference=1.0),
+        "oracle-taylor": Oracle("taylor"),
+        "oracle-measured": Oracle("measured"),
+        "cosine": CosineGate(),
+    }
+    calibrations = {name: calibrator(inputs) for name, calibrator in calibrators.items()}
+    assert all(p.grad is None for p in model.parameters())
+    return {
+        "rows": {"full": full.as_row(), "own": own.as_row()},
+        "grid_widths": {name: {c.kind: float(c.lambdas[-1] - c.lambdas[0]) for c in record.curves}
+                        for name, record in (("full", full), ("own", own))},  # fmt: skip
+        "curves": full.curve_rows(),
+        "blocks": full.block_rows(),
+        "lambdas": {name: c.lambdas.tolist() for name, c in calibrations.items()},
+        "info": {name: c.info for name, c in calibrations.items()},
+    }
+
+
+TINY_TRAIN = dict(
+    task_options={"digits": 1}, block_size=8, d_model=32, n_layer=1, n_head=2, dtype="float64",
+    sft_steps=200, sft_target=None, sft_batch_size=32, sft_lr=3e-3,
+    steps=3, prompts_per_step=4, group_size=4, minibatches=2, lr=1e-3, eval_every=3, eval_prompts=12, eval_samples=2,
+    regime="occ", diag_every=1,
+)  # fmt: skip
+
+
+def shadowed_occ() -> WithShadows:
+    """OCC (paper preset) in the update, with the other readings and the Probe-based
+    calibrators logged on the same mini-batches."""
+    return WithShadows(OCC.paper(), {"reference": OCC.reference(1), "step": OCC(proxy="step"), "cosine": CosineGate()})
+
+
+def train_tiny(out: Path, cache: Path):
+    return train(TrainConfig(**TINY_TRAIN), out, calibrator=shadowed_occ(), cache_dir=cache, progress=False)
+
+
+def run_files(out: Path) -> dict[str, pd.DataFrame]:
+    return {name: pd.read_csv(out / name) for name in ("metrics.csv", "minibatch.csv", "diag_steps.csv",
+                                                        "diag_curves.csv", "diag_blocks.csv")}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- two ranks
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_rank_worker(rank: int, port: int, tmp: Path) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        results = {"measured": measure_everything(rank)}
+        # rank 1 gets its own run directory and cache: it must write neither
+        own = "" if rank == 0 else "rank1-"
+        result = train_tiny(tmp / f"{own}run", tmp / f"{own}cache")
+        results["metrics"] = result.metrics
+        too_few = TrainConfig(**{**TINY_TRAIN, "prompts_per_step": 1, "group_size": 3})
+        with pytest.raises(ValueError, match="cannot give each of the 2 ranks one") as error:
+            train(too_few, tmp / f"unused-{rank}", cache_dir=tmp / "cache")
+        results["error"] = str(error.value)
+        torch.save(results, tmp / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """One process on the whole batch, then two gloo ranks on its halves."""
+    tmp = tmp_path_factory.mktemp("distributed")
+    single = {"measured": measure_everything(None), "metrics": train_tiny(tmp / "single", tmp / "cache").metrics}
+    mp.spawn(two_rank_worker, args=(free_port(), tmp), nprocs=WORLD)
+    ranks = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return single, ranks, tmp
+
+
+# The refined line search (scipy's bounded Brent, Probe._curve) stops within xatol =
+# 1e-6 of the grid width, on a curve Delta(lambda) whose top is flat to float64
+# rounding over a few xatol; two summation orders stop at different points of that
+# top, so lambda*_search agrees to 1e-5 of the grid width, not to 1e-6 of itself.
+SEARCHES = {"lambda_star_meas_search": "sgd", "opt_lambda_star_meas_search": "optimizer"}
+SEARCH_RESOLUTION = 1e-5
+
+
+def assert_rows_close(got: dict, expected: dict, grid_widths: dict[str, float] | None = None) -> None:
+    """Equal rows up to RTOL; ``grid_widths`` (by curve kind) when the rows hold searched lambda*."""
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        if key in TIMING:
+            continue
+        if key in SEARCHES and value is not None:
+            assert got[key] == pytest.approx(value, abs=SEARCH_RESOLUTION * grid_widths[SEARCHES[key]]), key
+        elif isinstance(value, float):
+            assert got[key] == pytest.approx(value, rel=RTOL, abs=ABS, nan_ok=True), key
+        else:
+            assert got[key] == value, key
+
+
+def assert_frames_close(got: pd.DataFrame, expected: pd.DataFrame, curves: pd.DataFrame | None = None) -> None:
+    """Equal tables up to RTOL; ``curves`` (diag_curves) for the grid widths of diag_steps' searched lambda*."""
+    if curves is None:
+        keep = [c for c in expected.columns if c not in TIMING]
+        pd.testing.assert_frame_equal(got[keep], expected[keep], check_exact=False, rtol=RTOL, atol=ABS)
+        return
+    widths = curves.groupby(["step", "objective", "kind"])["lambda"].agg(lambda grid: grid.max() - grid.min())
+    assert len(got) == len(expected)
+    for (_, got_row), (_, want_row) in zip(got.iterrows(), expected.iterrows()):
+        key = (want_row["step"], want_row["objective"])
+        grid_widths = {kind: widths.get((*key, kind)) for kind in SEARCHES.values()}
+        assert_rows_close(*({k: None if pd.isna(v) else v for k, v in row.items()} for row in (got_row, want_row)),
+                          grid_widths)  # fmt: skip
+
+
+def test_probe_record_on_two_ranks_equals_one_process(two_ranks):
+    single, ranks, _ = two_ranks
+    expected = single["measured"]
+    assert expected["rows"]["full"]["v2"] > 0 and expected["rows"]["full"]["L"] is not None
+    assert expected["curves"] and expected["blocks"]
+    for rank in ranks:
+        for name in ("full", "own"):
+            assert_rows_close(rank["measured"]["rows"][name], expected["rows"][name], expected["grid_widths"][name])
+        for got, want in zip(rank["measured"]["curves"], expected["curves"], strict=True):
+            assert_rows_close(got, want)
+        for got, want in zip(rank["measured"]["blocks"], expected["blocks"], strict=True):
+            assert_rows_close(got, want)
+
+
+def test_calibrators_on_two_ranks_give_the_lambda_of_one_process(two_ranks):
+    single, ranks, _ = two_ranks
+    expected = single["measured"]
+    for name, lambdas in expected["lambdas"].items():  # something to compare: a lambda, or the cosine it gated
+        cosines = [v for key, v in expected["info"][name].items() if key.startswith("cos_")]
+        assert max(abs(v) for v in [*lambdas, *cosines]) > 1e-3, name
+    for rank in ranks:
+        for name, lambdas in expected["lambdas"].items():
+            assert rank["measured"]["lambdas"][name] == pytest.approx(lambdas, rel=RTOL, abs=ABS), name
+            assert_rows_close(rank["measured"]["info"][name], expected["info"][name])
+
+
+def test_trainer_on_two_ranks_logs_the_rows_of_one_process(two_ranks):
+    single, ranks, tmp = two_ranks
+    got, expected = run_files(tmp / "run"), run_files(tmp / "single")
+    minibatch = expected["minibatch.csv"]
+    assert minibatch["lambda_0"].abs().max() > 1e-3 and minibatch["calib_step_lambda"].abs().max() > 1e-3
+    for name, frame in expected.items():
+        curves = expected["diag_curves.csv"] if name == "diag_steps.csv" else None
+        assert_frames_close(got[name], frame, curves)
+    for rank in ranks:  # every rank returns the global rows
+        assert_frames_close(rank["metrics"], single["metrics"])
+
+
+def test_only_rank_0_writes_files(two_ranks):
+    _, _, tmp = two_ranks
+    assert (tmp / "run" / "checkpoint.pt").exists()
+    assert not (tmp / "rank1-run").exists() and not (tmp / "rank1-cache").exists()
+    assert json.loads((tmp / "run" / "config.json").read_text())["world_size"] == WORLD
+
+
+def test_too_few_rollouts_for_every_rank_is_an_error_on_every_rank(two_ranks):
+    _, ranks, _ = two_ranks
+    for rank in ranks:
+        assert "lower --minibatches" in rank["error"]
+
+
+def test_torchrun_cli_trainer_logs_the_rows_of_one_process(tmp_path):
+    flags = ["--task-option", "digits=1", "--block-size", "8", "--d-model", "16", "--n-layer", "1", "--n-head", "2",
+             "--dtype", "float64", "--sft-steps", "60", "--sft-target", "none", "--sft-batch-size", "32",
+             "--sft-lr", "3e-3", "--steps", "3", "--prompts-per-step", "3", "--group-size", "4", "--minibatches", "2",
+             "--lr", "1e-3", "--eval-every", "3", "--eval-prompts", "8", "--eval-samples", "1", "--regime", "occ",
+             "--calibrator", "occ-reference", "--no-progress"]  # fmt: skip
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD),
+                "--no-python", shutil.which("mtpdiag")]  # fmt: skip
+    # separate SFT caches: rank 0's SFT under torchrun is checked against the single process's
+    done = subprocess.run(
+        [*launcher, "train", *flags, "--out", str(tmp_path / "torchrun"), "--sft-cache", str(tmp_path / "cache-a")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    cli_main(["train", *flags, "--out", str(tmp_path / "single"), "--sft-cache", str(tmp_path / "cache-b")])
+    for name in ("metrics.csv", "minibatch.csv"):
+        expected = pd.read_csv(tmp_path / "single" / name)
+        assert_frames_close(pd.read_csv(tmp_path / "torchrun" / name), expected)
+    assert pd.read_csv(tmp_path / "single" / "minibatch.csv")["lambda_0"].abs().max() > 1e-4
+
+
+# ----------------------------------------------------------------------------- errors that name the fix
+
+
+@pytest.fixture
+def single_process_group(tmp_path):
+    """A real one-process gloo group, as DDP and FSDP need."""
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.filterwarnings("ignore:FSDP is switching to use `NO_SHARD`")  # a one-process group shards nothing
+def test_wrapped_modules_are_rejected_by_the_probe_and_the_trainer(single_process_group, tmp_path):
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = DistributedDataParallel(tiny_gpt())
+    with pytest.raises(TypeError, match="pass `model.module`"):
+        Probe(ddp, losses.rl_objective, losses.mtp_policy_loss)
+    with pytest.raises(TypeError, match="pass `model.module`"):
+        train(TrainConfig(**TINY_TRAIN), tmp_path / "run", model=ddp)
+    fsdp = FullyShardedDataParallel(tiny_gpt(), device_id=torch.device("cpu"))
+    with pytest.raises(TypeError, match="full_state_dict=True"):
+        Probe(fsdp, losses.rl_objective, losses.mtp_policy_loss)
+
+
+class FlashAttentionGPT(nn.Module):
+    """One attention layer that calls the fused CPU flash-attention kernel itself, as
+    custom models and kernel libraries do, so the probe's math-backend switch cannot
+    reach it; its backward has no derivative."""
+
+    def __init__(self, vocab: int = 14, d: int = 8):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(vocab, d, dtype=torch.float64)
+        self.qkv = nn.Linear(d, 3 * d, dtype=torch.float64)
+        self.mtp_heads = nn.ModuleList([nn.Linear(d, d, dtype=torch.float64)])
+
+    def forward(self, idx: torch.Tensor) -> GPTOutput:
+        x = self.embed(idx)
+        q, k, v = (t.unsqueeze(1) for t in self.qkv(x).chunk(3, dim=-1))
+        h = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)[0].squeeze(1)
+        logits = F.linear(h, self.embed.weight)
+        positions = torch.arange(idx.size(1))
+        mtp = F.linear(self.mtp_heads[0](h), self.embed.weight)
+        return GPTOutput(
+            main=HeadPrediction(logits[:, :-1], idx[:, 1:], positions[1:]),
+            mtp=[HeadPrediction(mtp[:, :-2], idx[:, 2:], positions[2:])],
+        )
+
+
+def test_fused_attention_kernel_in_an_hvp_names_the_fix():
+    model = FlashAttentionGPT()
+    batch = rl_batch(tiny_gpt())
+    probe = Probe(model, losses.rl_objective, losses.mtp_policy_loss)
+    assert probe.measure(batch, 0.05, hvp=False, line_search=False).v2 > 0  # gradients alone are fine
+    for mode in ("fwd_rev", "rev_rev"):
+        with pytest.raises(RuntimeError, match="attention='math'.*attn_implementation='eager'"):
+            Probe(model, losses.rl_objective, losses.mtp_policy_loss, hvp_mode=mode).measure(batch, 0.05)
+
+
+# ----------------------------------------------------------------------------- a user model in the trainer
+
+def load_example():
+    pytest.importorskip("transformers")
+    spec = importlib.util.spec_from_file_location("hf_tiny_gpt2", REPO / "examples" / "hf_tiny_gpt2.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_hf_example_trains_a_tiny_gpt2_with_diagnostics(tmp_path):
+    example = load_example()
+    result = example.main(["--out", str(tmp_path / "run"), "--steps", "2", "--sft-steps", "100", "--no-progress"])
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["model_class"] == "MTPCausalLM" and config["sft"]["sft_cache_file"] is None
+    assert list(result.metrics["step"]) == [0, 1, 2]
+    diag = pd.read_csv(tmp_path / "run" / "diag_steps.csv")
+    assert set(diag["objective"]) == {"j_batch", "j_true"} and diag["v2"].gt(0).all()
+    with pytest.raises(ValueError, match="not mtpdiag's GPT"):
+        load_run(tmp_path / "run")
+
+
+def test_a_user_model_that_does_not_fit_the_config_names_the_fix(tmp_path):
+    example = load_example()
+    cfg = TrainConfig(**TINY_TRAIN)
+    with pytest.raises(ValueError, match="model.to\\(device='cpu', dtype=torch.float64\\)"):
+        train(cfg, tmp_path / "a", model=example.tiny_gpt2(vocab_size=14, n_mtp=1))
+    with pytest.raises(ValueError, match="n_mtp=1 MTP heads over task 'addition'"):
+        train(cfg, tmp_path / "b", model=example.tiny_gpt2(vocab_size=14, n_mtp=2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="2 MTP heads over 20 tokens"):
+        train(cfg, tmp_path / "c", model=example.tiny_gpt2(vocab_size=20, n_mtp=2, dtype=torch.float64))
