@@ -13,8 +13,8 @@ Diagnostics run on the raw module (DDP's hooks do not fire for
 ``torch.autograd.grad``, and DDP has no double backward: pytorch issues 47562,
 63812), and the Probe, the calibrators and the trainer all-reduce here.
 
-Every function is a no-op on one process, so the same code runs with and
-without a process group.
+On one process every reduction is the identity and ``global_means`` changes
+nothing, so the same code runs with and without a process group.
 """
 from __future__ import annotations
 
