@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..occ_analysis import correlation_ci, tracking_summary
+from ..occ_analysis import correlation_ci, minibatch_summary, tracking_summary
 from .data import STAR_COLUMNS, diag_steps, final_values, tracking_frame
 from .figures import NAMES, SWEEP_SERIES
 from .load import Job, JobError
@@ -324,6 +324,30 @@ def tracking_details(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+ORACLE_STAR = "calib_lambda_star_taylor"  # the oracle arm's own lambda*, measured on each mini-batch
+
+
+def minibatch_details(job: Job) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per mini-batch index, on the oracle arm (which measures lambda*_Taylor on each
+    mini-batch and logs every OCC reading on the same one as a shadow): how each
+    reading tracks lambda*, and the distribution of each reading's lambda (the
+    first-mini-batch effect, measured). Empty frames when no arm has such a calibrator."""
+    oracle_arms = [a for a in job.arms if a.calibrator == "oracle"]
+    if not oracle_arms:
+        return pd.DataFrame(), pd.DataFrame()
+    frame = job.table("minibatch", columns=(ORACLE_STAR,), needed_for="the per-mini-batch C5 tables", arms=oracle_arms)
+    readings = {c.removeprefix("calib_shadow_").removesuffix("_lambda"): c
+                for c in frame.columns if c.startswith("calib_shadow_") and c.endswith("_lambda")}
+    tracking = pd.DataFrame([
+        {"minibatch": index, "proxy": name,
+         **tracking_summary(group, column, ORACLE_STAR, lambda_plus_col=f"{column}_plus", seed=stats.SEED,
+                            n_resamples=stats.N_RESAMPLES, confidence_level=stats.CONFIDENCE)}
+        for index, group in frame.groupby("minibatch") for name, column in readings.items()
+    ])
+    effect = minibatch_summary(frame, columns=[*readings.values(), ORACLE_STAR])
+    return tracking, effect
+
+
 def claim_c5(job: Job) -> tuple[ClaimResult, pd.DataFrame]:
     if not job.arms_of("occ"):
         return _result("C5", [Part("no occ arm in this job", INCONCLUSIVE)], np.nan, np.nan, np.nan, 0,
@@ -381,8 +405,11 @@ def claims(job: Job) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     """The claims table (one row per claim) and the detail tables (C4 crossings, C5 tracking)."""
     c4, crossings = claim_c4(job)
     c5, tracking = claim_c5(job)
+    mb_tracking, mb_effect = minibatch_details(job)
     results = [claim_c1(job), claim_c2(job), claim_c3(job), c4, c5, claim_c6(job)]
-    return pd.DataFrame([asdict(r) for r in results]), {"c4_crossings": crossings, "c5_tracking": tracking}
+    details = {"c4_crossings": crossings, "c5_tracking": tracking, "c5_minibatch_tracking": mb_tracking,
+               "c5_minibatch_effect": mb_effect}
+    return pd.DataFrame([asdict(r) for r in results]), details
 
 
 def write_claims(job: Job, out_dir, skipped: dict[str, str] | None = None) -> tuple[list[Path], pd.DataFrame]:
@@ -422,6 +449,17 @@ def _markdown(job: Job, table: pd.DataFrame, details: dict, skipped: dict[str, s
                    "sign_agreement", "lambda_plus", "best_lambda_plus"]
         lines += ["", "## C5: tracking of λ*_t by each OCC reading (pooled over occ arms and seeds)", "",
                   markdown_table(tracking[columns].round(4))]
+    mb_tracking = details["c5_minibatch_tracking"]
+    if len(mb_tracking):
+        columns = ["minibatch", "proxy", "n", "spearman", "spearman_lo", "spearman_hi", "ratio_median", "ratio_iqr",
+                   "sign_agreement", "best_lambda_plus"]
+        lines += ["", "## C5 per mini-batch: each OCC reading against λ*_Taylor of the same mini-batch (oracle arm)", "",
+                  "On mini-batch 0 π_old has just been recomputed, so the ratio readings' δ_RL is 0 there.", "",
+                  markdown_table(mb_tracking[columns].round(4))]
+        effect = details["c5_minibatch_effect"]
+        columns = ["minibatch", "column", "n", "median", "q25", "q75", "median_abs", "zero_fraction"]
+        lines += ["", "## The first-mini-batch effect: λ of each reading per mini-batch index (oracle arm)", "",
+                  markdown_table(effect[[c for c in columns if c in effect.columns]].round(4))]
     lines += ["", "## Thresholds (mtpdiag/report/claims.py)", "",
               markdown_table(pd.DataFrame([(k, f"{v:g}", m) for k, (v, m) in THRESHOLDS.items()],
                                           columns=["name", "value", "meaning"]))]
