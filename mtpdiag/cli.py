@@ -12,6 +12,7 @@ import sys
 from dataclasses import fields
 
 from .calibrators import CALIBRATORS
+from .distributed import is_main_process
 from .experiment import PRESETS, run_job
 from .rundir import RunDir
 from .tasks import TASKS
@@ -97,6 +98,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def cmd_train(args: argparse.Namespace) -> None:
     cfg = config_from_args(args)
     result = train(cfg, args.out, resume=args.resume, progress=args.progress, cache_dir=args.sft_cache)
+    if not is_main_process():
+        return
     final = result.metrics.iloc[-1]
     print(
         f"{cfg.regime}: step {int(final['step'])}, J_true {final['j_true']:.4f}, "
@@ -138,3 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except (ValueError, NonFiniteLossError) as err:
         sys.exit(f"mtpdiag {args.command}: error: {err}")
+
+
+if __name__ == "__main__":
+    main()
