@@ -13,7 +13,7 @@ from dataclasses import fields
 
 from .calibrators import CALIBRATORS
 from .distributed import is_main_process
-from .experiment import PRESETS, run_job
+from .experiment import PRESETS, micro, run_job
 from .rundir import RunDir
 from .tasks import TASKS
 from .train import DETACH_MODES, DTYPES, OPTIMIZERS, REGIMES, NonFiniteLossError, TrainConfig, train
@@ -108,8 +108,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    job = run_job(PRESETS[args.preset], args.out or f"runs/{args.preset}", workers=args.workers,
-                  cache_dir=args.sft_cache, progress=args.progress)
+    preset = micro(PRESETS[args.preset]) if args.micro else PRESETS[args.preset]
+    job = run_job(preset, args.out or f"runs/{preset.name}", workers=args.workers, cache_dir=args.sft_cache,
+                  progress=args.progress)
     print(f"figures and claims report: {job / 'figures'}")
 
 
@@ -124,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run_parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
                             help="; ".join(f"{name}: {p.description}" for name, p in PRESETS.items()))
+    run_parser.add_argument("--micro", action="store_true",
+                            help="the preset on a tiny model for a few steps: checks the whole path in a minute or two")
     run_parser.add_argument("--out", default=None, help="job directory (default: runs/<preset>); rerun to resume")
     run_parser.add_argument("--workers", type=int, default=None, help="parallel training processes (default: cores)")
     run_parser.add_argument("--sft-cache", default=None,

@@ -87,3 +87,27 @@ def test_diverging_training_stops_naming_the_step_and_the_loss(tmp_path, cache):
     # AdamW moves every weight by about lr, so lr=1e30 overflows the logits at once
     with pytest.raises(SystemExit, match=r"step 1, mini-batch 1: \w+ = nan is not finite; stopped before the update"):
         run_cli(*TINY, "--lr", "1e30", "--out", str(tmp_path / "run"), "--sft-cache", cache)
+
+
+def test_run_quick_micro_writes_every_figure_and_claim(tmp_path, capsys):
+    """The CI smoke test of the main job: `mtpdiag run --preset quick --micro`."""
+    import pandas as pd
+    from PIL import Image
+
+    from mtpdiag.report.figures import FIGURES, NAMES
+
+    main(["run", "--preset", "quick", "--micro", "--workers", "1", "--out", str(tmp_path / "job"),
+          "--sft-cache", str(tmp_path / "cache"), "--no-progress"])
+    figures = tmp_path / "job" / "figures"
+    assert str(figures) in capsys.readouterr().out
+    assert not (tmp_path / "job" / ".incomplete").exists()
+    for name in FIGURES:
+        png, pdf = figures / f"{NAMES[name]}.png", figures / f"{NAMES[name]}.pdf"
+        assert Image.open(png).size[0] > 0 and pdf.read_bytes().startswith(b"%PDF")
+    claims = pd.read_csv(figures / "claims.csv")
+    assert claims["claim"].tolist() == ["C1", "C2", "C3", "C4", "C5", "C6"]
+    assert set(claims["verdict"]) <= {"holds", "does not hold", "inconclusive"}
+    assert all(f"| {c} |" in (figures / "claims.md").read_text() for c in claims["claim"])
+    table1 = pd.read_csv(figures / "table1.csv")
+    arms = [a["label"] for a in json.loads((tmp_path / "job" / "job.json").read_text())["preset"]["arms"]]
+    assert table1.loc[table1["table"] == "main", "arm"].tolist() == arms
