@@ -457,9 +457,9 @@ def _markdown(job: Job, table: pd.DataFrame, details: dict, skipped: dict[str, s
                   "On mini-batch 0 π_old has just been recomputed, so the ratio readings' δ_RL is 0 there.", "",
                   markdown_table(mb_tracking[columns].round(4))]
         effect = details["c5_minibatch_effect"]
-        columns = ["minibatch", "column", "n", "median", "q25", "q75", "median_abs", "zero_fraction"]
+        columns = ["minibatch", "column", "n", "median", "q25", "q75", "median_abs", "frac_zero"]
         lines += ["", "## The first-mini-batch effect: λ of each reading per mini-batch index (oracle arm)", "",
-                  markdown_table(effect[[c for c in columns if c in effect.columns]].round(4))]
+                  markdown_table(effect[columns].round(4))]
     lines += ["", "## Thresholds (mtpdiag/report/claims.py)", "",
               markdown_table(pd.DataFrame([(k, f"{v:g}", m) for k, (v, m) in THRESHOLDS.items()],
                                           columns=["name", "value", "meaning"]))]
