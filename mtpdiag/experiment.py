@@ -168,6 +168,8 @@ def run_job(
 
     units = [(arm, seed) for seed in preset.seeds for arm in preset.arms]
     todo = [(arm, seed) for arm, seed in units if not RunDir(unit_dir(job_dir, arm, seed)).is_complete()]
+    # the oracle runs cost about twice the others: start them first so none is left alone at the end
+    todo.sort(key=lambda unit: unit[0].calibrator != "oracle")
     bar = tqdm(total=len(units), initial=len(units) - len(todo), desc="mtpdiag run", unit="run",
                disable=None if progress is None else not progress)
     args = lambda arm, seed: (str(job_dir), preset.to_dict(), asdict(arm), seed, threads, cache_dir)  # noqa: E731
