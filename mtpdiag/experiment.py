@@ -172,7 +172,10 @@ def run_job(
     todo.sort(key=lambda unit: unit[0].calibrator != "oracle")
     bar = tqdm(total=len(units), initial=len(units) - len(todo), desc="mtpdiag run", unit="run",
                disable=None if progress is None else not progress)
-    args = lambda arm, seed: (str(job_dir), preset.to_dict(), asdict(arm), seed, threads, cache_dir)  # noqa: E731
+
+    def args(arm: Arm, seed: int) -> tuple:
+        return str(job_dir), preset.to_dict(), asdict(arm), seed, threads, cache_dir
+
     if workers == 1:
         for arm, seed in todo:
             bar.set_postfix_str(f"{arm.label} seed {seed}")
