@@ -152,6 +152,8 @@ def run_job(
 ) -> Path:
     """Run every (arm, seed) of ``preset`` into ``out``, then the eta sweep and the
     report. Re-running on the same ``out`` resumes; a different preset there is an error."""
+    if torch.device(preset.base.device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"preset {preset.name!r} trains on CUDA and this machine has no GPU: use --preset default or quick")
     job_dir = Path(out)
     _open_job(job_dir, preset)
     workers = workers or min(os.cpu_count() or 1, len(preset.arms) * len(preset.seeds))

@@ -77,3 +77,10 @@ def test_eta_sweep_residual_shrinks_like_eta_cubed(resumed_job):
     for (seed, lam), rows in sweep.groupby(["seed", "lambda"]):
         slope = np.polyfit(np.log(rows["eta"]), np.log(rows["residual"]), 1)[0]
         assert 2.7 <= slope <= 3.3, (seed, lam, slope)
+
+
+def test_the_gpu_preset_on_a_machine_without_a_gpu_names_the_cpu_presets(tmp_path, monkeypatch):
+    monkeypatch.setattr(experiment.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="--preset default or quick"):
+        run_job(PRESETS["full"], tmp_path / "job", workers=1, progress=False)
+    assert not (tmp_path / "job").exists()
