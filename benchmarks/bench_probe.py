@@ -27,9 +27,9 @@ import pandas as pd
 import torch
 
 from mtpdiag import losses
-from mtpdiag.hvp import HessianAt
+from mtpdiag.diagnostics.hvp import HessianAt
 from mtpdiag.model import GPT, GPTConfig
-from mtpdiag.probe import Probe
+from mtpdiag.diagnostics import Probe
 from mtpdiag.tasks import make_task
 
 # name -> (d_model, n_layer, n_head); parameter counts from about 0.1M to 25M

@@ -11,7 +11,7 @@ Calibrators:
   log-prob proxy (``ratio``: the log-probs the trainer already holds; ``step``:
   the first-order log-prob change of the RL step and of the MTP step).
   Presets :meth:`OCC.paper` and :meth:`OCC.reference`.
-* :class:`Oracle`: lambda*_taylor or lambda*_meas from the :class:`~mtpdiag.probe.Probe`.
+* :class:`Oracle`: lambda*_taylor or lambda*_meas from the :class:`~mtpdiag.diagnostics.Probe`.
 * :class:`CosineGate`: lambda0 * max(0, cos(g, m)) (Du et al. 2018).
 * :class:`WithShadows`: trains with one calibrator and logs what others would
   have chosen on the same mini-batch (proxies against the oracle, row by row).
@@ -37,7 +37,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .distributed import all_reduce_tree, global_means
 from .losses import AlignedLogprobs, token_logprobs
-from .probe import Probe
+from .diagnostics import Probe
 
 PROXIES = ("ratio", "step")
 AGGREGATES = ("sum", "tokenwise")
@@ -402,7 +402,7 @@ class OCC(Calibrator, _WarningCounter):
 
 
 class _ProbeCalibrator(Calibrator, _WarningCounter):
-    """A calibrator that measures g and m with one :class:`~mtpdiag.probe.Probe` per head
+    """A calibrator that measures g and m with one :class:`~mtpdiag.diagnostics.Probe` per head
     (head k's probe uses head k's MTP loss alone; with one head, the whole MTP loss)."""
 
     def __init__(self):

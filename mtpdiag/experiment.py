@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .calibrators import WithShadows, make_calibrator
-from .probe import Probe
+from .diagnostics import Probe
 from .rundir import RunDir
 from .train import TrainConfig, build_task, load_run, regime_losses, rollout, train, warm_start
 

@@ -1,4 +1,4 @@
-"""Run a :class:`~mtpdiag.probe.Probe` inside any training loop, on a schedule, into tidy tables.
+"""Run a :class:`~mtpdiag.diagnostics.Probe` inside any training loop, on a schedule, into tidy tables.
 
 Three tables, all keyed by ``step`` and ``objective`` (the curve objective's name):
 ``steps`` (one row per measured step and objective: every scalar of the record),
@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from .probe import Probe, ProbeRecord
+from .diagnostics import Probe, ProbeRecord
 
 TABLES = ("steps", "curves", "blocks")
 # the few scalars a trainer callback returns for its own metrics table (all of them go to the sink)

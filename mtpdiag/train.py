@@ -80,7 +80,7 @@ from .losses import AlignedLogprobs, aligned_logprobs, group_advantages, j_true,
 from .losses import rl_objective
 from .losses import sft_loss, token_logprobs
 from .model import GPT, GPTConfig, GPTOutput
-from .probe import default_forward
+from .diagnostics import default_forward
 from .rundir import RunDir
 from .tasks import TASKS, Task, make_task
 

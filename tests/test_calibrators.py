@@ -21,7 +21,7 @@ from mtpdiag.calibrators import (
 )
 from mtpdiag.losses import AlignedLogprobs, aligned_logprobs, mtp_policy_loss, rl_objective, token_logprobs
 from mtpdiag.model import GPT, GPTConfig, GPTOutput, HeadPrediction
-from mtpdiag.probe import Probe
+from mtpdiag.diagnostics import Probe
 
 EPS = 1e-8
 F64 = torch.float64

@@ -24,7 +24,7 @@ from mtpdiag import losses
 from mtpdiag.calibrators import OCC, CalibrationInputs, CosineGate, Oracle, WithShadows
 from mtpdiag.cli import main as cli_main
 from mtpdiag.model import GPT, GPTConfig, GPTOutput, HeadPrediction
-from mtpdiag.probe import Probe
+from mtpdiag.diagnostics import Probe
 from mtpdiag.train import TrainConfig, load_run, train
 
 WORLD = 2

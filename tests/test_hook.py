@@ -9,7 +9,7 @@ import torch
 from mtpdiag import losses
 from mtpdiag.hook import CSVSink, DiagnosticsHook, MemorySink, ParquetSink, every, log_spaced
 from mtpdiag.model import GPT, GPTConfig
-from mtpdiag.probe import Probe
+from mtpdiag.diagnostics import Probe
 
 VOCAB, T, B = 14, 8, 4
 

@@ -8,9 +8,9 @@ import torch.nn as nn
 from torch.func import functional_call
 
 from mtpdiag import losses
-from mtpdiag.hvp import HessianAt
+from mtpdiag.diagnostics.hvp import HessianAt
 from mtpdiag.model import GPT, GPTConfig
-from mtpdiag.probe import NO_MTP_SIGNAL, Probe
+from mtpdiag.diagnostics import NO_MTP_SIGNAL, Probe
 
 VOCAB, T, B = 14, 8, 4
 

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import ortho_group
 
-from mtpdiag.probe import NO_MTP_SIGNAL, NOT_CONCAVE, Probe
+from mtpdiag.diagnostics import NO_MTP_SIGNAL, NOT_CONCAVE, Probe
 
 EPS = np.finfo(np.float64).eps
 

@@ -16,7 +16,7 @@ from matplotlib.image import imread
 from mtpdiag import __version__
 from mtpdiag.calibrators import WithShadows, make_calibrator
 from mtpdiag.hook import CSVSink, DiagnosticsHook, every
-from mtpdiag.probe import Curve, Probe, ProbeRecord, default_forward
+from mtpdiag.diagnostics import Curve, Probe, ProbeRecord, default_forward
 from mtpdiag.report import build_report, claims, figures, load_job, run_analysis, stats, table
 from mtpdiag.report.claims import FAILS, HOLDS, INCONCLUSIVE, VERDICTS, at_least, at_most, combine, within
 from mtpdiag.report.load import JobError

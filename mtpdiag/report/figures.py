@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from ..occ_analysis import correlation_ci
-from ..probe import ProbeRecord
+from ..diagnostics import quantities
 from . import stats, style
 from .data import OBJECTIVE, STAR_COLUMNS, checkpoints, diag_steps, tracking_frame
 from .load import Job, JobError
@@ -126,11 +126,11 @@ def _curve_panel(ax, points: pd.DataFrame, record: pd.Series, color) -> str:
         numbers.append(f"R² {record['fit_r2']:.3f}")
     shown = [points["delta_meas"].to_numpy()]
     if params.a is not None:
-        taylor = ProbeRecord.taylor_delta(params, lam)
+        taylor = quantities.taylor_delta(params.a, params.b, lam)
         ax.plot(lam, taylor, "--", color="black", label="Taylor a λ − b λ²")
         shown.append(taylor)
     if params.L is not None:
-        ax.plot(lam, ProbeRecord.smooth_delta(params, lam), ":", color="tab:orange", label="L-smooth expression")
+        ax.plot(lam, quantities.smooth_delta(params.lr, params.c, params.c_eval, params.L, params.v2, lam), ":", color="tab:orange", label="L-smooth expression")
         numbers.append(f"L {params.L:.3g}")
     else:
         numbers.append("L not measured")

@@ -1,7 +1,7 @@
 """The exact per-step decomposition of an MTP loss's effect on an RL objective.
 
 :class:`Probe` measures, at the current parameters and for one batch, every
-quantity of THEORY.md sections 2-4 (c, v^2, h_gm, h_mm, lambda*, the L-smooth
+quantity of docs/theory.md sections 2-4 (c, v^2, h_gm, h_mm, lambda*, the L-smooth
 form, the measured curve Delta(lambda)) as pure functions of (parameters,
 batch): it calls the model through ``torch.func.functional_call`` and never
 touches the model's parameters, ``.grad``, buffers, the optimizer or the RNG.
@@ -35,9 +35,10 @@ from scipy.optimize import minimize_scalar
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .distributed import all_reduce_sum, all_reduce_tree, global_means
+from ..distributed import all_reduce_sum, all_reduce_tree, global_means
+from . import quantities
 from .hvp import HVP_MODES, HessianAt, Params, top_curvature, tree_dot
-from .integrations import require_unwrapped
+from ..integrations import require_unwrapped
 
 NO_MTP_SIGNAL = "no MTP signal on shared parameters"
 NOT_CONCAVE = "direction not concave (h_mm >= 0): no lambda*"
@@ -79,7 +80,7 @@ def block_of(name: str) -> str:
 class Curve:
     """Delta(lambda) measured on a grid, its quadratic fit and the refined argmax.
 
-    ``kind`` is ``sgd`` (the SGD step of THEORY.md s.2) or ``optimizer`` (the real
+    ``kind`` is ``sgd`` (the SGD step of docs/theory.md s.2) or ``optimizer`` (the real
     optimizer step from a clone of its state). ``fit`` holds the coefficients
     (a2, a1, a0) of a2 lambda^2 + a1 lambda + a0.
     """
@@ -153,17 +154,12 @@ class ProbeRecord:
         return row
 
     def taylor_delta(self, lam: float) -> float | None:
-        """The Taylor quadratic a lambda - b lambda^2 of THEORY.md s.2."""
-        return None if self.a is None else self.a * lam - self.b * lam**2
+        """The Taylor quadratic a lambda - b lambda^2 (docs/theory.md s.2)."""
+        return quantities.taylor_delta(self.a, self.b, lam)
 
     def smooth_delta(self, lam: float) -> float | None:
-        """The L-smooth expression eta lambda (c_e - L eta c) - L eta^2 lambda^2 v^2 / 2,
-        which is the paper's eta lambda (1 - L eta) c - ... when the curve objective
-        is the gradient's objective (c_e = c)."""
-        if self.L is None:
-            return None
-        eta, c_e = self.lr, self.c if self.c_eval is None else self.c_eval
-        return eta * lam * (c_e - self.L * eta * self.c) - self.L * eta**2 * lam**2 * self.v2 / 2
+        """The L-smooth expression of docs/theory.md s.3 (see :func:`.quantities.smooth_delta`)."""
+        return quantities.smooth_delta(self.lr, self.c, self.c_eval, self.L, self.v2, lam)
 
     def curve_rows(self) -> list[dict]:
         rows = []
@@ -207,7 +203,7 @@ class Probe:
     ``forward``): pass the joint forward to measure a detached regime on the S
     of the joint model.
 
-    ``hvp_mode`` is ``fwd_rev`` (default) or ``rev_rev``; see :mod:`mtpdiag.hvp`.
+    ``hvp_mode`` is ``fwd_rev`` (default) or ``rev_rev``; see :mod:`mtpdiag.diagnostics.hvp`.
 
     Diagnostics run with eval semantics (dropout off; every module's ``training``
     flag is restored afterwards) and inside a forked RNG, so the caller's random
@@ -298,7 +294,7 @@ class Probe:
 
     def function_of_shared(self, loss: Callable, batch: dict) -> tuple[Callable[[Params], torch.Tensor], Params]:
         """``loss`` on ``batch`` as a pure function of S (the rest held at its current
-        values), and S's current values; e.g. for :class:`~mtpdiag.hvp.HessianAt`
+        values), and S's current values; e.g. for :class:`~mtpdiag.diagnostics.hvp.HessianAt`
         on directions of your own. Keys carry the wrapper prefix ``model.``.
         Call it under the model's eval semantics (dropout off) for exact results.
         On several ranks the function is this rank's share: build
@@ -460,7 +456,7 @@ class Probe:
         if record.L is not None and record.L <= 0:
             notes.append("L <= 0 (no negative curvature): no lambda*_smooth")
         elif record.L is not None and v2 > 0:
-            record.lambda_star_smooth = (c_e - record.L * lr * c) / (record.L * lr * v2)
+            record.lambda_star_smooth = quantities.lambda_star_smooth(lr, c, c_e, record.L, v2)
         if per_block:
             record.blocks = self._blocks(g, m, Hm)
 
@@ -518,15 +514,14 @@ class Probe:
         if gg_curvature:
             record.h_gg = tree_dot(g, hessian(g)).item()
             record.kappa_g = -record.h_gg / g2 if g2 > 0 else None
-        record.a = eta * (c_e + eta * record.h_gm)
-        record.b = -(eta**2 / 2) * record.h_mm
+        record.a, record.b = quantities.taylor_coefficients(eta, c_e, record.h_gm, record.h_mm)
         record.concave = record.h_mm < 0
         if v2 > 0:
             record.kappa_m = -record.h_mm / v2
             if record.concave:
-                record.lambda_star_taylor = record.a / (2 * record.b)
-                record.harm_threshold = 2 * record.lambda_star_taylor
-                record.best_gain_taylor = record.a**2 / (4 * record.b)
+                record.lambda_star_taylor = quantities.lambda_star_taylor(record.a, record.b)
+                record.harm_threshold = quantities.harm_threshold(record.lambda_star_taylor)
+                record.best_gain_taylor = quantities.best_gain(record.a, record.b)
             else:
                 notes.append(NOT_CONCAVE)
 

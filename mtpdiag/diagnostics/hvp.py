@@ -23,7 +23,7 @@ from scipy.linalg import eigh
 from scipy.sparse.linalg import ArpackError, LinearOperator, eigsh
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .distributed import all_reduce_sum, all_reduce_tree
+from ..distributed import all_reduce_sum, all_reduce_tree
 
 HVP_MODES = ("fwd_rev", "rev_rev")
 

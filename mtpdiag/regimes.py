@@ -1,0 +1,215 @@
+"""Training regimes: how the MTP heads meet the RL objective (docs/theory.md, section 5).
+
+A :class:`Regime` holds, in one place, everything that distinguishes one way of
+training the MTP heads from another:
+
+* how the MTP heads' graph is cut from the parameters the main head uses
+  (:meth:`Regime.mtp_detach`);
+* its MTP loss as a pure function of (model output, batch) (:meth:`Regime.aux_loss`);
+* how its coefficient lambda is chosen (``lambda_rule``): ``UNIT`` (weight 1, no
+  lambda: the heads only keep learning), ``FIXED`` (the config's ``lam``) or
+  ``CALIBRATED`` (a :mod:`~mtpdiag.calibrators` calibrator on every mini-batch);
+* which config fields apply to it (:meth:`Regime.validate`);
+* how a report names and colours its arms (:meth:`Regime.display_name`,
+  :meth:`Regime.colour_family`).
+
+Trainer, experiment and report read regimes from :data:`REGIMES` and never
+compare a regime's name. A new regime is one subclass and one :func:`register`
+call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+import torch
+
+from .losses import mtp_ce_loss, mtp_policy_loss, rl_objective
+
+UNIT, FIXED, CALIBRATED = "unit", "fixed", "calibrated"
+LAMBDA_RULES = (UNIT, FIXED, CALIBRATED)
+DEFAULT_LAMBDA = 1.0  # the fixed MTP coefficient when a FIXED or CALIBRATED regime is given none
+# GPT.forward's mtp_detach argument for each detach_mode a config may name
+DETACH_MODES = {"full": "detach", "trunk_only": "detach_trunk_only"}
+
+
+@dataclass(frozen=True)
+class RegimeLosses:
+    """What the trainer optimises on one mini-batch, as pure functions of
+    (model output, batch): loss = -objective(out, batch) + aux_loss(out, batch, lambdas).
+    ``aux_loss`` with no head weights is L_MTP summed over heads with weight 1."""
+
+    regime: "Regime"
+    mtp_detach: str
+    eps_low: float
+    eps_high: float
+
+    def forward(self, model, batch: dict):
+        return model(batch["input_ids"], mtp_detach=self.mtp_detach)
+
+    def objective(self, out, batch: dict) -> torch.Tensor:
+        return rl_objective(out, batch, self.eps_low, self.eps_high)
+
+    def aux_loss(self, out, batch: dict, head_weights=None) -> torch.Tensor:
+        return self.regime.aux_loss(out, batch, head_weights, self.eps_low, self.eps_high)
+
+
+class Regime:
+    """One way of training the MTP heads alongside the RL objective.
+
+    Subclasses set the class attributes and override :meth:`aux_loss`, and where
+    they differ :meth:`mtp_detach`, :meth:`validate` and :meth:`display_name`.
+    """
+
+    name: str
+    description: str
+    lambda_rule: str
+    display: str  # the report's name of the regime
+    family: str  # a matplotlib colormap name: the report shades the regime's arms from it
+
+    def aux_loss(self, out, batch: dict, head_weights=None, eps_low: float = 0.2, eps_high: float = 0.28):
+        raise NotImplementedError
+
+    def mtp_detach(self, detach_mode: str) -> str:
+        """GPT.forward's ``mtp_detach`` for this regime (``detach_mode`` is the config's)."""
+        return "none"
+
+    @property
+    def joint(self) -> bool:
+        """True when the MTP loss reaches the shared parameters S (it is not cut from them)."""
+        return self.mtp_detach("full") == "none"
+
+    def losses(self, cfg) -> RegimeLosses:
+        return RegimeLosses(self, self.mtp_detach(cfg.detach_mode), cfg.eps_low, cfg.eps_high)
+
+    def lambdas(self, lam: float | None, num_heads: int, dtype=torch.float32) -> torch.Tensor:
+        """The per-head MTP coefficients of a UNIT or FIXED regime."""
+        if self.lambda_rule == CALIBRATED:
+            raise ValueError(f"regime {self.name!r} chooses lambda with a calibrator on every mini-batch")
+        value = 1.0 if self.lambda_rule == UNIT else (DEFAULT_LAMBDA if lam is None else lam)
+        return torch.full((num_heads,), float(value), dtype=dtype)
+
+    def validate(self, cfg) -> None:
+        """Reject config fields that do not apply to this regime, naming the fix."""
+        if self.lambda_rule == UNIT and cfg.lam is not None:
+            raise ValueError(
+                f"lam does not apply to regime {self.name!r} ({self.description}): drop --lam, or choose one of "
+                f"{sorted(n for n, r in REGIMES.items() if r.lambda_rule != UNIT)}"
+            )
+        if self.lambda_rule != CALIBRATED and cfg.calibrator is not None:
+            raise ValueError(
+                f"calibrator applies only to regimes {sorted(n for n, r in REGIMES.items() if r.lambda_rule == CALIBRATED)}, "
+                f"not {self.name!r}: drop --calibrator"
+            )
+        if cfg.detach_mode != "full" and self.mtp_detach("full") == "none":
+            raise ValueError(f"detach_mode applies only to a detached regime, not {self.name!r}: drop --detach-mode")
+
+    def display_name(self, lam: float | None = None, calibrator: str | None = None) -> str:
+        if self.lambda_rule == FIXED:
+            return f"{self.display} (λ={DEFAULT_LAMBDA if lam is None else lam:g})"
+        return self.display
+
+    def colour_family(self, calibrator: str | None = None) -> str:
+        return self.family
+
+    def __repr__(self) -> str:
+        return f"<regime {self.name}>"
+
+
+class Detach(Regime):
+    name = "detach"
+    description = "MTP heads read a detached trunk; their cross-entropy keeps them learning with weight 1"
+    lambda_rule = UNIT
+    display = "Detach"
+    family = "Greys"
+
+    def aux_loss(self, out, batch, head_weights=None, eps_low=0.2, eps_high=0.28):
+        return mtp_ce_loss(out, batch, head_weights)
+
+    def mtp_detach(self, detach_mode: str) -> str:
+        if detach_mode not in DETACH_MODES:
+            raise ValueError(f"unknown detach_mode {detach_mode!r}: choose one of {list(DETACH_MODES)}")
+        return DETACH_MODES[detach_mode]
+
+
+class CrossEntropy(Regime):
+    name = "ce"
+    description = "MTP cross-entropy on the sampled rollouts, fixed lambda"
+    lambda_rule = FIXED
+    display = "CE"
+    family = "Reds"
+
+    def aux_loss(self, out, batch, head_weights=None, eps_low=0.2, eps_high=0.28):
+        return mtp_ce_loss(out, batch, head_weights)
+
+
+class Policy(Regime):
+    name = "policy"
+    description = "the main head's clipped policy loss on the MTP heads' log-probs, fixed lambda"
+    lambda_rule = FIXED
+    display = "Policy"
+    family = "Blues"
+
+    def aux_loss(self, out, batch, head_weights=None, eps_low=0.2, eps_high=0.28):
+        return mtp_policy_loss(out, batch, head_weights, eps_low, eps_high)
+
+
+# the report's names of the calibrators an OCC arm may train with
+CALIBRATOR_DISPLAY = {"occ-paper": "OCC paper", "occ-reference": "OCC reference", "oracle": "Oracle"}
+CALIBRATOR_FAMILIES = {"oracle": "Purples"}
+
+
+class OCC(Policy):
+    name = "occ"
+    description = "the policy loss with lambda_t from a calibrator on every mini-batch (a fixed lam without one)"
+    lambda_rule = CALIBRATED
+    display = "OCC"
+    family = "Greens"
+
+    def validate(self, cfg) -> None:
+        super().validate(cfg)
+        if cfg.calibrator is not None:
+            from .calibrators import CALIBRATORS
+
+            if cfg.calibrator not in CALIBRATORS:
+                raise ValueError(f"unknown calibrator {cfg.calibrator!r}: choose one of {sorted(CALIBRATORS)}")
+            if cfg.lam is not None:
+                raise ValueError(f"lam does not apply when calibrator {cfg.calibrator!r} sets lambda_t: drop --lam")
+
+    def display_name(self, lam=None, calibrator=None) -> str:
+        if calibrator is None:
+            return f"{self.display} (fixed λ={DEFAULT_LAMBDA if lam is None else lam:g})"
+        return CALIBRATOR_DISPLAY.get(calibrator, f"{self.display} {calibrator}")
+
+    def colour_family(self, calibrator=None) -> str:
+        return CALIBRATOR_FAMILIES.get(calibrator, self.family)
+
+
+REGIMES: dict[str, Regime] = {}
+
+
+def register(regime: Regime) -> Regime:
+    """Add ``regime`` to the registry under its name (the trainer, the experiment and the report read it there)."""
+    if not isinstance(regime, Regime):
+        raise TypeError(f"register() takes a Regime instance, got {type(regime).__name__}")
+    if regime.lambda_rule not in LAMBDA_RULES:
+        raise ValueError(f"regime {regime.name!r}: lambda_rule {regime.lambda_rule!r} is not one of {LAMBDA_RULES}")
+    REGIMES[regime.name] = regime
+    return regime
+
+
+def unregister(name: str) -> None:
+    REGIMES.pop(name, None)
+
+
+def get(name: "str | Regime") -> Regime:
+    """The registered regime of that name (a Regime is returned as is)."""
+    if isinstance(name, Regime):
+        return name
+    if name not in REGIMES:
+        raise ValueError(f"unknown regime {name!r}: choose one of {sorted(REGIMES)}")
+    return REGIMES[name]
+
+
+DETACH = register(Detach())
+CE = register(CrossEntropy())
+POLICY = register(Policy())
+OCC_REGIME = register(OCC())

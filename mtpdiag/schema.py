@@ -1,0 +1,161 @@
+"""The on-disk format of run and job directories, in one place.
+
+Writers (trainer, hook, experiment) and readers (report, analyses) import the
+names below; nothing else spells a file name, a column prefix or an arm label.
+
+Run directory (``mtpdiag train``)::
+
+    config.json      the TrainConfig, seeds, versions, calibrator
+    metrics.csv      one row per RL step (step 0: the post-SFT evaluation)
+    minibatch.csv    one row per optimiser mini-batch
+    diag_steps.csv   one row per measured step and curve objective (DiagnosticsHook)
+    diag_curves.csv  one row per lambda of each measured curve
+    diag_blocks.csv  one row per parameter block
+    checkpoint.pt    the latest checkpoint (with the rows up to its step)
+    .incomplete      present until the run is done
+
+Job directory (``mtpdiag run``)::
+
+    job.json  .incomplete  runs/<arm label>/seed<k>/  eta_sweep.csv  figures/
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+# ----------------------------------------------------------------------------- file names
+
+CONFIG = "config.json"
+CHECKPOINT = "checkpoint.pt"
+INCOMPLETE = ".incomplete"
+METRICS = "metrics.csv"
+MINIBATCH = "minibatch.csv"
+DIAG_PREFIX = "diag_"
+DIAG_TABLES = ("steps", "curves", "blocks")
+JOB_FILE = "job.json"
+ETA_SWEEP = "eta_sweep.csv"
+RUNS_DIR = "runs"
+FIGURES_DIR = "figures"
+
+
+def diag_file(table: str, suffix: str = ".csv", prefix: str = DIAG_PREFIX) -> str:
+    """``diag_steps.csv`` and its siblings."""
+    if table not in DIAG_TABLES:
+        raise ValueError(f"diagnostics table {table!r}: choose one of {DIAG_TABLES}")
+    return f"{prefix}{table}{suffix}"
+
+
+def run_dir(job_dir: str | os.PathLike, label: str, seed: int) -> Path:
+    """``<job>/runs/<arm label>/seed<k>``."""
+    return Path(job_dir) / RUNS_DIR / label / f"seed{seed}"
+
+
+# ----------------------------------------------------------------------------- columns
+
+CALIB_PREFIX = "calib_"  # a calibrator's info key k is logged as calib_<k>
+LAMBDA_PREFIX = "lambda_"  # the MTP coefficient of head k as lambda_<k>
+SHADOW_PREFIX = "shadow_"  # WithShadows logs shadow s's info key k as calib_shadow_<s>_<k>
+HOOK_PREFIX = "diag_"  # DiagnosticsHook's summary of objective o, field f in metrics.csv: diag_<o>_<f>
+
+
+def calib_column(key: str) -> str:
+    return f"{CALIB_PREFIX}{key}"
+
+
+def lambda_column(head: int) -> str:
+    return f"{LAMBDA_PREFIX}{head}"
+
+
+def shadow_label(reading: str) -> str:
+    """The WithShadows label of a shadowed reading: ``paper`` -> ``shadow_paper``."""
+    return f"{SHADOW_PREFIX}{reading}"
+
+
+def shadow_column(reading: str, key: str) -> str:
+    """``calib_shadow_<reading>_<key>``: what shadow ``reading`` logged under ``key``."""
+    return calib_column(f"{shadow_label(reading)}_{key}")
+
+
+_SHADOW_LAMBDA = re.compile(rf"^{CALIB_PREFIX}{SHADOW_PREFIX}(?P<reading>.+)_lambda(?:_0)?$")
+
+
+def parse_shadow_lambda_column(column: str) -> str | None:
+    """The reading whose lambda (head 0) ``column`` holds, or None: inverse of
+    ``shadow_column(reading, "lambda")`` (and of ``"lambda_0"`` with several heads)."""
+    match = _SHADOW_LAMBDA.match(column)
+    return match["reading"] if match else None
+
+
+def hook_column(objective: str, field: str) -> str:
+    return f"{HOOK_PREFIX}{objective}_{field}"
+
+
+# ----------------------------------------------------------------------------- arms
+
+
+def format_arm_label(regime: str, lam: float | None = None, calibrator: str | None = None) -> str:
+    """An arm's label: the calibrator's name when one sets lambda (``occ-paper``,
+    ``oracle``), ``<regime>-<lam>`` for a fixed lambda (``policy-0.5``), else the
+    regime's name (``detach``). :func:`parse_arm_label` inverts it."""
+    if calibrator is not None:
+        return calibrator
+    if lam is not None:
+        return f"{regime}-{float(lam)}"
+    return regime
+
+
+def parse_arm_label(label: str, regimes, calibrators) -> tuple[str, float | None, str | None]:
+    """(regime, lam, calibrator) of a label made by :func:`format_arm_label`, given
+    the registered regime names and calibrator names; a ValueError names what it
+    could not read. A calibrator label belongs to the calibrated regime that
+    ``regimes`` lists first among those it is not the name of."""
+    if label in regimes:
+        return label, None, None
+    regime, sep, lam = label.rpartition("-")
+    if sep and regime in regimes:
+        try:
+            return regime, float(lam), None
+        except ValueError:
+            pass
+    if label in calibrators:
+        calibrated = [name for name, r in regimes.items() if r.lambda_rule == "calibrated"]
+        if calibrated:
+            return calibrated[0], None, label
+    raise ValueError(
+        f"arm label {label!r} is neither a regime ({sorted(regimes)}), nor <regime>-<lambda>, nor a calibrator "
+        f"({sorted(calibrators)})"
+    )
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One training setting of a job: a regime, its fixed lambda or its calibrator, and its label."""
+
+    label: str
+    regime: str
+    lam: float | None = None
+    calibrator: str | None = None
+
+    @classmethod
+    def of(cls, regime: str, lam: float | None = None, calibrator: str | None = None) -> "Arm":
+        return cls(format_arm_label(regime, lam, calibrator), regime, lam, calibrator)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Call ``write(tmp)`` on a temporary sibling of ``path``, then rename it onto
+    ``path``: a reader sees the old file or the whole new one, never half of it.
+    The temporary name carries the process id, so two writers never share it."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
