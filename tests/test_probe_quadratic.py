@@ -339,3 +339,36 @@ def test_per_block_rows_sum_to_the_totals():
     assert blocks["blocks.0"]["n_params"] == 12
     for key, total in (("c", record.c), ("v2", record.v2), ("h_mm", record.h_mm)):
         assert sum(row[key] for row in blocks.values()) == pytest.approx(total, rel=1e-12, abs=1e-15)
+
+
+def test_optimizer_over_a_model_with_a_frozen_parameter_is_accepted_and_skips_it():
+    """The usual optimizer over model.parameters() was rejected ("pass that model's optimizer")
+    when one parameter had requires_grad=False; PyTorch optimizers skip such parameters."""
+    p, batch = draw_problem(5, [0.5, 2.0, 3.0], aux_quadratic=True)
+    model = QuadraticModel(p["theta"], p["phi"])
+    model.phi.requires_grad_(False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    optimizer.zero_grad()
+    (-quadratic_objective(parameters_of(model, batch), batch)).backward()
+    optimizer.step()  # momentum state for theta only
+    before = (model.theta.detach().clone(), model.phi.detach().clone(), copy.deepcopy(optimizer.state_dict()))
+    record = Probe(model, quadratic_objective, quadratic_aux_loss, parameters_of).measure(
+        batch, 0.1, lambdas=[-1, 0, 1], optimizer=optimizer
+    )
+
+    def replay(lam):
+        twin = QuadraticModel(model.theta.detach(), model.phi.detach())
+        twin.phi.requires_grad_(False)
+        twin_optimizer = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
+        twin_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+        (-quadratic_objective(parameters_of(twin, batch), batch) + lam * quadratic_aux_loss(parameters_of(twin, batch), batch)).backward()
+        twin_optimizer.step()
+        assert torch.equal(twin.phi, model.phi)  # skipped
+        return quadratic_objective(parameters_of(twin, batch), batch).item()
+
+    rows = [r for r in record.curve_rows() if r["kind"] == "optimizer"]
+    assert [r["lambda"] for r in rows] == [-1.0, 0.0, 1.0]
+    for row in rows:
+        assert row["delta_meas"] == pytest.approx(replay(row["lambda"]) - replay(0.0), rel=1e-12, abs=1e-14)
+    assert torch.equal(model.theta, before[0]) and torch.equal(model.phi, before[1])
+    assert str(optimizer.state_dict()) == str(before[2])
