@@ -32,7 +32,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 
