@@ -20,7 +20,10 @@ from mtpdiag.diagnostics import Curve, Probe, ProbeRecord, default_forward
 from mtpdiag.report import build_report, claims, figures, load_job, run_analysis, stats, table
 from mtpdiag.report.claims import FAILS, HOLDS, INCONCLUSIVE, VERDICTS, at_least, at_most, combine, within
 from mtpdiag.report.load import JobError
-from mtpdiag.train import TrainConfig, load_run, regime_losses, rollout, train
+from mtpdiag import regimes
+from mtpdiag.config import TrainConfig
+from mtpdiag.rollout import rollout
+from mtpdiag.train import load_run, train
 
 ROOT = Path(__file__).resolve().parents[1]
 MICRO = dict(
@@ -67,7 +70,7 @@ def micro_job(tmp_path_factory) -> Path:
     for arm in ARMS:
         for seed in SEEDS:
             run = root / "runs" / arm["label"] / f"seed{seed}"
-            cfg = TrainConfig(**MICRO, regime=arm["regime"], lam=arm["lam"], seed=seed)
+            cfg = TrainConfig.from_dict({**MICRO, "regime": arm["regime"], "lam": arm["lam"], "seed": seed})
             calibrator = None
             if arm["calibrator"]:
                 shadows = {"shadow_paper": make_calibrator("occ-paper"),
@@ -82,7 +85,7 @@ def micro_job(tmp_path_factory) -> Path:
         for seed in SEEDS:
             model, cfg, task = load_run(root / "runs" / label / f"seed{seed}")
             batch, _ = rollout(model, task, cfg, cfg.steps + 1)
-            losses = regime_losses(cfg)
+            losses = regimes.get(cfg.regime).losses(cfg)
             probe = Probe(model, losses.objective, losses.aux_loss, forward=losses.forward)
             for eta in SWEEP_ETAS:
                 record = probe.measure(batch, eta, lambdas=[0.5, 1.0, 2.0], gg_curvature=False)

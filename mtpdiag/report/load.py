@@ -14,7 +14,7 @@ import pandas as pd
 
 from .. import __version__
 from ..experiment import Arm
-from ..train import DEFAULT_LAMBDA
+from ..regimes import DEFAULT_LAMBDA
 
 JOB_FILE, ETA_SWEEP, INCOMPLETE = "job.json", "eta_sweep.csv", ".incomplete"
 RUN_FILES = ("config.json", "metrics.csv")

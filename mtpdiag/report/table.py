@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..train import DEFAULT_LAMBDA
+from ..regimes import DEFAULT_LAMBDA
 from .data import final_values
 from .load import Job
 from .stats import t_interval
