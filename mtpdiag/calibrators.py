@@ -42,8 +42,9 @@ from .diagnostics import Probe
 from .diagnostics.functional import FunctionalModel, find_shared, fork_rng, isolated, values_and_gradients
 from .distributed import all_reduce_tree
 from .losses import AlignedLogprobs, token_logprobs
-from .regimes import DEFAULT_LAMBDA
 
+# the fixed MTP coefficient when a regime or calibrator is given none (the trainer's and FixedLambda's default)
+DEFAULT_LAMBDA = 1.0
 PROXIES = ("ratio", "step")
 AGGREGATES = ("sum", "tokenwise")
 

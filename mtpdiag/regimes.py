@@ -22,11 +22,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 import torch
 
+from .calibrators import CALIBRATORS, DEFAULT_LAMBDA, FixedLambda, make_calibrator
 from .losses import mtp_ce_loss, mtp_policy_loss, rl_objective
 
 UNIT, FIXED, CALIBRATED = "unit", "fixed", "calibrated"
 LAMBDA_RULES = (UNIT, FIXED, CALIBRATED)
-DEFAULT_LAMBDA = 1.0  # the fixed MTP coefficient when a FIXED or CALIBRATED regime is given none
 # GPT.forward's mtp_detach argument for each detach_mode a config may name
 DETACH_MODES = {"full": "detach", "trunk_only": "detach_trunk_only"}
 
@@ -96,8 +96,6 @@ class Regime:
         """The calibrator that sets lambda on every mini-batch: ``given``, else the
         config's ``calibrator`` by name, else one fixed at the config's ``lam``.
         None for a regime that does not calibrate (which ``given`` may not be)."""
-        from .calibrators import FixedLambda, make_calibrator
-
         if self.lambda_rule != CALIBRATED:
             if given is not None:
                 raise ValueError(f"a calibrator only applies to regimes {names(CALIBRATED)}, not {self.name!r}")
@@ -180,25 +178,9 @@ class OCC(Policy):
     display = "OCC"
     family = "Greens"
 
-    def calibrator(self, cfg, given=None):
-        """The calibrator that sets lambda on every mini-batch: ``given``, else the
-        config's ``calibrator`` by name, else one fixed at the config's ``lam``.
-        None for a regime that does not calibrate (which ``given`` may not be)."""
-        from .calibrators import FixedLambda, make_calibrator
-
-        if self.lambda_rule != CALIBRATED:
-            if given is not None:
-                raise ValueError(f"a calibrator only applies to regimes {names(CALIBRATED)}, not {self.name!r}")
-            return None
-        if given is not None:
-            return given
-        return make_calibrator(cfg.calibrator, cfg.model.n_mtp) if cfg.calibrator else FixedLambda(fixed_lambda(cfg.lam))
-
     def validate(self, cfg) -> None:
         super().validate(cfg)
         if cfg.calibrator is not None:
-            from .calibrators import CALIBRATORS
-
             if cfg.calibrator not in CALIBRATORS:
                 raise ValueError(f"unknown calibrator {cfg.calibrator!r}: choose one of {sorted(CALIBRATORS)}")
             if cfg.lam is not None:
