@@ -136,15 +136,16 @@ def format_arm_label(regime: str, lam: float | None = None, calibrator: str | No
 
 def parse_arm_label(label: str, regimes, calibrators) -> tuple[str, float | None, str | None]:
     """(regime, lam, calibrator) of a label made by :func:`format_arm_label`, given
-    the registered regime names and calibrator names; a ValueError names what it
-    could not read. A calibrator label belongs to the calibrated regime that
-    ``regimes`` lists first among those it is not the name of."""
+    the registered regimes (name -> Regime) and calibrator names; a ValueError names
+    what it could not read. A calibrator label belongs to the calibrated regime that
+    ``regimes`` lists first. A label that is a regime's name reads as that regime, so
+    a calibrator named like a regime (``occ``) cannot be told apart by its label."""
     if label in regimes:
         return label, None, None
-    regime, sep, lam = label.rpartition("-")
-    if sep and regime in regimes:
+    # the longest regime name the label starts with: the lambda after it may carry its own "-"
+    for regime in sorted((r for r in regimes if label.startswith(f"{r}-")), key=len, reverse=True):
         try:
-            return regime, float(lam), None
+            return regime, float(label[len(regime) + 1:]), None
         except ValueError:
             pass
     if label in calibrators:

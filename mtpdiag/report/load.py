@@ -191,8 +191,8 @@ def _check_regimes(where: Path, names) -> None:
     unknown = sorted(set(names) - set(regimes.REGIMES))
     if unknown:
         raise JobError(
-            f"{where} names regime(s) {unknown} that this mtpdiag does not register (it has {sorted(regimes.REGIMES)}): "
-            "register them (mtpdiag.regimes.register) before loading the job"
+            f"{where} names regime(s) {unknown} that this mtpdiag does not register (it has "
+            f"{sorted(regimes.REGIMES)}): register them (mtpdiag.regimes.register) before loading the job"
         )
 
 
