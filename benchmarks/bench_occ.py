@@ -29,7 +29,11 @@ import numpy as np
 import torch
 
 from mtpdiag.calibrators import OCC, CosineGate, Oracle
-from mtpdiag.train import TrainConfig, build_task, make_optimizer, regime_losses, rollout, train, update, warm_start
+from mtpdiag import regimes
+from mtpdiag.config import TrainConfig, build_task
+from mtpdiag.rollout import rollout
+from mtpdiag.sft import warm_start
+from mtpdiag.train import Updater, make_optimizer, train
 
 # (label, regime, calibrator factory (num_heads -> Calibrator) or None, goal ratio or None)
 VARIANTS = [
@@ -46,12 +50,12 @@ VARIANTS = [
 
 
 def config(args, regime: str) -> TrainConfig:
-    return TrainConfig(
-        regime=regime, lam=0.1 if regime == "policy" else None, steps=args.steps, device=args.device,
-        n_mtp=args.n_mtp, prompts_per_step=args.prompts_per_step, group_size=args.group_size,
+    return TrainConfig.from_dict(dict(
+        regime=regime, lam=0.1 if regimes.get(regime).lambda_rule == regimes.FIXED else None, steps=args.steps,
+        device=args.device, n_mtp=args.n_mtp, prompts_per_step=args.prompts_per_step, group_size=args.group_size,
         sft_steps=args.sft_steps, sft_target=None, eval_every=10**6, eval_prompts=16, eval_samples=1,
         checkpoint_every=10**6, seed=0,
-    )
+    ))
 
 
 def synchronize(device: str) -> None:
@@ -90,9 +94,8 @@ def isolated(args, variants, tmp: Path) -> list[float]:
         copy_ = copy.deepcopy(model)
         optimizer = make_optimizer(cfg, copy_)
         calibrator = factory(args.n_mtp) if factory else None
-        losses = regime_losses(cfg)
-        runners.append(lambda c=cfg, m=copy_, o=optimizer, cal=calibrator, los=losses:
-                       update(m, o, batch, los, c, cal, 1, nonfinite))
+        update = Updater(copy_, optimizer, regimes.get(cfg.regime).losses(cfg), calibrator, cfg, nonfinite)
+        runners.append(lambda update=update: update(batch, 1))
     samples = [[] for _ in runners]
     for repeat in range(args.repeats + 1):  # the first round warms up
         for i, run in enumerate(runners):
@@ -112,8 +115,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed updates per variant in the isolated part")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sft-steps", type=int, default=200, help="SFT warm start length (cached across variants)")
-    parser.add_argument("--prompts-per-step", type=int, default=TrainConfig.prompts_per_step)
-    parser.add_argument("--group-size", type=int, default=TrainConfig.group_size)
+    parser.add_argument("--prompts-per-step", type=int, default=TrainConfig().prompts_per_step)
+    parser.add_argument("--group-size", type=int, default=TrainConfig().group_size)
     parser.add_argument("--n-mtp", type=int, default=1)
     parser.add_argument("--skip", nargs="*", default=[], help="labels (prefixes) of variants to leave out")
     args = parser.parse_args()

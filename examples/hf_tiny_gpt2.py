@@ -21,10 +21,11 @@ import pandas as pd
 import torch
 import transformers
 
+from mtpdiag.config import DTYPES, TrainConfig
 from mtpdiag.distributed import is_main_process
 from mtpdiag.integrations.hf import MTPCausalLM
 from mtpdiag.tasks import make_task
-from mtpdiag.train import DTYPES, TrainConfig, TrainResult, train
+from mtpdiag.train import TrainResult, train
 
 
 def tiny_gpt2(vocab_size: int, n_mtp: int = 1, dtype: torch.dtype = torch.float32) -> MTPCausalLM:
@@ -45,14 +46,14 @@ def main(argv: list[str] | None = None) -> TrainResult:
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     args = parser.parse_args(argv)
 
-    cfg = TrainConfig(
+    cfg = TrainConfig.from_dict(dict(
         task="addition", task_options={"digits": 1}, block_size=8, n_mtp=1, dtype=args.dtype,
         sft_steps=args.sft_steps, sft_target=None, sft_batch_size=32, sft_lr=3e-3,
         steps=args.steps, prompts_per_step=8, group_size=4, minibatches=2, lr=1e-3,
         regime="occ", calibrator="occ-paper", eval_every=args.steps, eval_prompts=32, eval_samples=2, diag_every=1,
-    )  # fmt: skip
+    ))  # fmt: skip
     task = make_task(cfg.task, **cfg.task_options)
-    model = tiny_gpt2(task.tokenizer.vocab_size, cfg.n_mtp, DTYPES[cfg.dtype])
+    model = tiny_gpt2(task.tokenizer.vocab_size, cfg.model.n_mtp, DTYPES[cfg.dtype])
     result = train(cfg, args.out, model=model, progress=args.progress)
     if is_main_process():
         print(result.metrics[["step", "reward_mean", "j_batch", "lambda_0", "j_true"]].to_string(index=False))

@@ -1,4 +1,4 @@
-"""How the ``occ`` regime picks the MTP coefficient lambda_t (THEORY.md s.5).
+"""How the ``occ`` regime picks the MTP coefficient lambda_t (docs/theory.md s.5).
 
 The trainer calls a calibrator once per optimiser mini-batch, before the update,
 with :class:`CalibrationInputs`; the calibrator returns one lambda per MTP head
@@ -20,6 +20,10 @@ A proxy whose v_hat^2 is zero or non-finite, or whose result is non-finite, give
 lambda = 0 for that head and counts a warning (``info["warnings"]``), so NaN never
 reaches the loss.
 
+Every calibrator that needs gradients stands on :mod:`mtpdiag.diagnostics.functional`,
+as the Probe does: the same forward wrapper, isolation, S discovery and shared
+gradients.
+
 Under ``torch.distributed`` each rank passes its shard of the mini-batch and every
 rank gets the lambda of the whole mini-batch: OCC sums its token sums over ranks
 (and the step proxy its gradients), the Probe-based calibrators inherit the
@@ -33,11 +37,12 @@ from functools import partial
 from typing import Any, Callable
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .distributed import all_reduce_tree, global_means
-from .losses import AlignedLogprobs, token_logprobs
 from .diagnostics import Probe
+from .diagnostics.functional import FunctionalModel, find_shared, fork_rng, isolated, values_and_gradients
+from .distributed import all_reduce_tree
+from .losses import AlignedLogprobs, token_logprobs
+from .regimes import DEFAULT_LAMBDA
 
 PROXIES = ("ratio", "step")
 AGGREGATES = ("sum", "tokenwise")
@@ -125,31 +130,6 @@ def per_head_info(values: dict[str, torch.Tensor]) -> dict[str, float]:
     if len(rows[0]) == 1:
         return {key: row[0] for key, row in zip(keys, rows)}
     return {f"{key}_{k}": v for key, row in zip(keys, rows) for k, v in enumerate(row)}
-
-
-class _ForwardOnBatch(torch.nn.Module):
-    """``forward(model, batch)`` as a module, so functional_call can swap its parameters."""
-
-    def __init__(self, model: torch.nn.Module, forward: Callable):
-        super().__init__()
-        self.model = model
-        self.forward_fn = forward
-
-    def forward(self, batch: dict):
-        return self.forward_fn(self.model, batch)
-
-
-def rng_untouched(model: torch.nn.Module):
-    """A context after which the CPU and the model's CUDA RNG are as they were before."""
-    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    return torch.random.fork_rng(devices=devices)
-
-
-def functional_forward(inputs: CalibrationInputs, params: dict):
-    """``inputs.forward`` at the given parameters (names as in ``model.named_parameters()``);
-    parameters not in ``params`` keep their current values. The model is not touched."""
-    wrapper = _ForwardOnBatch(inputs.model, inputs.forward)
-    return torch.func.functional_call(wrapper, {f"model.{n}": p for n, p in params.items()}, (inputs.batch,))
 
 
 def head_losses(inputs: CalibrationInputs, num_heads: int) -> list[Callable]:
@@ -318,60 +298,46 @@ class OCC(Calibrator, _WarningCounter):
     def _step_deltas(self, inputs: CalibrationInputs):
         require_gradient_inputs(inputs, "the step proxy")
         K = inputs.logprobs.mtp.size(0)
-        with rng_untouched(inputs.model):
-            shared, g, ms = self._shared_gradients(inputs, K)
+        fm = FunctionalModel(inputs.model, inputs.forward)
+        # the model's own train/eval mode: the proxy is of the trainer's forward, dropout included
+        with isolated(inputs.model, eval_mode=False):
+            theta, fixed, g, ms = self._shared_gradients(inputs, fm, K)
             eta = inputs.lr
-            tangents = [{n: eta * g[n] for n in shared}] + [{n: eta * m[n] for n in shared} for m in ms]
-            deltas = [self._logprob_change(inputs, shared, t) for t in tangents]
+            tangents = [{n: eta * g[n] for n in theta}] + [{n: eta * m[n] for n in theta} for m in ms]
+            deltas = [self._logprob_change(inputs, fm, theta, fixed, t) for t in tangents]
         d_rl, d_mtp = deltas[0].unsqueeze(0), torch.stack(deltas[1:])
         tokens = inputs.response_mask.bool() if self.masked else response_block(inputs.response_mask)
         return d_rl, d_mtp, tokens.unsqueeze(0).expand_as(d_mtp)
 
-    def _shared_names(self, inputs: CalibrationInputs) -> list[str]:
+    def _shared_names(self, inputs: CalibrationInputs, fm: FunctionalModel) -> list[str]:
         """S as the Probe finds it (from the autograd graph), on the first batch, then kept."""
         if self._shared is None or self._shared[0] is not inputs.model:
-            probe = Probe(inputs.model, inputs.objective, inputs.aux_loss, inputs.forward)
-            self._shared = (inputs.model, probe.find_shared(inputs.batch))
+            self._shared = (inputs.model, find_shared(fm, inputs.objective, inputs.aux_loss, inputs.batch))
         return self._shared[1]
 
-    def _shared_gradients(self, inputs: CalibrationInputs, num_heads: int):
-        """theta_S, g = grad J_batch on S and m_k = -grad of head k's MTP loss on S
-        (one forward, one backward per loss), in the model's current train/eval mode;
-        on several ranks, those of the whole mini-batch."""
-        names = self._shared_names(inputs)
-        params = dict(inputs.model.named_parameters())
-        theta = {n: params[n].detach().requires_grad_() for n in names}
-        fixed = {n: p.detach() for n, p in params.items() if n not in theta}
+    def _shared_gradients(self, inputs: CalibrationInputs, fm: FunctionalModel, num_heads: int):
+        """theta_S, the other trainable parameters, g = grad J_batch on S and m_k = -grad
+        of head k's MTP loss on S (one forward, one backward per loss); on several
+        ranks, those of the whole mini-batch."""
+        theta, fixed = fm.split(self._shared_names(inputs, fm))
         losses = [inputs.objective, *head_losses(inputs, num_heads)]
-        with torch.enable_grad(), global_means():
-            out = functional_forward(inputs, {**fixed, **theta})
-            grads = [
-                torch.autograd.grad(loss(out, inputs.batch), list(theta.values()), retain_graph=i + 1 < len(losses),
-                                    allow_unused=True)
-                for i, loss in enumerate(losses)
-            ]
-        shared = {n: t.detach() for n, t in theta.items()}
+        _, (g, *aux_grads) = values_and_gradients(fm, losses, inputs.batch, theta, fixed)
+        return theta, fixed, g, [{n: -t for n, t in grad.items()} for grad in aux_grads]
 
-        def on_shared(grad, sign):
-            return all_reduce_tree(
-                {n: sign * t if t is not None else torch.zeros_like(shared[n]) for n, t in zip(shared, grad)}
-            )
-
-        return shared, on_shared(grads[0], 1.0), [on_shared(grad, -1.0) for grad in grads[1:]]
-
-    def _logprob_change(self, inputs: CalibrationInputs, shared: dict, tangent: dict) -> torch.Tensor:
-        """J @ tangent: the first-order change of the main head's per-token log-probs."""
-        frozen = {n: p.detach() for n, p in inputs.model.named_parameters() if n not in shared}
+    def _logprob_change(
+        self, inputs: CalibrationInputs, fm: FunctionalModel, shared: dict, fixed: dict, tangent: dict
+    ) -> torch.Tensor:
+        """J @ tangent: the first-order change of the main head's per-token log-probs
+        (forward-mode AD, which the math attention of :func:`isolated` has)."""
 
         def main_logprobs(theta: dict) -> torch.Tensor:
-            return token_logprobs(functional_forward(inputs, {**frozen, **theta}).main)
+            return token_logprobs(fm({**fixed, **theta}, inputs.batch).main)
 
-        # fused SDPA kernels lack forward-mode AD (THEORY.md s.7); the math backend has it
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        with torch.no_grad():
             if self.finite_difference is None:
                 return torch.func.jvp(main_logprobs, (shared,), (tangent,))[1]
             h = self.finite_difference
-            with rng_untouched(inputs.model):  # so both sides draw the same dropout masks
+            with fork_rng(inputs.model):  # so both sides draw the same dropout masks
                 plus = main_logprobs({n: p + h * tangent[n] for n, p in shared.items()})
             minus = main_logprobs({n: p - h * tangent[n] for n, p in shared.items()})
             return (plus - minus) / (2 * h)
@@ -438,9 +404,9 @@ class Oracle(_ProbeCalibrator):
     """lambda_t = scale * lambda*, measured by the Probe on the calibrator's own mini-batch
     at the current parameters (small models only: it costs Hessian-vector products).
 
-    ``source="taylor"``: lambda*_taylor = (c + eta h_gm) / (-eta h_mm) (THEORY.md s.2);
+    ``source="taylor"``: lambda*_taylor = (c + eta h_gm) / (-eta h_mm) (docs/theory.md s.2);
     ``"measured"``: the argmax of the exact curve Delta(lambda) (a 1-D search refined
-    from a grid around lambda*_taylor; THEORY.md s.4). Both are for one SGD step of
+    from a grid around lambda*_taylor; docs/theory.md s.4). Both are for one SGD step of
     size ``inputs.lr``. A direction that is not concave has no lambda*: 0 and a warning.
     With K > 1 heads each head's lambda* is measured for that head's loss alone.
     """
@@ -531,7 +497,7 @@ class WithShadows(Calibrator):
 
 
 CALIBRATORS: dict[str, Callable[..., Calibrator]] = {
-    "fixed": lambda num_heads, lam=0.1: FixedLambda(lam),
+    "fixed": lambda num_heads, lam=DEFAULT_LAMBDA: FixedLambda(lam),
     "occ-paper": lambda num_heads: OCC.paper(),
     "occ-reference": lambda num_heads, scaling_factor=0.1: OCC.reference(num_heads, scaling_factor),
     "occ": lambda num_heads, **options: OCC(**options),

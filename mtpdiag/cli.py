@@ -1,33 +1,43 @@
 """Command line: ``mtpdiag train ...`` (one subcommand per job).
 
-Every :class:`~mtpdiag.train.TrainConfig` field is a flag (``--block-size``,
-``--lr``, ...); task options are ``--task-option digits=4``. With ``--resume`` the
-run directory's saved config is the base and flags given override it.
+Every key of the flat :class:`~mtpdiag.config.TrainConfig` dict is a flag
+(``--block-size``, ``--lr``, ``--diag-every``, ...); task options are
+``--task-option digits=4``. With ``--resume`` the run directory's saved config
+is the base and flags given override it.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from dataclasses import fields
 
+from . import regimes
 from .calibrators import CALIBRATORS
+from .config import CURVE_OBJECTIVES, DTYPES, OPTIMIZERS, TOP_CURVATURE_STEPS, TrainConfig, flat_fields
+from .diagnostics import HVP_MODES
 from .distributed import is_main_process
 from .experiment import PRESETS, micro, run_job
+from .losses import NonFiniteLossError
+from .model import ATTENTION_IMPLS, WIRINGS
 from .rundir import RunDir
 from .tasks import TASKS
-from .train import DETACH_MODES, DTYPES, OPTIMIZERS, REGIMES, NonFiniteLossError, TrainConfig, train
+from .train import train
 
-CHOICES = {
-    "task": sorted(TASKS),
-    "regime": REGIMES,
-    "optimizer": OPTIMIZERS,
-    "detach_mode": tuple(DETACH_MODES),
-    "dtype": tuple(DTYPES),
-    "mtp_wiring": ("parallel", "sequential"),
-    "attention": ("math", "sdpa"),
-    "calibrator": [*sorted(CALIBRATORS), None],
-}
+
+def choices() -> dict:
+    """Each flag's choices, read from the registries when the parser is built."""
+    return {
+        "task": sorted(TASKS),
+        "regime": regimes.names(),
+        "optimizer": OPTIMIZERS,
+        "detach_mode": tuple(regimes.DETACH_MODES),
+        "dtype": tuple(DTYPES),
+        "mtp_wiring": WIRINGS,
+        "attention": ATTENTION_IMPLS,
+        "calibrator": [*sorted(CALIBRATORS), None],
+        "diag_top_curvature": TOP_CURVATURE_STEPS,
+        "diag_hvp_mode": HVP_MODES,
+    }
 
 
 def _bool(text: str) -> bool:
@@ -56,25 +66,34 @@ def _optional(parse):
     return parse_or_none
 
 
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
 PARSERS = {"int": int, "float": float, "str": str, "bool": _bool, "int | None": _optional(int),
-           "float | None": _optional(float),
-           "str | None": _optional(str)}
+           "float | None": _optional(float), "str | None": _optional(str), "tuple[str, ...]": _names}
+HELP = {"diag_objectives": f"comma-separated curve objectives, of {','.join(CURVE_OBJECTIVES)}"}
+
+
+def _shown(value) -> str:
+    return ",".join(value) if isinstance(value, tuple) else str(value)
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field. Defaults are suppressed so that only the flags
+    """One flag per flat TrainConfig key. Defaults are suppressed so that only the flags
     actually given override the base config (the defaults, or a resumed run's)."""
-    defaults = TrainConfig()
-    for f in fields(TrainConfig):
+    flag_choices = choices()
+    for f in flat_fields():
         if f.name == "task_options":
             parser.add_argument("--task-option", dest="task_options", action="append", type=_task_option,
                                 default=argparse.SUPPRESS, metavar="KEY=VALUE",
                                 help="task constructor option, repeatable (e.g. digits=4)")
             continue
         parser.add_argument(
-            f"--{f.name.replace('_', '-')}", dest=f.name, type=PARSERS[f.type], choices=CHOICES.get(f.name),
+            f"--{f.name.replace('_', '-')}", dest=f.name, type=PARSERS[f.type], choices=flag_choices.get(f.name),
             default=argparse.SUPPRESS,
-            help=f"default: {getattr(defaults, f.name)}" + (" ('none' to unset)" if "None" in f.type else ""),
+            help=", ".join(filter(None, [HELP.get(f.name), f"default: {_shown(f.default)}"]))
+            + (" ('none' to unset)" if "None" in f.type else ""),
         )
     parser.add_argument("--out", required=True, help="run directory, e.g. runs/x")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -89,7 +108,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     config, else the defaults."""
     saved = RunDir(args.out).read_config() if args.resume else None
     base = saved["config"] if saved else TrainConfig().to_dict()
-    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    given = {f.name: getattr(args, f.name) for f in flat_fields() if hasattr(args, f.name)}
     if "task_options" in given:
         given["task_options"] = dict(given["task_options"])
     return TrainConfig.from_dict({**base, **given})

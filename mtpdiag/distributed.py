@@ -15,6 +15,19 @@ Diagnostics run on the raw module (DDP's hooks do not fire for
 
 On one process every reduction is the identity and ``global_means`` changes
 nothing, so the same code runs with and without a process group.
+
+The trainer (:func:`mtpdiag.train.train` under ``torchrun --nproc_per_node N``, or
+in a process group the caller initialised): rank 0 runs the SFT warm start and
+sends its weights to the other ranks (:func:`on_main_then_broadcast`); every
+rank samples the whole rollout batch (same generator, same weights, so the same
+batch as one process) and keeps its part of each optimiser mini-batch
+(:func:`minibatch_rows`, never empty: :func:`check_shards`); losses are each
+rank's share of the whole-batch loss, gradients are summed over ranks and every
+rank takes the same optimiser step. Nothing is wrapped in DDP, so the
+diagnostics run on the raw module. Evaluation runs whole on every rank. The
+metrics equal those of one process on the same global batch (with dropout 0:
+dropout masks depend on the shard); rank 0 alone writes the run directory
+(:func:`rank_run_dir`), checkpoints and the SFT cache.
 """
 from __future__ import annotations
 
@@ -25,6 +38,9 @@ from typing import Callable, Iterable, TypeVar
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+
+from .rundir import RunDir
 
 T = TypeVar("T")
 _GLOBAL_MEANS: ContextVar[bool] = ContextVar("mtpdiag_global_means", default=False)
@@ -162,3 +178,69 @@ def process_group_from_env(device: str | torch.device):
         yield
     finally:
         dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- the trainer's plumbing
+
+
+class RowsInMemory(RunDir):
+    """The run directory of a rank other than 0: rows in memory (the trainer returns
+    them), no file written."""
+
+    def write_config(self, config: dict) -> None:
+        """Rank 0 writes config.json."""
+
+    def save_checkpoint(self, state: dict) -> None:
+        """Rank 0 writes checkpoint.pt."""
+
+    def mark_complete(self) -> None:
+        """Rank 0 removes the marker."""
+
+    def _write_csv(self) -> None:
+        """Rank 0 writes the CSV files."""
+
+
+def rank_run_dir(path) -> RunDir:
+    """The run directory on rank 0 (or the only process), its rows in memory elsewhere."""
+    return RunDir(path) if is_main_process() else RowsInMemory(path)
+
+
+def on_main_then_broadcast(
+    train_on_main: Callable[[], tuple[nn.Module, T]], build_elsewhere: Callable[[], nn.Module]
+) -> tuple[nn.Module, T]:
+    """``train_on_main()`` -> (module, summary) on rank 0 only (one SFT run, one writer
+    of its cache); the other ranks build the same module with ``build_elsewhere()``
+    and receive rank 0's weights. Every rank returns (its module, rank 0's summary)."""
+    trained = {}
+
+    def on_main():
+        trained["module"], summary = train_on_main()
+        return summary
+
+    summary = run_on_main(on_main)
+    module = trained["module"] if is_main_process() else build_elsewhere()
+    broadcast_tensors(module.state_dict().values())
+    return module, summary
+
+
+def minibatch_rows(n: int, minibatches: int, device=None) -> list[torch.Tensor]:
+    """This rank's rows of each optimiser mini-batch: the mini-batches are consecutive
+    chunks of the step's ``n`` rollouts, as on one process, and each is split into
+    one consecutive part per rank (:func:`shard`)."""
+    return [index[shard(index.numel(), device)] for index in torch.arange(n, device=device).chunk(minibatches)]
+
+
+def check_shards(rollouts_per_step: int, minibatches: int, heldout_prompts: int) -> None:
+    """Every rank needs at least one rollout of every mini-batch and one held-out prompt."""
+    ranks = world_size()
+    smallest = min(chunk.numel() for chunk in torch.arange(rollouts_per_step).chunk(minibatches))
+    if smallest < ranks:
+        raise ValueError(
+            f"a mini-batch of {smallest} rollouts cannot give each of the {ranks} ranks one: raise "
+            f"--prompts-per-step or --group-size, or lower --minibatches (or the number of ranks)"
+        )
+    if heldout_prompts < ranks:
+        raise ValueError(
+            f"eval_prompts={heldout_prompts} cannot give each of the {ranks} ranks a held-out prompt: "
+            "raise --eval-prompts"
+        )

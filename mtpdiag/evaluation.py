@@ -3,6 +3,10 @@
 A completion is correct only when it is exactly the target followed by EOS, which
 is the event whose probability J_true = mean_x pi(y*(x) | x) measures; so the
 sampled pass@1 (temperature 1) is an unbiased estimate of the exact J_true.
+
+These primitives take a model, a task and tensors, no config: any loop can use
+them. :mod:`mtpdiag.rollout` builds the trainer's rollout batch and evaluation
+from them as a run's config and step say.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The main job: every regime over several seeds from one SFT warm start, with the
-diagnostics on, then the figures and the claims report (THEORY.md s.6).
+diagnostics on, then the figures and the claims report (docs/theory.md s.6).
 
-Layout of a job directory::
+Layout of a job directory (the names of :mod:`mtpdiag.schema`)::
 
     job.json                 preset, arms, seeds, versions
     .incomplete              present until the figures and report are written
@@ -27,38 +27,33 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, regimes
 from .calibrators import WithShadows, make_calibrator
+from .config import TrainConfig, build_task
 from .diagnostics import Probe
+from .regimes import CE, DETACH, OCC_REGIME, POLICY
+from .rollout import rollout
 from .rundir import RunDir
-from .train import TrainConfig, build_task, load_run, regime_losses, rollout, train, warm_start
+from .schema import ETA_SWEEP, INCOMPLETE, JOB_FILE, Arm, atomic_write, run_dir, shadow_label
+from .sft import warm_start
+from .train import load_run, train
 
-INCOMPLETE = ".incomplete"
 
-
-@dataclass(frozen=True)
-class Arm:
-    """One training regime setting: a regime, its fixed lambda or its calibrator."""
-
-    label: str
-    regime: str
-    lam: float | None = None
-    calibrator: str | None = None
-
-    def config(self, base: TrainConfig, seed: int) -> TrainConfig:
-        return replace(base, regime=self.regime, lam=self.lam, calibrator=self.calibrator, seed=seed)
+def arm_config(base: TrainConfig, arm: Arm, seed: int) -> TrainConfig:
+    """The TrainConfig of one (arm, seed) of a job over ``base``."""
+    return replace(base, regime=arm.regime, lam=arm.lam, calibrator=arm.calibrator, seed=seed)
 
 
 DEFAULT_ARMS = (
-    Arm("detach", "detach"),
-    Arm("ce-0.1", "ce", 0.1),
-    Arm("ce-0.5", "ce", 0.5),
-    Arm("policy-0.1", "policy", 0.1),
-    Arm("policy-0.5", "policy", 0.5),
-    Arm("policy-1.0", "policy", 1.0),
-    Arm("occ-paper", "occ", calibrator="occ-paper"),
-    Arm("occ-reference", "occ", calibrator="occ-reference"),
-    Arm("oracle", "occ", calibrator="oracle"),
+    Arm.of(DETACH.name),
+    Arm.of(CE.name, 0.1),
+    Arm.of(CE.name, 0.5),
+    Arm.of(POLICY.name, 0.1),
+    Arm.of(POLICY.name, 0.5),
+    Arm.of(POLICY.name, 1.0),
+    Arm.of(OCC_REGIME.name, calibrator="occ-paper"),
+    Arm.of(OCC_REGIME.name, calibrator="occ-reference"),
+    Arm.of(OCC_REGIME.name, calibrator="oracle"),
 )
 
 
@@ -108,7 +103,7 @@ def _arm_calibrator(arm: Arm, num_heads: int):
     }
     cheap = ("occ-paper", "occ-reference")
     shadowed = [name for name in (readings if arm.calibrator == "oracle" else cheap) if name != arm.calibrator]
-    shadows = {f"shadow_{name.removeprefix('occ-')}": readings[name]() for name in shadowed}
+    shadows = {shadow_label(name.removeprefix("occ-")): readings[name]() for name in shadowed}
     return WithShadows(make_calibrator(arm.calibrator, num_heads), shadows)
 
 
@@ -122,23 +117,19 @@ def run_unit(job_dir: str, preset: dict, arm: dict, seed: int, threads: int, cac
     Top level so a worker process can run it."""
     torch.set_num_threads(threads)
     preset_obj, arm_obj = Preset.from_dict(preset), Arm(**arm)
-    cfg = arm_obj.config(preset_obj.base, seed)
-    run_dir = unit_dir(Path(job_dir), arm_obj, seed)
-    if RunDir(run_dir).is_complete():
-        return str(run_dir)
+    cfg = arm_config(preset_obj.base, arm_obj, seed)
+    out = run_dir(job_dir, arm_obj.label, seed)
+    if RunDir(out).is_complete():
+        return str(out)
     train(
         cfg,
-        run_dir,
-        resume=run_dir.exists(),
-        calibrator=_arm_calibrator(arm_obj, cfg.n_mtp),
+        out,
+        resume=out.exists(),
+        calibrator=_arm_calibrator(arm_obj, cfg.model.n_mtp),
         progress=False,
         cache_dir=cache_dir,
     )
-    return str(run_dir)
-
-
-def unit_dir(job_dir: Path, arm: Arm, seed: int) -> Path:
-    return job_dir / "runs" / arm.label / f"seed{seed}"
+    return str(out)
 
 
 def run_job(
@@ -169,7 +160,7 @@ def run_job(
             list(pool.map(_warm_start, sft_configs, [cache_dir] * len(sft_configs), [threads] * len(sft_configs)))
 
     units = [(arm, seed) for seed in preset.seeds for arm in preset.arms]
-    todo = [(arm, seed) for arm, seed in units if not RunDir(unit_dir(job_dir, arm, seed)).is_complete()]
+    todo = [(arm, seed) for arm, seed in units if not RunDir(run_dir(job_dir, arm.label, seed)).is_complete()]
     # the oracle runs cost about twice the others: start them first so none is left alone at the end
     todo.sort(key=lambda unit: unit[0].calibrator != "oracle")
     bar = tqdm(total=len(units), initial=len(units) - len(todo), desc="mtpdiag run", unit="run",
@@ -204,7 +195,7 @@ def run_job(
 
 def _open_job(job_dir: Path, preset: Preset) -> None:
     spec = {"mtpdiag_version": __version__, "preset": preset.to_dict()}
-    file = job_dir / "job.json"
+    file = job_dir / JOB_FILE
     if file.exists():
         saved = json.loads(file.read_text())
         if saved.get("preset") != spec["preset"]:
@@ -217,7 +208,7 @@ def _open_job(job_dir: Path, preset: Preset) -> None:
     job_dir.mkdir(parents=True, exist_ok=True)
     (job_dir / INCOMPLETE).touch()
     spec["versions"] = {"torch": torch.__version__, "python": platform.python_version()}
-    file.write_text(json.dumps(spec, indent=2) + "\n")
+    atomic_write(file, lambda tmp: tmp.write_text(json.dumps(spec, indent=2) + "\n"))
 
 
 ETA_SWEEP_LAMBDAS = (-1.0, 1.0, 2.0)
@@ -229,10 +220,10 @@ ETA_SWEEP_MAX_BATCHES = 20
 def eta_sweep_arm(preset: Preset) -> Arm:
     """The arm whose final model the eta sweep probes: a joint policy arm if the
     preset has one (the regime claim C1 is about), else the first non-detach arm."""
-    joint = [a for a in preset.arms if a.regime != "detach"]
+    joint = [a for a in preset.arms if regimes.get(a.regime).joint]
     if not joint:
-        raise ValueError("the eta sweep needs an arm whose MTP loss reaches the shared parameters (not only detach)")
-    return next((a for a in joint if a.regime == "policy"), joint[0])
+        raise ValueError("the eta sweep needs an arm whose MTP loss reaches the shared parameters (not only detached ones)")
+    return next((a for a in joint if regimes.get(a.regime) is POLICY), joint[0])
 
 
 def eta_sweep(preset: Preset, job_dir: Path) -> pd.DataFrame:
@@ -245,14 +236,12 @@ def eta_sweep(preset: Preset, job_dir: Path) -> pd.DataFrame:
     push some token ratios past the PPO clip, where the surrogate has a kink and
     no Taylor expansion holds: on the default job's final models the residual
     jumped by two orders of magnitude between 0.001 and 0.01."""
-    file = job_dir / "eta_sweep.csv"
+    file = job_dir / ETA_SWEEP
     if file.exists():
         return pd.read_csv(file)
     arm = eta_sweep_arm(preset)
-    frame = pd.DataFrame([row for seed in preset.seeds for row in _eta_sweep_rows(unit_dir(job_dir, arm, seed), preset)])
-    tmp = file.with_name(file.name + ".tmp")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, file)
+    frame = pd.DataFrame([row for seed in preset.seeds for row in _eta_sweep_rows(run_dir(job_dir, arm.label, seed), preset)])
+    atomic_write(file, lambda tmp: frame.to_csv(tmp, index=False))
     return frame
 
 
@@ -260,7 +249,7 @@ def _eta_sweep_rows(run_dir: Path, preset: Preset) -> list[dict]:
     model, cfg, task = load_run(run_dir)
     model = model.to(torch.float64)
     cfg = replace(cfg, dtype="float64")
-    losses = regime_losses(cfg)
+    losses = regimes.get(cfg.regime).losses(cfg)
     probe = Probe(model, losses.objective, losses.aux_loss, forward=losses.forward)
     for step in range(cfg.steps + 1, cfg.steps + 1 + ETA_SWEEP_MAX_BATCHES):
         batch, _ = rollout(model, task, cfg, step)  # the rollouts training would have drawn next
@@ -291,12 +280,12 @@ def _eta_sweep_rows(run_dir: Path, preset: Preset) -> list[dict]:
 # The theory is for an SGD step of size eta = lr, so the main job trains with SGD:
 # then lambda*_t, the trained lambda and OCC's lambda_t all refer to the step taken.
 # lr 0.005 raises J_true steadily at the small config; 0.02 and above collapse it.
-SMALL = replace(TrainConfig(), optimizer="sgd", lr=0.005)
+SMALL = TrainConfig(optimizer="sgd", lr=0.005)
 
 PRESETS = {
     "quick": Preset(
         "quick",
-        replace(SMALL, steps=30, prompts_per_step=16, eval_every=10, eval_prompts=128, checkpoint_every=10,
+        SMALL.with_values(steps=30, prompts_per_step=16, eval_every=10, eval_prompts=128, checkpoint_every=10,
                 diag_every=10),
         seeds=(0,),
         eta_sweep_points=5,
@@ -304,14 +293,14 @@ PRESETS = {
     ),
     "default": Preset(
         "default",
-        replace(SMALL, steps=40, prompts_per_step=16, eval_every=10, eval_prompts=128, checkpoint_every=20,
+        SMALL.with_values(steps=40, prompts_per_step=16, eval_every=10, eval_prompts=128, checkpoint_every=20,
                 diag_every=10),
         seeds=(0, 1, 2),
         description="every arm, three seeds, at the small config: the committed figures",
     ),
     "full": Preset(
         "full",
-        replace(SMALL, d_model=384, n_layer=6, n_head=6, block_size=64, n_mtp=2, task="running_sum",
+        SMALL.with_values(d_model=384, n_layer=6, n_head=6, block_size=64, n_mtp=2, task="running_sum",
                 task_options={"terms": 8}, sft_steps=3000, steps=400, prompts_per_step=64, eval_every=20,
                 eval_prompts=512, checkpoint_every=50, diag_every=20, device="cuda"),
         seeds=(0, 1, 2, 3, 4),
@@ -322,8 +311,8 @@ PRESETS = {
 
 def micro(preset: Preset) -> Preset:
     """``preset`` on a tiny model for a few steps: the CI smoke test of the whole path."""
-    base = replace(
-        preset.base, task="addition", task_options={"digits": 1}, block_size=8, d_model=32, n_layer=1, n_head=2,
+    base = preset.base.with_values(
+        task="addition", task_options={"digits": 1}, block_size=8, d_model=32, n_layer=1, n_head=2,
         sft_steps=400, sft_target=0.4, sft_lr=3e-3, steps=4, prompts_per_step=4, group_size=4, eval_every=2, eval_prompts=32,
         eval_samples=2, checkpoint_every=2, diag_every=2, device="cpu",
     )

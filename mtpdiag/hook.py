@@ -18,8 +18,8 @@ As a trainer callback, ``hook(ctx)`` reads ``ctx.step``, ``ctx.batch``, ``ctx.lr
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
-import inspect
 import os
 from pathlib import Path
 from typing import Callable
@@ -27,14 +27,14 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from .diagnostics import Probe, ProbeRecord
+from . import schema
+from .diagnostics import MeasureOptions, Probe, ProbeRecord
 
-TABLES = ("steps", "curves", "blocks")
+TABLES = schema.DIAG_TABLES
 # the few scalars a trainer callback returns for its own metrics table (all of them go to the sink)
 SUMMARY_FIELDS = ("c", "cos", "v2", "h_mm", "lambda_star_taylor", "lambda_star_meas_fit")
-MEASURE_OPTIONS = {
-    name for name in inspect.signature(Probe.measure).parameters if name not in ("self", "batch", "lr", "eval_objective", "eval_batch", "optimizer")
-}
+# the options a hook passes to every measurement; the curve objective and the optimizer it sets per call
+MEASURE_OPTIONS = {f.name for f in dataclasses.fields(MeasureOptions)} - {"eval_objective", "eval_batch", "optimizer"}
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -95,7 +95,7 @@ class MemorySink:
 class _FileSink(MemorySink):
     suffix: str
 
-    def __init__(self, directory: str | os.PathLike, prefix: str = "diag_"):
+    def __init__(self, directory: str | os.PathLike, prefix: str = schema.DIAG_PREFIX):
         super().__init__()
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -105,15 +105,13 @@ class _FileSink(MemorySink):
                 self.rows[name] = self._read(self.path(name)).to_dict("records")
 
     def path(self, name: str) -> Path:
-        return self.directory / f"{self.prefix}{name}{self.suffix}"
+        return self.directory / schema.diag_file(name, self.suffix, self.prefix)
 
     def _persist(self) -> None:
         for name in TABLES:
             if self.rows[name]:
-                # write then rename: a reader never sees a half-written file
-                tmp = self.path(name).with_name(self.path(name).name + ".tmp")
-                self._write(pd.DataFrame(self.rows[name]), tmp)
-                os.replace(tmp, self.path(name))
+                frame = pd.DataFrame(self.rows[name])
+                schema.atomic_write(self.path(name), lambda tmp: self._write(frame, tmp))
 
 
 class CSVSink(_FileSink):
@@ -135,7 +133,7 @@ class ParquetSink(_FileSink):
 
     suffix = ".parquet"
 
-    def __init__(self, directory: str | os.PathLike, prefix: str = "diag_"):
+    def __init__(self, directory: str | os.PathLike, prefix: str = schema.DIAG_PREFIX):
         if not any(importlib.util.find_spec(engine) for engine in ("pyarrow", "fastparquet")):
             raise ImportError("ParquetSink needs a Parquet engine: pip install pyarrow (or use CSVSink)")
         super().__init__(directory, prefix)
@@ -239,4 +237,6 @@ class DiagnosticsHook:
         measured = self.on_step(
             ctx.step, ctx.batch, ctx.lr, eval_batch=getattr(ctx, "j_true_batch", None), optimizer=getattr(ctx, "optimizer", None)
         )
-        return {f"diag_{name}_{field}": record.as_row()[field] for name, record in measured.items() for field in SUMMARY_FIELDS}
+        return {
+            schema.hook_column(name, field): record.as_row()[field] for name, record in measured.items() for field in SUMMARY_FIELDS
+        }

@@ -17,6 +17,10 @@ from .distributed import global_count, global_mean
 from .model import GPTOutput, HeadPrediction
 
 
+class NonFiniteLossError(FloatingPointError):
+    """A training loss (SFT or RL) or gradient norm is not finite: training stops before the update."""
+
+
 def token_logprobs(pred: HeadPrediction) -> torch.Tensor:
     """log p(target) for every entry of a head, shape [B, L]."""
     return torch.gather(F.log_softmax(pred.logits, dim=-1), -1, pred.targets.unsqueeze(-1)).squeeze(-1)

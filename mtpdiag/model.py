@@ -9,12 +9,12 @@ Head k (k = 1..K) predicts token t+1+k from position t. Two wirings:
   Linear 2d -> d, one transformer block), then the shared output head.
 
 Attention is written out (softmax(QK^T)V) by default so that forward-mode AD and
-double backward work, which exact Hessian-vector products need (THEORY.md s.7).
+double backward work, which exact Hessian-vector products need (docs/theory.md s.7).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -23,11 +23,14 @@ import torch.nn.functional as F
 WIRINGS = ("parallel", "sequential")
 DETACH_MODES = ("none", "detach", "detach_trunk_only")
 ATTENTION_IMPLS = ("math", "sdpa")
+# the two layers of a Block that write into the residual stream: GPT-2 scales their
+# init by 1/sqrt(2 n_layer) so the stream's variance does not grow with depth
+RESIDUAL_PROJECTIONS = ("attn.proj.weight", "mlp.2.weight")
 
 
 @dataclass
 class GPTConfig:
-    vocab_size: int
+    vocab_size: int | None = None  # None until the task fills it (the trainer takes it from the task's tokenizer)
     block_size: int = 32
     d_model: int = 128
     n_layer: int = 4
@@ -47,9 +50,6 @@ class GPTConfig:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
         if self.n_mtp < 1:
             raise ValueError(f"n_mtp={self.n_mtp}: the model needs at least one MTP head")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -151,6 +151,8 @@ class SequentialMTPModule(nn.Module):
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("GPTConfig.vocab_size is None: set it to the tokenizer's vocabulary size")
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.wpe = nn.Embedding(cfg.block_size, cfg.d_model)
@@ -164,7 +166,7 @@ class GPT(nn.Module):
         self.mtp_heads = nn.ModuleList(head_cls(cfg) for _ in range(cfg.n_mtp))
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
-            if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):
+            if name.endswith(RESIDUAL_PROJECTIONS):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     @staticmethod

@@ -1,4 +1,4 @@
-"""How well an online lambda_t tracks the measured optimum lambda*_t (THEORY.md s.6, C5).
+"""How well an online lambda_t tracks the measured optimum lambda*_t (docs/theory.md s.6, C5).
 
 Pure functions over a run's metrics (pandas DataFrames, one row per step or per
 mini-batch). Column names are arguments; the defaults are the trainer's
@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from .schema import LAMBDA_PREFIX, calib_column, lambda_column
+
 
 def _finite_pairs(frame: pd.DataFrame, x_col: str, y_col: str) -> tuple[np.ndarray, np.ndarray]:
     missing = [c for c in (x_col, y_col) if c not in frame.columns]
@@ -24,6 +26,11 @@ def _finite_pairs(frame: pd.DataFrame, x_col: str, y_col: str) -> tuple[np.ndarr
     y = pd.to_numeric(frame[y_col], errors="coerce").to_numpy(dtype=float)
     keep = np.isfinite(x) & np.isfinite(y)
     return x[keep], y[keep]
+
+
+def head_lambda_columns(frame: pd.DataFrame) -> list[str]:
+    """The per-head lambda_t columns (``lambda_0``, ``lambda_1``, ...) of a trainer table."""
+    return [c for c in frame.columns if c.startswith(LAMBDA_PREFIX) and c.removeprefix(LAMBDA_PREFIX).isdigit()]
 
 
 CORRELATIONS = {"spearman": stats.spearmanr, "pearson": stats.pearsonr}
@@ -81,10 +88,10 @@ def best_scale(lambda_t: np.ndarray, lambda_star: np.ndarray) -> tuple[float, fl
 
 def tracking_summary(
     frame: pd.DataFrame,
-    lambda_col: str = "lambda_0",
+    lambda_col: str = lambda_column(0),
     star_col: str = "lambda_star_taylor",
     lambda_plus: float | None = None,
-    lambda_plus_col: str = "calib_lambda_plus",
+    lambda_plus_col: str = calib_column("lambda_plus"),
     n_resamples: int = 2000,
     confidence_level: float = 0.95,
     seed: int = 0,
@@ -143,7 +150,7 @@ def tracking_table(
     ``lambda_star`` (Taylor, measured, L-smooth, ...) that has a value somewhere.
     """
     if lambda_cols is None:
-        lambda_cols = [c for c in frame.columns if c.startswith("lambda_") and c.removeprefix("lambda_").isdigit()]
+        lambda_cols = head_lambda_columns(frame)
     if star_cols is None:
         star_cols = [c for c in frame.columns if c.startswith("lambda_star") and frame[c].notna().any()]
     if not lambda_cols or not star_cols:
@@ -170,11 +177,9 @@ def minibatch_summary(
     if by not in minibatches.columns:
         raise KeyError(f"column {by!r} is not in the frame: pass the per-mini-batch table (its rows carry {by!r})")
     if columns is None:
-        wanted = ("calib_c_hat", "calib_r_hat2", "calib_v_hat2")
-        columns = [
-            c for c in minibatches.columns
-            if (c.startswith("lambda_") and c.removeprefix("lambda_").isdigit()) or c.startswith(wanted)
-        ]
+        wanted = tuple(calib_column(key) for key in ("c_hat", "r_hat2", "v_hat2"))
+        heads = head_lambda_columns(minibatches)
+        columns = [c for c in minibatches.columns if c in heads or c.startswith(wanted)]
     rows = []
     for index, group in minibatches.groupby(by, sort=True):
         for column in columns:

@@ -31,6 +31,11 @@ DEFAULT_LAMBDA = 1.0  # the fixed MTP coefficient when a FIXED or CALIBRATED reg
 DETACH_MODES = {"full": "detach", "trunk_only": "detach_trunk_only"}
 
 
+def fixed_lambda(lam: float | None) -> float:
+    """The fixed MTP coefficient of a config's ``lam`` (None: :data:`DEFAULT_LAMBDA`)."""
+    return DEFAULT_LAMBDA if lam is None else float(lam)
+
+
 @dataclass(frozen=True)
 class RegimeLosses:
     """What the trainer optimises on one mini-batch, as pure functions of
@@ -84,27 +89,38 @@ class Regime:
         """The per-head MTP coefficients of a UNIT or FIXED regime."""
         if self.lambda_rule == CALIBRATED:
             raise ValueError(f"regime {self.name!r} chooses lambda with a calibrator on every mini-batch")
-        value = 1.0 if self.lambda_rule == UNIT else (DEFAULT_LAMBDA if lam is None else lam)
-        return torch.full((num_heads,), float(value), dtype=dtype)
+        value = 1.0 if self.lambda_rule == UNIT else fixed_lambda(lam)
+        return torch.full((num_heads,), value, dtype=dtype)
+
+    def calibrator(self, cfg, given=None):
+        """The calibrator that sets lambda on every mini-batch: ``given``, else the
+        config's ``calibrator`` by name, else one fixed at the config's ``lam``.
+        None for a regime that does not calibrate (which ``given`` may not be)."""
+        from .calibrators import FixedLambda, make_calibrator
+
+        if self.lambda_rule != CALIBRATED:
+            if given is not None:
+                raise ValueError(f"a calibrator only applies to regimes {names(CALIBRATED)}, not {self.name!r}")
+            return None
+        if given is not None:
+            return given
+        return make_calibrator(cfg.calibrator, cfg.model.n_mtp) if cfg.calibrator else FixedLambda(fixed_lambda(cfg.lam))
 
     def validate(self, cfg) -> None:
         """Reject config fields that do not apply to this regime, naming the fix."""
         if self.lambda_rule == UNIT and cfg.lam is not None:
             raise ValueError(
                 f"lam does not apply to regime {self.name!r} ({self.description}): drop --lam, or choose one of "
-                f"{sorted(n for n, r in REGIMES.items() if r.lambda_rule != UNIT)}"
+                f"{names(FIXED, CALIBRATED)}"
             )
         if self.lambda_rule != CALIBRATED and cfg.calibrator is not None:
-            raise ValueError(
-                f"calibrator applies only to regimes {sorted(n for n, r in REGIMES.items() if r.lambda_rule == CALIBRATED)}, "
-                f"not {self.name!r}: drop --calibrator"
-            )
+            raise ValueError(f"calibrator applies only to regimes {names(CALIBRATED)}, not {self.name!r}: drop --calibrator")
         if cfg.detach_mode != "full" and self.mtp_detach("full") == "none":
             raise ValueError(f"detach_mode applies only to a detached regime, not {self.name!r}: drop --detach-mode")
 
     def display_name(self, lam: float | None = None, calibrator: str | None = None) -> str:
         if self.lambda_rule == FIXED:
-            return f"{self.display} (λ={DEFAULT_LAMBDA if lam is None else lam:g})"
+            return f"{self.display} (λ={fixed_lambda(lam):g})"
         return self.display
 
     def colour_family(self, calibrator: str | None = None) -> str:
@@ -164,6 +180,20 @@ class OCC(Policy):
     display = "OCC"
     family = "Greens"
 
+    def calibrator(self, cfg, given=None):
+        """The calibrator that sets lambda on every mini-batch: ``given``, else the
+        config's ``calibrator`` by name, else one fixed at the config's ``lam``.
+        None for a regime that does not calibrate (which ``given`` may not be)."""
+        from .calibrators import FixedLambda, make_calibrator
+
+        if self.lambda_rule != CALIBRATED:
+            if given is not None:
+                raise ValueError(f"a calibrator only applies to regimes {names(CALIBRATED)}, not {self.name!r}")
+            return None
+        if given is not None:
+            return given
+        return make_calibrator(cfg.calibrator, cfg.model.n_mtp) if cfg.calibrator else FixedLambda(fixed_lambda(cfg.lam))
+
     def validate(self, cfg) -> None:
         super().validate(cfg)
         if cfg.calibrator is not None:
@@ -176,7 +206,7 @@ class OCC(Policy):
 
     def display_name(self, lam=None, calibrator=None) -> str:
         if calibrator is None:
-            return f"{self.display} (fixed λ={DEFAULT_LAMBDA if lam is None else lam:g})"
+            return f"{self.display} (fixed λ={fixed_lambda(lam):g})"
         return CALIBRATOR_DISPLAY.get(calibrator, f"{self.display} {calibrator}")
 
     def colour_family(self, calibrator=None) -> str:
@@ -200,12 +230,18 @@ def unregister(name: str) -> None:
     REGIMES.pop(name, None)
 
 
+def names(*lambda_rules: str) -> list[str]:
+    """The registered regimes' names, in registration order; only those whose
+    ``lambda_rule`` is one of ``lambda_rules`` when any are given."""
+    return [name for name, regime in REGIMES.items() if not lambda_rules or regime.lambda_rule in lambda_rules]
+
+
 def get(name: "str | Regime") -> Regime:
     """The registered regime of that name (a Regime is returned as is)."""
     if isinstance(name, Regime):
         return name
     if name not in REGIMES:
-        raise ValueError(f"unknown regime {name!r}: choose one of {sorted(REGIMES)}")
+        raise ValueError(f"unknown regime {name!r}: choose one of {names()}")
     return REGIMES[name]
 
 

@@ -1,6 +1,7 @@
-"""A run directory: ``config.json``, ``metrics.csv`` (one row per step),
-``minibatch.csv`` (one row per optimiser mini-batch), ``checkpoint.pt`` (the latest)
-and an ``.incomplete`` marker that exists until the run finishes.
+"""A run directory (the files of :mod:`mtpdiag.schema`): ``config.json``,
+``metrics.csv`` (one row per step), ``minibatch.csv`` (one row per optimiser
+mini-batch), ``checkpoint.pt`` (the latest) and an ``.incomplete`` marker that
+exists until the run finishes.
 
 CSV rows live in memory and each file is rewritten atomically after every step,
 so rows always describe completed steps and a step may add columns the earlier
@@ -11,24 +12,16 @@ run has neither lost nor duplicated rows.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-CONFIG, CHECKPOINT, INCOMPLETE = "config.json", "checkpoint.pt", ".incomplete"
-METRICS, MINIBATCH = "metrics.csv", "minibatch.csv"
+from .schema import CHECKPOINT, CONFIG, INCOMPLETE, METRICS, MINIBATCH, atomic_write
 
 
 class RunDirError(ValueError):
     pass
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 class RunDir:
@@ -65,7 +58,7 @@ class RunDir:
         return checkpoint
 
     def write_config(self, config: dict) -> None:
-        _atomic_write(self.path / CONFIG, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+        atomic_write(self.path / CONFIG, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
 
     def append(self, metrics_row: dict, minibatch_rows: list[dict]) -> None:
         """Record one completed step."""
@@ -75,7 +68,7 @@ class RunDir:
 
     def save_checkpoint(self, state: dict) -> None:
         """Save ``state`` together with the rows recorded so far."""
-        _atomic_write(self.checkpoint_path, lambda tmp: torch.save({**state, "rows": self.rows}, tmp))
+        atomic_write(self.checkpoint_path, lambda tmp: torch.save({**state, "rows": self.rows}, tmp))
 
     def mark_complete(self) -> None:
         (self.path / INCOMPLETE).unlink(missing_ok=True)
@@ -86,7 +79,7 @@ class RunDir:
     def _write_csv(self) -> None:
         for name, rows in self.rows.items():
             if rows:
-                _atomic_write(self.path / name, lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
+                atomic_write(self.path / name, lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
             else:
                 (self.path / name).unlink(missing_ok=True)
 

@@ -22,6 +22,7 @@ from mtpdiag.calibrators import (
 from mtpdiag.losses import AlignedLogprobs, aligned_logprobs, mtp_policy_loss, rl_objective, token_logprobs
 from mtpdiag.model import GPT, GPTConfig, GPTOutput, HeadPrediction
 from mtpdiag.diagnostics import Probe
+from mtpdiag.regimes import DEFAULT_LAMBDA
 
 EPS = 1e-8
 F64 = torch.float64
@@ -270,6 +271,14 @@ def test_fixed_lambda_has_one_value_per_head():
     assert FixedLambda(0.3)(hand_inputs()).lambdas.tolist() == pytest.approx([0.3, 0.3])
 
 
+def test_fixed_calibrator_by_name_defaults_to_the_trainers_lambda():
+    """CALIBRATORS["fixed"] once defaulted to 0.1 while the trainer's default lambda is 1.0."""
+    assert DEFAULT_LAMBDA == 1.0
+    fixed = make_calibrator("fixed", num_heads=2)
+    assert fixed.lam == DEFAULT_LAMBDA and fixed(hand_inputs()).lambdas.tolist() == [DEFAULT_LAMBDA] * 2
+    assert make_calibrator("fixed", lam=0.25).lam == 0.25
+
+
 @pytest.mark.parametrize(
     "kwargs, fix",
     [
@@ -406,19 +415,23 @@ def test_step_proxy_finite_difference_sees_the_same_dropout_masks_as_the_jvp():
     torch.testing.assert_close(fd, jvp, rtol=1e-6, atol=0)
 
 
-def test_step_proxy_leaves_model_grads_and_rng_untouched():
+@pytest.mark.parametrize("finite_difference", [None, 0.5])
+def test_step_proxy_leaves_model_grads_buffers_and_rng_untouched(finite_difference):
     model = tiny_gpt(dropout=0.1)
     model.train()
     batch = rl_batch(model, B=3, T=9, vocab=11)
     inputs = model_inputs(model, batch, lr=0.1)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
     rng = torch.get_rng_state()
-    out = OCC(proxy="step")(inputs)
+    out = OCC(proxy="step", finite_difference=finite_difference)(inputs)
     assert torch.isfinite(out.lambdas).all()
     assert torch.equal(torch.get_rng_state(), rng)
-    assert model.training
+    assert all(m.training for m in model.modules())
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]) and p.grad is None and p.requires_grad, n
+    assert buffers.keys() == dict(model.named_buffers()).keys()
+    assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
 
 
 def test_step_proxy_runs_on_fused_attention_and_matches_the_math_path():

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from mtpdiag.cli import main
+from mtpdiag.cli import build_parser, config_from_args, main
+from mtpdiag.config import DiagnosticsConfig
 from mtpdiag.rundir import read_metrics
 
 TINY = (
@@ -47,6 +48,19 @@ def test_resume_continues_from_the_saved_config(tmp_path, cache):
         main(["train", "--out", out, "--resume", "--lr", "0.5", "--sft-cache", cache])
 
 
+def test_model_and_diagnostics_flags_land_in_their_configs(tmp_path):
+    args = build_parser().parse_args([
+        "train", "--d-model", "64", "--n-mtp", "2", "--mtp-wiring", "sequential", "--diag-every", "5",
+        "--diag-per-block", "false", "--diag-top-curvature", "all", "--diag-objectives", "j_batch",
+        "--diag-hvp-mode", "rev_rev", "--lr", "0.01", "--out", str(tmp_path / "run"),
+    ])  # fmt: skip
+    cfg = config_from_args(args)
+    assert (cfg.model.d_model, cfg.model.n_mtp, cfg.model.mtp_wiring, cfg.lr) == (64, 2, "sequential", 0.01)
+    assert cfg.diagnostics == DiagnosticsConfig(every=5, per_block=False, top_curvature="all", objectives=("j_batch",),
+                                                hvp_mode="rev_rev")  # fmt: skip
+    assert cfg.model.n_layer == 4 and cfg.diagnostics.every == 5  # the flags not given keep their defaults
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -54,6 +68,8 @@ def test_resume_continues_from_the_saved_config(tmp_path, cache):
         (["--task", "sorting"], "argument --task: invalid choice: 'sorting'"),
         (["--task-option", "digits"], "write a task option as KEY=VALUE"),
         (["--sft-target", "half"], "invalid float value: 'half'"),
+        (["--diag-top-curvature", "last"], "argument --diag-top-curvature: invalid choice: 'last'"),
+        (["--diag-per-block", "maybe"], "'maybe' is not a boolean: use true or false"),
     ],
 )
 def test_malformed_flags_are_usage_errors(tmp_path, capsys, args, message):
@@ -69,6 +85,7 @@ def test_malformed_flags_are_usage_errors(tmp_path, capsys, args, message):
         (["--lam", "0.5"], "lam does not apply to regime 'detach'.*drop --lam"),
         (["--block-size", "6"], "block_size=6 is too small for task 'addition'.*--block-size 7"),
         (["--minibatches", "99"], "minibatches=99 exceeds the 16 rollouts.*lower --minibatches"),
+        (["--diag-objectives", "j_true"], "diag_objectives=j_true: .*j_batch included"),
     ],
 )
 def test_inconsistent_flags_are_clear_errors(tmp_path, cache, args, message):

@@ -25,7 +25,10 @@ from mtpdiag.calibrators import OCC, CalibrationInputs, CosineGate, Oracle, With
 from mtpdiag.cli import main as cli_main
 from mtpdiag.model import GPT, GPTConfig, GPTOutput, HeadPrediction
 from mtpdiag.diagnostics import Probe
-from mtpdiag.train import TrainConfig, load_run, train
+from mtpdiag.config import TrainConfig
+from mtpdiag.distributed import RowsInMemory, check_shards, minibatch_rows, on_main_then_broadcast, rank_run_dir
+from mtpdiag.rundir import RunDir
+from mtpdiag.train import load_run, train
 
 WORLD = 2
 # float64 sums taken in another order differ by rounding (~1e-16 relative); the
@@ -141,7 +144,7 @@ def shadowed_occ() -> WithShadows:
 
 
 def train_tiny(out: Path, cache: Path):
-    return train(TrainConfig(**TINY_TRAIN), out, calibrator=shadowed_occ(), cache_dir=cache, progress=False)
+    return train(TrainConfig.from_dict(TINY_TRAIN), out, calibrator=shadowed_occ(), cache_dir=cache, progress=False)
 
 
 def run_files(out: Path) -> dict[str, pd.DataFrame]:
@@ -167,7 +170,7 @@ def two_rank_worker(rank: int, port: int, tmp: Path) -> None:
         own = "" if rank == 0 else "rank1-"
         result = train_tiny(tmp / f"{own}run", tmp / f"{own}cache")
         results["metrics"] = result.metrics
-        too_few = TrainConfig(**{**TINY_TRAIN, "prompts_per_step": 1, "group_size": 3})
+        too_few = TrainConfig.from_dict({**TINY_TRAIN, "prompts_per_step": 1, "group_size": 3})
         with pytest.raises(ValueError, match="cannot give each of the 2 ranks one") as error:
             train(too_few, tmp / f"unused-{rank}", cache_dir=tmp / "cache")
         results["error"] = str(error.value)
@@ -274,6 +277,17 @@ def test_too_few_rollouts_for_every_rank_is_an_error_on_every_rank(two_ranks):
         assert "lower --minibatches" in rank["error"]
 
 
+def test_on_one_process_the_plumbing_is_the_plain_single_process_path(tmp_path):
+    rows = minibatch_rows(10, 3)
+    assert [r.tolist() for r in rows] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]  # consecutive chunks, as torch.chunk
+    check_shards(rollouts_per_step=2, minibatches=2, heldout_prompts=1)  # one rollout per mini-batch is enough
+    run = rank_run_dir(tmp_path / "run")
+    assert type(run) is RunDir and not isinstance(run, RowsInMemory)
+    built = []
+    model, summary = on_main_then_broadcast(lambda: (tiny_gpt(), {"trained": True}), lambda: built.append(1))
+    assert summary == {"trained": True} and isinstance(model, GPT) and not built  # rank 0 builds nothing else
+
+
 def test_torchrun_cli_trainer_logs_the_rows_of_one_process(tmp_path):
     flags = ["--task-option", "digits=1", "--block-size", "8", "--d-model", "16", "--n-layer", "1", "--n-head", "2",
              "--dtype", "float64", "--sft-steps", "60", "--sft-target", "none", "--sft-batch-size", "32",
@@ -317,7 +331,7 @@ def test_wrapped_modules_are_rejected_by_the_probe_and_the_trainer(single_proces
     with pytest.raises(TypeError, match="pass `model.module`"):
         Probe(ddp, losses.rl_objective, losses.mtp_policy_loss)
     with pytest.raises(TypeError, match="pass `model.module`"):
-        train(TrainConfig(**TINY_TRAIN), tmp_path / "run", model=ddp)
+        train(TrainConfig.from_dict(TINY_TRAIN), tmp_path / "run", model=ddp)
     fsdp = FullyShardedDataParallel(tiny_gpt(), device_id=torch.device("cpu"))
     with pytest.raises(TypeError, match="full_state_dict=True"):
         Probe(fsdp, losses.rl_objective, losses.mtp_policy_loss)
@@ -382,7 +396,7 @@ def test_hf_example_trains_a_tiny_gpt2_with_diagnostics(tmp_path):
 
 def test_a_user_model_that_does_not_fit_the_config_names_the_fix(tmp_path):
     example = load_example()
-    cfg = TrainConfig(**TINY_TRAIN)
+    cfg = TrainConfig.from_dict(TINY_TRAIN)
     with pytest.raises(ValueError, match="model.to\\(device='cpu', dtype=torch.float64\\)"):
         train(cfg, tmp_path / "a", model=example.tiny_gpt2(vocab_size=14, n_mtp=1))
     with pytest.raises(ValueError, match="n_mtp=1 MTP heads over task 'addition'"):

@@ -1,20 +1,50 @@
-"""The main job's orchestration: resuming a killed job, refusing a foreign one, the eta sweep."""
+"""The main job's orchestration: its arms, resuming a killed job, refusing a foreign one, the eta sweep."""
 import json
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from mtpdiag import experiment
-from mtpdiag.experiment import PRESETS, Arm, micro, run_job, unit_dir
+from mtpdiag.calibrators import WithShadows
+from mtpdiag.experiment import DEFAULT_ARMS, PRESETS, Preset, arm_config, eta_sweep_arm, micro, run_job
+from mtpdiag.schema import Arm, run_dir
 
-ARMS = (Arm("detach", "detach"), Arm("policy-0.5", "policy", 0.5))
+ARMS = (Arm.of("detach"), Arm.of("policy", 0.5))
+
+
+def test_the_default_arms_keep_their_labels_and_configs():
+    assert [a.label for a in DEFAULT_ARMS] == ["detach", "ce-0.1", "ce-0.5", "policy-0.1", "policy-0.5", "policy-1.0",
+                                               "occ-paper", "occ-reference", "oracle"]  # fmt: skip
+    assert DEFAULT_ARMS[4] == Arm("policy-0.5", "policy", 0.5) and DEFAULT_ARMS[8] == Arm("oracle", "occ", None, "oracle")
+    base = PRESETS["default"].base
+    cfg = arm_config(base, DEFAULT_ARMS[8], seed=2)
+    assert (cfg.regime, cfg.lam, cfg.calibrator, cfg.seed) == ("occ", None, "oracle", 2)
+    assert cfg.with_values(regime="detach", calibrator=None, seed=0) == base
+    preset = PRESETS["quick"]
+    assert Preset.from_dict(preset.to_dict()) == preset  # job.json round-trips, arms included
+
+
+def test_occ_arms_shadow_the_other_readings_under_shadow_labels():
+    paper = experiment._arm_calibrator(Arm.of("occ", calibrator="occ-paper"), 1)
+    oracle = experiment._arm_calibrator(Arm.of("occ", calibrator="oracle"), 1)
+    assert isinstance(paper, WithShadows) and paper.primary.name == "occ-paper"
+    assert {k: c.name for k, c in paper.shadows.items()} == {"shadow_reference": "occ-reference"}
+    assert list(oracle.shadows) == ["shadow_paper", "shadow_reference", "shadow_step"]
+    assert experiment._arm_calibrator(Arm.of("policy", 0.5), 1) is None
+
+
+def test_the_eta_sweep_probes_a_joint_policy_arm_else_the_first_joint_one():
+    quick = PRESETS["quick"]
+    assert eta_sweep_arm(quick).label == "policy-0.1"
+    assert eta_sweep_arm(replace(quick, arms=(Arm.of("detach"), Arm.of("ce", 0.5)))).label == "ce-0.5"
+    with pytest.raises(ValueError, match="not only detached ones"):
+        eta_sweep_arm(replace(quick, arms=(Arm.of("detach"),)))
 
 
 @pytest.fixture(scope="module")
 def preset():
-    from dataclasses import replace
-
     return replace(micro(PRESETS["quick"]), arms=ARMS)
 
 
@@ -43,7 +73,7 @@ def resumed_job(preset, cache, tmp_path_factory):
         with pytest.raises(KeyboardInterrupt):
             run_job(preset, job, workers=1, cache_dir=cache, progress=False, report=False)
         assert (job / ".incomplete").exists()
-        before = (unit_dir(job, ARMS[0], 0) / "metrics.csv").stat().st_mtime_ns
+        before = (run_dir(job, ARMS[0].label, 0) / "metrics.csv").stat().st_mtime_ns
         calls.clear()
         run_job(preset, job, workers=1, cache_dir=cache, progress=False, report=False)
     return job, list(calls), before
@@ -52,9 +82,9 @@ def resumed_job(preset, cache, tmp_path_factory):
 def test_a_killed_job_resumes_without_redoing_finished_runs(preset, resumed_job):
     job, retrained, before = resumed_job
     assert retrained == ["policy"]  # detach was not trained again
-    assert (unit_dir(job, ARMS[0], 0) / "metrics.csv").stat().st_mtime_ns == before
+    assert (run_dir(job, ARMS[0].label, 0) / "metrics.csv").stat().st_mtime_ns == before
     assert not (job / ".incomplete").exists()
-    rows = pd.read_csv(unit_dir(job, ARMS[1], 0) / "metrics.csv")
+    rows = pd.read_csv(run_dir(job, ARMS[1].label, 0) / "metrics.csv")
     assert rows["step"].tolist() == list(range(preset.base.steps + 1))
 
 

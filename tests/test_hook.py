@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mtpdiag import losses
+from mtpdiag import losses, schema
 from mtpdiag.hook import CSVSink, DiagnosticsHook, MemorySink, ParquetSink, every, log_spaced
 from mtpdiag.model import GPT, GPTConfig
 from mtpdiag.diagnostics import Probe
@@ -96,6 +96,30 @@ def test_records_round_trip_through_csv_and_a_resumed_run_rewrites_repeated_step
     assert steps.step.tolist() == [1, 2]
     for row in steps.itertuples():
         assert row.c == records[row.step].c and row.h_mm == records[row.step].h_mm  # exact: pandas writes 17 digits
+
+
+def test_file_sinks_use_the_schema_names_and_a_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
+    model = tiny_gpt()
+    sink = CSVSink(tmp_path)
+    hook = DiagnosticsHook(Probe(model, losses.rl_objective, losses.mtp_policy_loss), 1, sink, per_block=True, lambdas=[-1, 0, 1])
+    for step in (1, 2):
+        hook.on_step(step, rl_batch(model, seed=step), 0.1)
+    names = sorted(schema.diag_file(table) for table in schema.DIAG_TABLES)
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
+    assert CSVSink(tmp_path, prefix="probe_").path("curves") == tmp_path / "probe_curves.csv"
+    steps = pd.read_csv(sink.path("steps"))
+    assert steps.hvp_mode.tolist() == ["fwd_rev"] * 2 and steps.hvp_fallback.isna().all()
+    old = {name: (tmp_path / name).read_bytes() for name in names}
+
+    def fails_halfway(frame, path):
+        path.write_text("step,objective\n3,")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(CSVSink, "_write", staticmethod(fails_halfway))
+    with pytest.raises(OSError, match="disk full"):
+        hook.on_step(3, rl_batch(model, seed=3), 0.1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == names  # no temporary file left behind
+    assert {name: (tmp_path / name).read_bytes() for name in names} == old
 
 
 def test_trainer_callback_builds_its_probe_from_the_context():

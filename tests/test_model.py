@@ -188,3 +188,24 @@ def test_bad_model_config_is_a_clear_error(options, message):
 def test_unknown_detach_mode_is_a_clear_error():
     with pytest.raises(ValueError, match="choose one of"):
         tiny_model()(random_ids(), mtp_detach="half")
+
+
+def test_only_the_residual_projections_get_the_depth_scaled_init_not_the_sequential_mtp_proj():
+    """GPT-2's init scales the two layers of each block that write into the residual
+    stream by 1/sqrt(2 n_layer); SequentialMTPModule.proj (2d -> d, it builds a new
+    stream) keeps the plain std 0.02 that the name match ``proj.weight`` once scaled too."""
+    n_layer = 8
+    model = tiny_model(n_layer=n_layer, d_model=64, n_head=2, mtp_wiring="sequential", n_mtp=2)
+    scaled, plain = 0.02 / (2 * n_layer) ** 0.5, 0.02
+    stds = {name: p.std().item() for name, p in model.named_parameters() if name.endswith("weight") and p.dim() == 2}
+    residual = [n for n in stds if n.endswith(("attn.proj.weight", "mlp.2.weight"))]
+    assert len(residual) == 2 * (n_layer + 2)  # every trunk block and both MTP modules' blocks
+    for name in residual:
+        assert stds[name] == pytest.approx(scaled, rel=0.1), name
+    for name in ("mtp_heads.0.proj.weight", "mtp_heads.1.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.mlp.0.weight"):
+        assert stds[name] == pytest.approx(plain, rel=0.1), name
+
+
+def test_a_config_without_a_vocabulary_cannot_build_a_model():
+    with pytest.raises(ValueError, match="GPTConfig.vocab_size is None: set it to the tokenizer's vocabulary size"):
+        GPT(GPTConfig())

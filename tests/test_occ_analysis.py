@@ -7,7 +7,8 @@ import pytest
 
 from mtpdiag.calibrators import OCC, Oracle, WithShadows
 from mtpdiag.occ_analysis import best_scale, correlation_ci, minibatch_summary, tracking_summary, tracking_table
-from mtpdiag.train import TrainConfig, train
+from mtpdiag.config import TrainConfig
+from mtpdiag.train import train
 
 FAST = {"n_resamples": 400}
 
@@ -155,11 +156,11 @@ def test_first_minibatch_effect_is_measured_in_a_real_occ_run(tmp_path):
     proxy sees delta_RL = 0 and gives lambda = 0; once mini-batch 0 has moved the
     parameters, mini-batch 1 sees delta_RL != 0. The step proxy and the oracle,
     shadowed on the same mini-batches, are not tied to mini-batch 0."""
-    cfg = TrainConfig(
+    cfg = TrainConfig.from_dict(dict(
         task_options={"digits": 1}, block_size=8, d_model=32, n_layer=1, n_head=2, sft_steps=150, sft_target=None,
         sft_batch_size=32, sft_lr=3e-3, steps=3, prompts_per_step=4, group_size=4, minibatches=2, lr=1e-3,
         eval_every=100, eval_prompts=8, eval_samples=1, regime="occ", dtype="float64",
-    )
+    ))
     calibrator = WithShadows(OCC.paper(), {"step": OCC(proxy="step"), "oracle": Oracle("taylor")})
     train(cfg, tmp_path / "run", calibrator=calibrator, cache_dir=tmp_path / "cache", progress=False)
     minibatches = pd.read_csv(tmp_path / "run" / "minibatch.csv")

@@ -10,7 +10,7 @@ from torch.func import functional_call
 from mtpdiag import losses
 from mtpdiag.diagnostics.hvp import HessianAt
 from mtpdiag.model import GPT, GPTConfig
-from mtpdiag.diagnostics import NO_MTP_SIGNAL, Probe
+from mtpdiag.diagnostics import NO_MTP_SIGNAL, Probe, block_of
 
 VOCAB, T, B = 14, 8, 4
 
@@ -89,11 +89,27 @@ def test_gradients_and_hvps_match_autograd_and_a_materialised_hessian(wiring):
 
         # and vector by vector, on a random direction
         f, theta = probe.function_of_shared(losses.rl_objective, batch)
-        assert list(theta) == [f"model.{n}" for n in shared]
         v = torch.randn_like(x0)
         product = HessianAt(f, theta, mode)({n: t.view_as(theta[n]) for n, t in zip(theta, v.split([t.numel() for t in theta.values()]))})
         expected = H @ v
         torch.testing.assert_close(torch.cat([t.reshape(-1) for t in product.values()]), expected, rtol=1e-8, atol=1e-8 * expected.abs().max().item())
+
+
+def test_function_of_shared_keys_are_the_models_own_parameter_names():
+    """They once carried the wrapper's ``model.`` prefix that find_shared and shared_names do not."""
+    model = tiny_gpt("parallel")
+    batch = rl_batch(model)
+    probe = Probe(model, losses.rl_objective, losses.mtp_policy_loss)
+    f, theta = probe.function_of_shared(losses.rl_objective, batch)
+    params = dict(model.named_parameters())
+    assert list(theta) == probe.shared_names == probe.find_shared(batch)
+    assert all(torch.equal(theta[n], params[n]) for n in theta)
+    assert f(theta).item() == losses.rl_objective(model(batch["input_ids"]), batch).item()
+    # the same names reach every layer: the per-block rows and the Hessian products use them
+    record = probe.measure(batch, 0.1, line_search=False, per_block=True)
+    assert {row["block"] for row in record.block_rows()} == {block_of(n) for n in theta}
+    product = HessianAt(f, theta)({n: torch.ones_like(t) for n, t in theta.items()})
+    assert list(product) == list(theta)
 
 
 def test_shared_set_and_top_curvature_on_the_gpt():
@@ -287,14 +303,20 @@ def square_aux(out, batch):
     return (out[1].sum(-1) - 1).pow(2).mean()
 
 
-def test_forward_mode_failure_falls_back_to_rev_rev_and_says_so():
+def test_forward_mode_failure_falls_back_to_rev_rev_records_why_and_keeps_the_configured_mode():
+    """The fallback once rewrote the Probe's hvp_mode to the label "rev_rev (fallback: ...)"."""
     batch = {"input_ids": torch.randn(6, 3, dtype=torch.float64)}
     fallback = Probe(SquareNet(OldStyleSquare), square_objective, square_aux)
     record = fallback.measure(batch, 0.1, line_search=False)
-    assert record.hvp_mode.startswith("rev_rev (fallback: ")
+    assert record.hvp_mode == "rev_rev"
+    assert "jvp" in record.hvp_fallback and "\n" not in record.hvp_fallback
+    assert fallback.hvp_mode == "fwd_rev" and fallback.hvp_fallback == record.hvp_fallback
     reference = Probe(SquareNet(OldStyleSquare), square_objective, square_aux, hvp_mode="rev_rev").measure(batch, 0.1, line_search=False)
+    assert reference.hvp_mode == "rev_rev" and reference.hvp_fallback is None
     assert record.h_mm == reference.h_mm and record.h_gm == reference.h_gm
-    assert fallback.measure(batch, 0.1, line_search=False).hvp_mode == record.hvp_mode  # remembered
+    again = fallback.measure(batch, 0.1, line_search=False)  # remembered: straight to rev_rev, and said so
+    assert (again.hvp_mode, again.hvp_fallback, again.h_mm) == ("rev_rev", record.hvp_fallback, record.h_mm)
+    assert fallback.measure(batch, 0.1, hvp=False, line_search=False).hvp_fallback is None  # no products ran
 
 
 def test_missing_double_backward_names_the_attention_fix():

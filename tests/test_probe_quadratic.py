@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import ortho_group
 
-from mtpdiag.diagnostics import NO_MTP_SIGNAL, NOT_CONCAVE, Probe
+from mtpdiag.diagnostics import NO_MTP_SIGNAL, NOT_CONCAVE, MeasureOptions, Probe
 
 EPS = np.finfo(np.float64).eps
 
@@ -339,3 +339,61 @@ def test_per_block_rows_sum_to_the_totals():
     assert blocks["blocks.0"]["n_params"] == 12
     for key, total in (("c", record.c), ("v2", record.v2), ("h_mm", record.h_mm)):
         assert sum(row[key] for row in blocks.values()) == pytest.approx(total, rel=1e-12, abs=1e-15)
+
+
+def test_optimizer_over_a_model_with_a_frozen_parameter_is_accepted_and_skips_it():
+    """The usual optimizer over model.parameters() was rejected ("pass that model's optimizer")
+    when one parameter had requires_grad=False; PyTorch optimizers skip such parameters."""
+    p, batch = draw_problem(5, [0.5, 2.0, 3.0], aux_quadratic=True)
+    model = QuadraticModel(p["theta"], p["phi"])
+    model.phi.requires_grad_(False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    optimizer.zero_grad()
+    (-quadratic_objective(parameters_of(model, batch), batch)).backward()
+    optimizer.step()  # momentum state for theta only
+    before = (model.theta.detach().clone(), model.phi.detach().clone(), copy.deepcopy(optimizer.state_dict()))
+    record = Probe(model, quadratic_objective, quadratic_aux_loss, parameters_of).measure(
+        batch, 0.1, lambdas=[-1, 0, 1], optimizer=optimizer
+    )
+
+    def replay(lam):
+        twin = QuadraticModel(model.theta.detach(), model.phi.detach())
+        twin.phi.requires_grad_(False)
+        twin_optimizer = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
+        twin_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+        (-quadratic_objective(parameters_of(twin, batch), batch) + lam * quadratic_aux_loss(parameters_of(twin, batch), batch)).backward()
+        twin_optimizer.step()
+        assert torch.equal(twin.phi, model.phi)  # skipped
+        return quadratic_objective(parameters_of(twin, batch), batch).item()
+
+    rows = [r for r in record.curve_rows() if r["kind"] == "optimizer"]
+    assert [r["lambda"] for r in rows] == [-1.0, 0.0, 1.0]
+    for row in rows:
+        assert row["delta_meas"] == pytest.approx(replay(row["lambda"]) - replay(0.0), rel=1e-12, abs=1e-14)
+    assert torch.equal(model.theta, before[0]) and torch.equal(model.phi, before[1])
+    assert str(optimizer.state_dict()) == str(before[2])
+
+
+def test_bad_measure_options_fail_before_any_forward():
+    p, batch = draw_problem(2, [1.0, 2.0], aux_quadratic=False)
+    model = QuadraticModel(p["theta"], p["phi"])
+    calls = []
+
+    def counting_forward(model, batch):
+        calls.append(1)
+        return parameters_of(model, batch)
+
+    probe = Probe(model, quadratic_objective, quadratic_aux_loss, forward=counting_forward)
+    stranger = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    for options, fix in (
+        ({"lambdas": [0.0, 1.0, 1.0], "line_search": False}, "at least 3 distinct"),
+        ({"eval_batch": batch}, "pass eval_objective"),
+        ({"optimizer": stranger}, "pass that model's optimizer"),
+    ):
+        with pytest.raises(ValueError, match=fix):
+            probe.measure(batch, 0.1, **options)
+    assert calls == []
+    options = MeasureOptions(lambdas=[2, 0, 1], hvp=False, line_search=False)
+    np.testing.assert_array_equal(options.lambdas, [0.0, 1.0, 2.0])
+    assert not options.needs_hessian and not options.needs_grid
+    assert MeasureOptions(hvp=False, top_curvature=True).needs_hessian and MeasureOptions(line_search=False, optimizer=stranger).needs_grid

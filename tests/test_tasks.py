@@ -72,7 +72,13 @@ def test_heldout_set_is_fixed_by_its_seed():
     task = AdditionTask()
     assert task.heldout_problems(20) == AdditionTask().heldout_problems(20)
     assert task.heldout_problems(20, seed=1) != task.heldout_problems(20)
-    assert task.min_block_size() == task.prompt_len + task.max_completion_len
+
+
+def test_min_block_size_fits_a_prompt_and_the_generation_budget():
+    task = AdditionTask(digits=3)  # "123+045=" then 4 answer digits and EOS
+    assert task.min_block_size() == 8 + 5
+    assert task.min_block_size(max_new_tokens=7) == 8 + 7
+    assert RunningSumTask(terms=4).min_block_size() == 8 + 12  # "3+1+4+1=" then "03,04,08,09" and EOS
 
 
 def test_make_task_builds_by_name_and_rejects_unknown_names():

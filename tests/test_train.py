@@ -1,186 +1,24 @@
-"""The trainer: sampling and rewards agree with exact J_true, rollout batches,
-resume, callbacks, the SFT cache and every bad-input error."""
-import dataclasses
+"""The RL loop: a killed and resumed run repeats the uninterrupted one, callbacks
+see the pre-update step and leave the trajectory alone, every regime's lambdas
+and columns, the diagnostics as configured, config.json's calibrator record,
+and every bad-input error of a run."""
 import json
-import itertools
 import math
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from scipy.stats import chisquare
 
-from mtpdiag.calibrators import Calibration, Calibrator, FixedLambda
-from mtpdiag.evaluation import (
-    completion_rewards,
-    exact_j_true,
-    j_true_batch,
-    rollout_mask,
-    sample_completions,
-    sampled_pass_at_1,
-)
-from mtpdiag.losses import token_logprobs
+from mtpdiag.calibrators import OCC, Calibration, Calibrator, FixedLambda, WithShadows
+from mtpdiag.evaluation import exact_j_true
+from mtpdiag.diagnostics import GRID_MULTIPLIERS
+from mtpdiag.losses import NonFiniteLossError, token_logprobs
 from mtpdiag.rundir import RunDirError, read_metrics
-from mtpdiag.train import (
-    NonFiniteLossError,
-    TrainConfig,
-    build_task,
-    load_run,
-    regime_losses,
-    rollout,
-    run_sft,
-    sft_cache_file,
-    train,
-    warm_start,
-)
+from mtpdiag.schema import shadow_label
+from mtpdiag.train import load_run, train
 
-TINY = dict(
-    task_options={"digits": 1}, block_size=8, d_model=32, n_layer=1, n_head=2,
-    sft_steps=100, sft_target=None, sft_batch_size=32, sft_lr=3e-3,
-    steps=6, prompts_per_step=4, group_size=4, lr=1e-3, eval_every=3, eval_prompts=12, eval_samples=2,
-    checkpoint_every=2,
-)  # fmt: skip
 TIMING = ["rollout_time_s", "update_time_s", "step_time_s", "callback_time_s"]
-
-
-def tiny(**overrides) -> TrainConfig:
-    return TrainConfig(**(TINY | overrides))
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("sft-cache")
-
-
-@pytest.fixture(scope="module")
-def sft_model():
-    """A briefly trained float64 model on 1-digit addition and its task."""
-    cfg = tiny(dtype="float64")
-    task = build_task(cfg)
-    model, _ = run_sft(cfg, task, progress=False)
-    return model.eval(), task, cfg
-
-
-def all_completions(task, length):
-    """Every completion the sampler can return: tokens up to a first EOS, padding
-    after it, or ``length`` tokens without EOS."""
-    tok = task.tokenizer
-    others = [i for i in range(tok.vocab_size) if i != tok.eos_id]
-    rows = [list(body) + [tok.eos_id] + [tok.pad_id] * (length - n - 1)
-            for n in range(length) for body in itertools.product(others, repeat=n)]  # fmt: skip
-    rows += [list(body) for body in itertools.product(others, repeat=length)]
-    return torch.tensor(rows)
-
-
-def test_j_true_equals_the_expected_reward_over_all_completions(sft_model):
-    model, task, cfg = sft_model
-    problems = task.heldout_problems(3)
-    completions = all_completions(task, task.max_completion_len)
-    expected_rewards = []
-    for problem in problems:
-        prompt = task.encode_prompts([problem]).expand(len(completions), -1)
-        ids = torch.cat([prompt, completions], dim=1)
-        with torch.no_grad():
-            logp = token_logprobs(model(ids, with_mtp=False).main)
-        mask = rollout_mask(task.prompt_len, completions, task.tokenizer.eos_id)
-        probs = (logp * mask).sum(1).exp()
-        assert probs.sum().item() == pytest.approx(1.0, abs=1e-12)  # the enumeration is complete
-        rewards = completion_rewards(task, [problem] * len(completions), completions)
-        assert rewards.sum() == 1.0  # exactly one completion is rewarded
-        expected_rewards.append((probs * rewards).sum().item())
-    exact = exact_j_true(model, j_true_batch(task, problems))
-    assert 0.01 < exact < 0.99  # a model with something to learn, not a degenerate one
-    assert exact == pytest.approx(np.mean(expected_rewards), rel=1e-12)
-
-
-def test_sampled_pass_at_1_interval_covers_the_exact_j_true(sft_model):
-    model, task, cfg = sft_model
-    problems = task.heldout_problems(20)
-    exact = exact_j_true(model, j_true_batch(task, problems))
-    result = sampled_pass_at_1(model, task, problems, 200, 3, generator=torch.Generator().manual_seed(0))
-    assert result.n_samples == 4000
-    assert result.ci_low <= exact <= result.ci_high
-    assert result.ci_high - result.ci_low < 0.04
-
-
-def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Goodness of fit, with cells expected below 1% pooled so every cell expects >= 30."""
-    common = probs > 0.01
-    observed = torch.cat([counts[common], counts[~common].sum(0, keepdim=True)])
-    expected = torch.cat([probs[common], probs[~common].sum(0, keepdim=True)]) * counts.sum()
-    keep = expected > 0
-    return chisquare(observed[keep].numpy(), expected[keep].numpy()).pvalue
-
-
-@pytest.mark.parametrize("temperature, other", [(1.0, 2.5), (2.5, 1.0)])
-def test_sampler_draws_the_first_token_from_the_tempered_model(sft_model, temperature, other):
-    model, task, cfg = sft_model
-    prompt = task.encode_prompts(task.heldout_problems(1)).expand(3000, -1)
-    tok = task.tokenizer
-    first = sample_completions(model, prompt, 1, tok.eos_id, tok.pad_id, temperature, torch.Generator().manual_seed(1))
-    counts = torch.bincount(first[:, 0], minlength=tok.vocab_size).double()
-    with torch.no_grad():
-        logits = model(prompt[:1]).last_logits[0]
-    assert chi_square_pvalue(counts, torch.softmax(logits / temperature, -1)) > 1e-3
-    assert chi_square_pvalue(counts, torch.softmax(logits / other, -1)) < 1e-6  # the test can tell temperatures apart
-
-
-def test_completion_rewards_need_the_exact_target_then_eos():
-    task = build_task(tiny())
-    problem = task.heldout_problems(1)[0]
-    tok = task.tokenizer
-    target = tok.encode(problem.target)
-    wrong = tok.encode(task.solve("9+9=" if problem.prompt != "9+9=" else "1+1="))
-    rows = [
-        target + [tok.eos_id],  # correct
-        target + [tok.pad_id],  # no EOS: truncated
-        [target[0], tok.pad_id, tok.eos_id],  # a padding token sampled mid-answer
-        wrong + [tok.eos_id],
-    ]
-    rewards = completion_rewards(task, [problem] * 4, torch.tensor(rows))
-    assert rewards.tolist() == [1.0, 0.0, 0.0, 0.0]
-
-
-def test_rollout_batch_is_consistent_and_a_function_of_seed_and_step(sft_model):
-    model, task, cfg = sft_model
-    batch, rewards = rollout(model, task, cfg, step=3)
-    again, _ = rollout(model, task, cfg, step=3)
-    for key in batch:
-        assert torch.equal(batch[key], again[key]), key
-    other, _ = rollout(model, task, cfg, step=4)
-    assert not torch.equal(batch["input_ids"], other["input_ids"])
-
-    B = cfg.prompts_per_step * cfg.group_size
-    ids, mask = batch["input_ids"], batch["response_mask"]
-    assert ids.shape[0] == B and mask.shape == (B, ids.shape[1] - 1)
-    tok = task.tokenizer
-    for row, row_mask in zip(ids.tolist(), mask.tolist()):
-        completion = row[task.prompt_len :]
-        end = completion.index(tok.eos_id) + 1 if tok.eos_id in completion else len(completion)
-        assert row_mask == [0.0] * (task.prompt_len - 1) + [1.0] * end + [0.0] * (len(completion) - end)
-    with torch.no_grad():
-        torch.testing.assert_close(batch["old_logprobs"], token_logprobs(model(ids, with_mtp=False).main))
-    groups = rewards.view(cfg.prompts_per_step, cfg.group_size)
-    advantages = batch["advantages"].view_as(groups)
-    uniform = (groups == groups[:, :1]).all(1)
-    assert uniform.any() and (~uniform).any()  # this seed exercises both kinds of group
-    assert torch.equal(advantages[uniform], torch.zeros_like(advantages[uniform]))
-    assert torch.allclose(advantages[~uniform].mean(1), torch.zeros(int((~uniform).sum()), dtype=torch.float64))
-
-
-def test_regime_forward_detaches_as_configured(sft_model):
-    model, task, cfg = sft_model
-    batch, _ = rollout(model, task, cfg, step=1)
-    batch = dict(batch, advantages=torch.linspace(-1, 1, len(batch["advantages"]), dtype=torch.float64))
-    shared = {name: p for name, p in model.named_parameters() if not name.startswith("mtp_heads.")}
-    for detach_mode, leaks in (("full", False), ("trunk_only", True)):
-        losses = regime_losses(dataclasses.replace(cfg, detach_mode=detach_mode))
-        grads = torch.autograd.grad(losses.aux_loss(losses.forward(model, batch), batch), list(shared.values()),
-                                    allow_unused=True)  # fmt: skip
-        assert any(g is not None and g.abs().sum() > 0 for g in grads) == leaks
-    policy = regime_losses(dataclasses.replace(cfg, regime="policy"))
-    assert policy.mtp_detach == "none"
 
 
 def trainer_columns(frame: pd.DataFrame) -> pd.DataFrame:
@@ -211,7 +49,7 @@ class CountingCalibrator(Calibrator):
         self.calls = state["calls"]
 
 
-def test_a_killed_and_resumed_run_repeats_the_uninterrupted_run(tmp_path, cache):
+def test_a_killed_and_resumed_run_repeats_the_uninterrupted_run(tiny, tmp_path, cache):
     cfg = tiny(regime="occ", minibatches=2)
     full = train(cfg, tmp_path / "full", calibrator=CountingCalibrator(), cache_dir=cache, progress=False)
 
@@ -239,7 +77,7 @@ def test_a_killed_and_resumed_run_repeats_the_uninterrupted_run(tmp_path, cache)
         assert torch.equal(a, b)
 
 
-def test_callbacks_see_the_pre_update_step_and_leave_the_trajectory_alone(tmp_path, cache):
+def test_callbacks_see_the_pre_update_step_and_leave_the_trajectory_alone(tiny, tmp_path, cache):
     cfg = tiny(regime="policy", lam=0.5)
     plain = train(cfg, tmp_path / "plain", cache_dir=cache, progress=False)
 
@@ -274,7 +112,7 @@ def test_callbacks_see_the_pre_update_step_and_leave_the_trajectory_alone(tmp_pa
     )
 
 
-def test_occ_with_a_fixed_lambda_follows_policy_with_that_lambda(tmp_path, cache):
+def test_occ_with_a_fixed_lambda_follows_policy_with_that_lambda(tiny, tmp_path, cache):
     policy = train(tiny(regime="policy", lam=0.3), tmp_path / "policy", cache_dir=cache, progress=False)
     occ = train(tiny(regime="occ"), tmp_path / "occ", calibrator=FixedLambda(0.3), cache_dir=cache, progress=False)
     assert (occ.metrics.loc[1:, "calibrator"] == "fixed(0.3)").all()
@@ -283,7 +121,7 @@ def test_occ_with_a_fixed_lambda_follows_policy_with_that_lambda(tmp_path, cache
     assert (policy.metrics.loc[1:, "lambda_0"] == np.float32(0.3)).all()  # the float32 weight the loss used
 
 
-def test_detach_keeps_training_the_heads_and_logs_every_column(tmp_path, cache):
+def test_detach_keeps_training_the_heads_and_logs_every_column(tiny, tmp_path, cache):
     result = train(tiny(), tmp_path / "run", cache_dir=cache, progress=False)
     m = result.metrics
     assert m["step"].tolist() == list(range(7))
@@ -305,57 +143,7 @@ def test_detach_keeps_training_the_heads_and_logs_every_column(tmp_path, cache):
         assert torch.equal(a, b)
 
 
-def test_sft_cache_is_shared_by_every_regime_and_keyed_by_the_sft_config(tmp_path, monkeypatch):
-    monkeypatch.setenv("MTPDIAG_CACHE", str(tmp_path / "env-cache"))
-    cfg = tiny(sft_steps=5)
-    task = build_task(cfg)
-    first, info = warm_start(cfg, task, progress=False)
-    assert info["sft_cache_file"].startswith(str(tmp_path / "env-cache" / "sft"))
-    rl_only = dataclasses.replace(cfg, regime="policy", lam=0.2, steps=99, lr=0.5, eval_every=7)
-    assert sft_cache_file(rl_only) == sft_cache_file(cfg)
-    second, _ = warm_start(rl_only, task)
-    for a, b in zip(first.state_dict().values(), second.state_dict().values()):
-        assert torch.equal(a, b)
-    for change in ({"sft_lr": 1e-3}, {"seed": 1}, {"d_model": 16}, {"n_mtp": 2}, {"dtype": "float64"}):
-        assert sft_cache_file(dataclasses.replace(cfg, **change)) != sft_cache_file(cfg), change
-    assert sft_cache_file(cfg, tmp_path / "flag").parent == tmp_path / "flag" / "sft"
-
-
-def test_sft_stops_once_validation_j_true_reaches_the_target():
-    cfg = tiny(sft_steps=400, sft_target=0.2, sft_eval_every=10, sft_lr=1e-2)
-    _, summary = run_sft(cfg, build_task(cfg), progress=False)
-    assert summary["sft_val_j_true"] >= 0.2
-    assert summary["sft_steps_run"] < 400 and summary["sft_steps_run"] % 10 == 0
-    with pytest.warns(UserWarning, match="SFT ran all sft_steps=20 .* short of sft_target=0.9: raise --sft-steps"):
-        run_sft(tiny(sft_steps=20, sft_target=0.9, sft_eval_every=10), build_task(cfg), progress=False)
-
-
-@pytest.mark.parametrize(
-    "overrides, message",
-    [
-        ({"task": "sorting"}, "unknown task 'sorting'"),
-        ({"regime": "joint"}, r"unknown regime 'joint': choose one of \['detach', 'ce', 'policy', 'occ'\]"),
-        ({"lam": 0.5}, "lam does not apply to regime 'detach'.*drop --lam"),
-        ({"regime": "policy", "detach_mode": "trunk_only"}, "detach_mode applies only to regime 'detach'"),
-        ({"optimizer": "lion"}, "unknown optimizer"),
-        ({"minibatches": 17}, "lower --minibatches"),
-        ({"temperature": 0.0}, "temperature"),
-        ({"sft_target": 1.5}, r"sft_target=1.5 is a J_true in \(0, 1\]"),
-    ],
-)
-def test_bad_config_is_a_clear_error(overrides, message):
-    with pytest.raises(ValueError, match=message):
-        tiny(**overrides)
-
-
-def test_block_size_too_small_for_the_task_names_the_fix():
-    with pytest.raises(ValueError, match="block_size=6 is too small for task 'addition'.*--block-size 7"):
-        build_task(tiny(block_size=6))
-    with pytest.raises(ValueError, match="raise --max-new-tokens"):
-        build_task(tiny(max_new_tokens=2))
-
-
-def test_non_finite_loss_stops_with_step_and_loss_and_keeps_the_last_good_checkpoint(tmp_path, cache):
+def test_non_finite_loss_stops_with_step_and_loss_and_keeps_the_last_good_checkpoint(tiny, tmp_path, cache):
     def poison_at_step_3(ctx):
         if ctx.step == 3:
             with torch.no_grad():
@@ -370,7 +158,7 @@ def test_non_finite_loss_stops_with_step_and_loss_and_keeps_the_last_good_checkp
     assert (tmp_path / "run" / ".incomplete").exists()
 
 
-def test_run_directory_is_not_overwritten_and_resume_refuses_a_changed_config(tmp_path, cache):
+def test_run_directory_is_not_overwritten_and_resume_refuses_a_changed_config(tiny, tmp_path, cache):
     train(tiny(steps=2), tmp_path / "run", cache_dir=cache, progress=False)
     with pytest.raises(RunDirError, match="not empty: pass --resume.*or choose a new --out"):
         train(tiny(steps=2), tmp_path / "run", cache_dir=cache, progress=False)
@@ -380,8 +168,8 @@ def test_run_directory_is_not_overwritten_and_resume_refuses_a_changed_config(tm
     assert longer.metrics["step"].tolist() == [0, 1, 2, 3, 4]
 
 
-def test_calibrator_misuse_is_a_clear_error(tmp_path, cache):
-    with pytest.raises(ValueError, match="a calibrator only applies to regime 'occ'"):
+def test_calibrator_misuse_is_a_clear_error(tiny, tmp_path, cache):
+    with pytest.raises(ValueError, match=r"a calibrator only applies to regimes \['occ'\], not 'policy'"):
         train(tiny(regime="policy"), tmp_path / "a", calibrator=FixedLambda(1.0), cache_dir=cache)
 
     class TwoLambdas(Calibrator):
@@ -395,25 +183,12 @@ def test_calibrator_misuse_is_a_clear_error(tmp_path, cache):
 
 
 @pytest.mark.parametrize("column", ["reward_mean", "j_true"])
-def test_callback_metrics_may_not_overwrite_trainer_columns(tmp_path, cache, column):
+def test_callback_metrics_may_not_overwrite_trainer_columns(tiny, tmp_path, cache, column):
     with pytest.raises(ValueError, match=rf"callback metrics \['{column}'\] clash"):
         train(tiny(), tmp_path / "run", callbacks=[lambda ctx: {column: 1.0}], cache_dir=cache, progress=False)
 
 
-def test_diag_every_writes_the_decomposition_tables_and_metrics(tmp_path, cache):
-    cfg = tiny(regime="policy", lam=0.5, steps=2, diag_every=2)
-    result = train(cfg, tmp_path / "run", progress=False, cache_dir=cache)
-    steps = pd.read_csv(tmp_path / "run" / "diag_steps.csv")
-    assert sorted(steps["objective"]) == ["j_batch", "j_true"]
-    assert (steps["step"] == 2).all() and (steps["v2"] > 0).all()
-    assert {"wte", "blocks.0"} <= set(pd.read_csv(tmp_path / "run" / "diag_blocks.csv")["block"])
-    assert len(pd.read_csv(tmp_path / "run" / "diag_curves.csv")) > 0
-    row = result.metrics.set_index("step").loc[2]
-    assert row["diag_j_batch_v2"] == pytest.approx(steps.set_index("objective").loc["j_batch", "v2"])
-    assert pd.isna(result.metrics.set_index("step").loc[1].get("diag_j_batch_v2"))
-
-
-def test_diag_every_on_detach_measures_zero_mtp_signal_on_the_joint_shared_set(tmp_path, cache):
+def test_diag_every_on_detach_measures_zero_mtp_signal_on_the_joint_shared_set(tiny, tmp_path, cache):
     cfg = tiny(regime="detach", steps=1, diag_every=1)
     train(cfg, tmp_path / "run", progress=False, cache_dir=cache)
     steps = pd.read_csv(tmp_path / "run" / "diag_steps.csv")
@@ -421,23 +196,82 @@ def test_diag_every_on_detach_measures_zero_mtp_signal_on_the_joint_shared_set(t
     assert steps["note"].str.contains("no MTP signal on shared parameters").all()
 
 
-@pytest.mark.parametrize(
-    "overrides, message",
-    [
-        ({"regime": "policy", "calibrator": "occ-paper"}, "drop --calibrator"),
-        ({"regime": "occ", "calibrator": "nope"}, "unknown calibrator"),
-        ({"regime": "occ", "calibrator": "occ-paper", "lam": 0.5}, "drop --lam"),
-        ({"diag_every": -1}, "diag_every"),
-    ],
-)
-def test_bad_calibrator_and_diagnostics_settings_are_clear_errors(overrides, message):
-    with pytest.raises(ValueError, match=message):
-        TrainConfig(**overrides)
 
 
-def test_occ_calibrator_by_name_is_logged(tmp_path, cache):
+def test_diag_every_writes_the_decomposition_tables_and_metrics(tiny, tmp_path, cache):
+    cfg = tiny(regime="policy", lam=0.5, steps=2, diag_every=2)
+    result = train(cfg, tmp_path / "run", progress=False, cache_dir=cache)
+    steps = pd.read_csv(tmp_path / "run" / "diag_steps.csv").set_index("objective")
+    assert sorted(steps.index) == ["j_batch", "j_true"]
+    assert (steps["step"] == 2).all() and (steps["v2"] > 0).all()
+    assert {"wte", "blocks.0"} <= set(pd.read_csv(tmp_path / "run" / "diag_blocks.csv")["block"])
+    # the top curvature L on the only (so the first and the last) measured step, of J_batch's curve
+    assert steps.loc["j_batch", "L"] > 0 and steps.loc["j_batch", "L_source"] == "measured"
+    curves = pd.read_csv(tmp_path / "run" / "diag_curves.csv")
+    for objective, curve in curves.groupby("objective"):
+        record = steps.loc[objective]
+        lam = curve["lambda"].to_numpy()
+        assert (curve["step"] == 2).all() and (curve["kind"] == "sgd").all() and len(curve) == len(GRID_MULTIPLIERS)
+        scale = lam[list(GRID_MULTIPLIERS).index(1.0)]
+        assert scale > 0 and np.allclose(lam, GRID_MULTIPLIERS * scale, rtol=1e-12, atol=0)  # the grid, scaled
+        assert curve.loc[lam == 0, "delta_meas"].tolist() == [0.0]  # Delta(0): the detached step itself
+        # the Taylor parabola a lambda - b lambda^2 of this step's own record (docs/theory.md s.2)
+        np.testing.assert_allclose(curve["delta_taylor"], record["a"] * lam - record["b"] * lam**2, rtol=1e-12)
+        # the refined search starts at the best grid point and stays within one grid spacing of it
+        best = lam[curve["delta_meas"].to_numpy().argmax()]
+        assert abs(record["lambda_star_meas_search"] - best) <= scale * (GRID_MULTIPLIERS[1] - GRID_MULTIPLIERS[0])
+    batch_curve, lr = curves[curves["objective"] == "j_batch"], cfg.lr
+    c, v2, L = (steps.loc["j_batch", key] for key in ("c", "v2", "L"))
+    # the L-smooth form on the gradient's own objective (c_e = c, docs/theory.md s.3); none on J_true, which has no L
+    expected = lr * batch_curve["lambda"] * (c - L * lr * c) - L * lr**2 * batch_curve["lambda"] ** 2 * v2 / 2
+    np.testing.assert_allclose(batch_curve["delta_smooth"], expected, rtol=1e-9)
+    assert curves.loc[curves["objective"] == "j_true", "delta_smooth"].isna().all()
+    row = result.metrics.set_index("step").loc[2]
+    assert row["diag_j_batch_v2"] == pytest.approx(steps.loc["j_batch", "v2"])
+    assert pd.isna(result.metrics.set_index("step").loc[1].get("diag_j_batch_v2"))
+
+
+def test_the_diagnostics_flags_reach_the_run(tiny, tmp_path, cache):
+    cfg = tiny(regime="policy", lam=0.5, steps=2, diag_every=1, diag_per_block=False, diag_top_curvature="none",
+               diag_objectives=("j_batch",))  # fmt: skip
+    result = train(cfg, tmp_path / "run", progress=False, cache_dir=cache)
+    steps = pd.read_csv(tmp_path / "run" / "diag_steps.csv")
+    assert steps["objective"].tolist() == ["j_batch", "j_batch"] and steps["step"].tolist() == [1, 2]
+    assert steps["L"].isna().all()  # no top curvature on any step
+    assert not (tmp_path / "run" / "diag_blocks.csv").exists()
+    assert "diag_j_true_v2" not in result.metrics.columns
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
+    assert (saved["diag_per_block"], saved["diag_top_curvature"], saved["diag_objectives"]) == (False, "none", ["j_batch"])
+    assert load_run(tmp_path / "run")[1] == cfg
+
+
+def test_occ_calibrator_by_name_is_logged(tiny, tmp_path, cache):
     cfg = tiny(regime="occ", calibrator="occ-reference", steps=1)
     result = train(cfg, tmp_path / "run", progress=False, cache_dir=cache)
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert saved["calibrator"].startswith("occ")
-    assert "calib_c_hat" in result.metrics.columns and np.isfinite(result.metrics["lambda_0"].iloc[-1])
+    assert (saved["calibrator"], saved["shadows"], saved["config"]["calibrator"]) == ("occ-reference", {}, "occ-reference")
+    assert result.metrics.loc[1:, "calibrator"].tolist() == ["occ-reference"]
+    minibatches = pd.read_csv(tmp_path / "run" / "minibatch.csv")
+    assert (minibatches["calib_lambda_plus"] == 0.1).all()  # the reference reading: 0.1 / num_heads
+    assert minibatches["lambda_0"].tolist() == minibatches["calib_lambda_raw"].tolist()  # the lambda it chose, used
+    # on mini-batch 0 pi_old is the current policy, so the ratio proxy sees delta_RL = 0
+    assert minibatches.loc[0, ["calib_c_hat", "lambda_0"]].tolist() == [0.0, 0.0]
+    assert minibatches.loc[1, "calib_c_hat"] != 0
+
+
+def test_config_json_records_the_primary_calibrator_and_its_shadows_and_resume_checks_both(tiny, tmp_path, cache):
+    def shadowed(shadows=("reference",)):
+        return WithShadows(OCC.paper(), {shadow_label(s): OCC.reference(1) for s in shadows})
+
+    cfg = tiny(regime="occ", steps=1)
+    result = train(cfg, tmp_path / "run", calibrator=shadowed(), cache_dir=cache, progress=False)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (saved["calibrator"], saved["shadows"]) == ("occ-paper", {"shadow_reference": "occ-reference"})
+    # metrics.csv keeps the calibrator's own name
+    assert result.metrics.loc[1:, "calibrator"].tolist() == ["occ-paper+shadows(shadow_reference=occ-reference)"]
+    assert "calib_shadow_reference_lambda" in pd.read_csv(tmp_path / "run" / "minibatch.csv").columns
+    with pytest.raises(ValueError, match=r"it ran calibrator 'occ-paper' with shadows \{'shadow_reference'"):
+        train(cfg.with_values(steps=2), tmp_path / "run", resume=True, calibrator=shadowed(("other",)), cache_dir=cache)
+    longer = train(cfg.with_values(steps=2), tmp_path / "run", resume=True, calibrator=shadowed(), cache_dir=cache,
+                   progress=False)  # fmt: skip
+    assert longer.metrics["step"].tolist() == [0, 1, 2]

@@ -1,13 +1,26 @@
-"""Exact diagnostics of an MTP loss's effect on an RL objective.
+"""Exact diagnostics of an MTP loss's effect on an RL objective, in layers:
 
-* :mod:`.probe`: the :class:`Probe` (orchestration) and its :class:`ProbeRecord`;
-* :mod:`.hvp`: exact Hessian-vector products and the top curvature;
-* :mod:`.quantities`: the decomposition's formulas as pure functions.
+* :mod:`.functional`: the model as a pure function of its parameters
+  (:class:`FunctionalModel`), the isolation context (:func:`isolated`), S
+  discovery (:func:`find_shared`), a loss as a function of S and the shared
+  gradients of several losses; the Probe and the calibrators both stand on it;
+* :mod:`.hvp`: exact Hessian-vector products (:class:`HessianAt`), the same
+  Hessian as a scipy ``LinearOperator`` (:class:`HessianOperator`) and the top
+  curvature on it;
+* :mod:`.quantities`: the decomposition's formulas as pure functions, and the
+  table of derived record fields (adding a quantity: see there);
+* :mod:`.curves`: the measured curve Delta(lambda): grid, quadratic fit,
+  refined search, the SGD and the optimizer-faithful step;
+* :mod:`.probe`: the :class:`Probe` (orchestration), its :class:`MeasureOptions`
+  and its :class:`ProbeRecord`.
 """
-from .hvp import HVP_MODES, HessianAt, top_curvature, tree_dot
-from .probe import GRID_MULTIPLIERS, NO_MTP_SIGNAL, NOT_CONCAVE, Curve, Probe, ProbeRecord, block_of, default_forward
+from .curves import GRID_MULTIPLIERS, Curve
+from .functional import FunctionalModel, default_forward, find_shared, isolated, values_and_gradients
+from .hvp import HVP_MODES, HessianAt, HessianOperator, top_curvature, tree_dot
+from .probe import NO_MTP_SIGNAL, NOT_CONCAVE, MeasureOptions, Probe, ProbeRecord, block_of
 
 __all__ = [
-    "GRID_MULTIPLIERS", "HVP_MODES", "NOT_CONCAVE", "NO_MTP_SIGNAL", "Curve", "HessianAt", "Probe", "ProbeRecord",
-    "block_of", "default_forward", "top_curvature", "tree_dot",
+    "GRID_MULTIPLIERS", "HVP_MODES", "NOT_CONCAVE", "NO_MTP_SIGNAL", "Curve", "FunctionalModel", "HessianAt",
+    "HessianOperator", "MeasureOptions", "Probe", "ProbeRecord", "block_of", "default_forward", "find_shared",
+    "isolated", "top_curvature", "tree_dot", "values_and_gradients",
 ]

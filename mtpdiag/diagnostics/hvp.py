@@ -1,7 +1,9 @@
 """Exact Hessian-vector products of a scalar function of a parameter dict.
 
-Directions and gradients are dicts ``{name: tensor}`` shaped like the parameters.
-Two ways to apply the Hessian (THEORY.md s.7):
+Directions and gradients are dicts ``{name: tensor}`` shaped like the parameters;
+:class:`HessianOperator` is the same Hessian as a scipy ``LinearOperator`` on flat
+float64 vectors (what :func:`top_curvature` and any other scipy solver run on).
+Two ways to apply the Hessian (docs/theory.md s.7):
 
 * ``fwd_rev``: forward-mode derivative of the gradient (``torch.func.jvp`` over
   ``torch.func.grad``); each product re-runs forward and backward.
@@ -24,10 +26,9 @@ from scipy.sparse.linalg import ArpackError, LinearOperator, eigsh
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..distributed import all_reduce_sum, all_reduce_tree
+from .functional import Params
 
 HVP_MODES = ("fwd_rev", "rev_rev")
-
-Params = dict[str, torch.Tensor]
 
 ATTENTION_FIX = (
     "use an attention written out with softmax(QK^T)V: GPTConfig(attention='math') for mtpdiag's GPT, "
@@ -64,10 +65,11 @@ def _lacks_forward_ad(err: Exception) -> bool:
 class HessianAt:
     """The Hessian of ``f`` at ``params``, applied to directions; also f's value and gradient there.
 
-    ``mode`` is ``fwd_rev`` or ``rev_rev``. When forward mode meets an operation
-    without a forward-mode derivative, the object switches to ``rev_rev`` and
-    ``mode`` reads ``"rev_rev (fallback: <reason>)"``, so a record can say which
-    path ran. ``n_products`` counts Hessian-vector products.
+    ``mode`` is the path that runs: ``fwd_rev`` or ``rev_rev``. When forward mode
+    meets an operation without a forward-mode derivative, the object switches to
+    ``rev_rev``: ``mode`` then reads ``"rev_rev"`` and ``fallback`` holds the reason
+    (the first line of the error), else None. ``n_products`` counts
+    Hessian-vector products. :meth:`operator` gives the scipy ``LinearOperator``.
 
     ``across_ranks=True``: ``f`` is this rank's share of a function summed over the
     ranks of a process group (see :mod:`mtpdiag.distributed`); value, gradient and
@@ -83,17 +85,22 @@ class HessianAt:
     def __init__(
         self, f: Callable[[Params], torch.Tensor], params: Params, mode: str = "fwd_rev", across_ranks: bool = False
     ):
-        if mode not in HVP_MODES and not mode.startswith("rev_rev (fallback"):
+        if mode not in HVP_MODES:
             raise ValueError(f"hvp_mode={mode!r}: choose one of {HVP_MODES}")
         self.f = f
         self.params = params
         self.mode = mode
+        self.fallback: str | None = None
         self.across_ranks = across_ranks
         self.n_products = 0
         self._value: torch.Tensor | None = None
         self._grad: Params | None = None
         self._leaves: Params | None = None
         self._grad_graph: tuple[torch.Tensor, ...] | None = None
+
+    def operator(self) -> "HessianOperator":
+        """This Hessian as a scipy ``LinearOperator`` on flat float64 vectors."""
+        return HessianOperator(self)
 
     @property
     def value(self) -> torch.Tensor:
@@ -117,7 +124,7 @@ class HessianAt:
                 except (NotImplementedError, RuntimeError) as err:
                     if not _lacks_forward_ad(err):
                         raise
-                    self.mode = f"rev_rev (fallback: {str(err).splitlines()[0]})"
+                    self.mode, self.fallback = "rev_rev", str(err).splitlines()[0]
                     return self(direction)
                 if self._grad is None:
                     self._grad, self._value = self._summed(grad), self._summed(value)
@@ -175,34 +182,47 @@ class HessianAt:
         return dict(zip(self._leaves, products))
 
 
+class HessianOperator(LinearOperator):
+    """A :class:`HessianAt` as a scipy ``LinearOperator``: flat float64 vectors in and
+    out, in the order of ``hessian.params``; ``-op`` is -H. Each ``matvec`` is one
+    Hessian-vector product in the parameters' own dtype and device."""
+
+    def __init__(self, hessian: HessianAt):
+        self.hessian = hessian
+        n = sum(t.numel() for t in hessian.params.values())
+        super().__init__(dtype=np.float64, shape=(n, n))
+
+    def _matvec(self, vector: np.ndarray) -> np.ndarray:
+        like = self.hessian.params
+        some = next(iter(like.values()))
+        direction = unflatten(torch.as_tensor(np.ravel(vector), dtype=some.dtype, device=some.device), like)
+        return flatten(self.hessian(direction)).detach().to("cpu", torch.float64).numpy()
+
+    def _adjoint(self) -> "HessianOperator":
+        return self  # a Hessian is symmetric
+
+
 def top_curvature(hessian: HessianAt, tol: float = 1e-6, dense_below: int = 64) -> float:
-    """L = the largest eigenvalue of -H (THEORY.md s.3), in float64.
+    """L = the largest eigenvalue of -H (docs/theory.md s.3), in float64.
 
     With fewer than ``dense_below`` coordinates the Hessian is materialised one
     column per product and solved exactly (ARPACK needs more coordinates than
     Lanczos vectors); otherwise ARPACK Lanczos (scipy ``eigsh``, largest
-    algebraic) runs on the operator v -> -H v.
+    algebraic) runs on the operator -H.
     """
-    like = hessian.params
-    n = sum(t.numel() for t in like.values())
-    some = next(iter(like.values()))
-
-    def minus_hv(vector: np.ndarray) -> np.ndarray:
-        direction = unflatten(torch.as_tensor(np.ravel(vector), dtype=some.dtype, device=some.device), like)
-        return -flatten(hessian(direction)).detach().to("cpu", torch.float64).numpy()
-
+    minus_h = -hessian.operator()
+    n = minus_h.shape[0]
     if n < dense_below:
-        columns = np.stack([minus_hv(e) for e in np.eye(n)], axis=1)
+        columns = np.stack([minus_h.matvec(e) for e in np.eye(n)], axis=1)
         return float(eigh((columns + columns.T) / 2, eigvals_only=True)[-1])
-    operator = LinearOperator((n, n), matvec=minus_hv, dtype=np.float64)
     # a fixed start vector from a private generator: reproducible, and numpy's global RNG is left alone
     start = np.random.default_rng(0).standard_normal(n)
     try:
-        return float(eigsh(operator, k=1, which="LA", tol=tol, v0=start, return_eigenvectors=False)[0])
+        return float(eigsh(minus_h, k=1, which="LA", tol=tol, v0=start, return_eigenvectors=False)[0])
     except ArpackError:
         # ARPACK stops ("starting vector is zero") when H maps its random start
         # vector to 0, i.e. H = 0 (a batch whose advantages are all 0 has a flat
         # objective); then every eigenvalue is 0
-        if not np.any(minus_hv(start)):
+        if not np.any(minus_h.matvec(start)):
             return 0.0
         raise

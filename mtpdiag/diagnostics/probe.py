@@ -3,14 +3,20 @@
 :class:`Probe` measures, at the current parameters and for one batch, every
 quantity of docs/theory.md sections 2-4 (c, v^2, h_gm, h_mm, lambda*, the L-smooth
 form, the measured curve Delta(lambda)) as pure functions of (parameters,
-batch): it calls the model through ``torch.func.functional_call`` and never
-touches the model's parameters, ``.grad``, buffers, the optimizer or the RNG.
+batch): it calls the model through :class:`~.functional.FunctionalModel` and
+never touches the model's parameters, ``.grad``, buffers, the optimizer or the RNG.
+
+It is orchestration: S and the losses as functions of S come from
+:mod:`.functional`, Hessian-vector products and L from :mod:`.hvp`, every derived
+scalar from :mod:`.quantities` (adding one: see there), the curves from
+:mod:`.curves`. A :class:`MeasureOptions` says what one measurement includes.
 
 It works with any ``nn.Module``: ``forward(model, batch)`` produces outputs,
 ``objective(outputs, batch)`` is the scalar to maximise, ``aux_loss(outputs,
 batch)`` the MTP loss to minimise. Sign conventions: g = grad_S objective,
 m = -grad_S aux_loss, one SGD step with coefficient lambda moves S by
-lr * (g + lambda m); parameters outside S stay fixed.
+lr * (g + lambda m); parameters outside S stay fixed. Parameters are named as
+in ``model.named_parameters()`` everywhere.
 
 Under ``torch.distributed`` (more than one rank) each rank passes its shard of
 the batch and every rank gets the numbers of the whole batch: each loss is
@@ -21,48 +27,26 @@ rank calls ``measure`` with the same arguments, on the raw (unwrapped) module.
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
-from scipy.optimize import minimize_scalar
-from torch.func import functional_call
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..distributed import all_reduce_sum, all_reduce_tree, global_means
-from . import quantities
-from .hvp import HVP_MODES, HessianAt, Params, top_curvature, tree_dot
 from ..integrations import require_unwrapped
+from . import curves, quantities
+from .curves import Curve
+from .functional import (
+    FunctionalModel, Loss, Params, check_finite, find_shared, function_of, isolated, reached_by, values_and_gradients,
+)
+from .hvp import HVP_MODES, HessianAt, top_curvature, tree_dot
 
 NO_MTP_SIGNAL = "no MTP signal on shared parameters"
 NOT_CONCAVE = "direction not concave (h_mm >= 0): no lambda*"
-# Default lambda grid in units of |lambda*_taylor|: both sides of 0, lambda*, and past the harm threshold 2 lambda*.
-GRID_MULTIPLIERS = np.linspace(-1.0, 3.0, 9)
-
-
-def default_forward(model: nn.Module, batch: dict):
-    return model(batch["input_ids"])
-
-
-class _ForwardModule(nn.Module):
-    """Makes ``forward(model, batch)`` a module, so functional_call can swap the model's parameters."""
-
-    def __init__(self, model: nn.Module, forward: Callable):
-        super().__init__()
-        self.model = model
-        self.forward_fn = forward
-
-    def forward(self, batch):
-        return self.forward_fn(self.model, batch)
-
-
-_PREFIX = "model."
+NO_SMOOTH_OPTIMUM = "L <= 0 (no negative curvature): no lambda*_smooth"
+NO_CURVE_WITHOUT_M = "curve not measured: Delta(lambda) = 0 when m = 0"
 
 
 def block_of(name: str) -> str:
@@ -77,29 +61,14 @@ def block_of(name: str) -> str:
 
 
 @dataclass
-class Curve:
-    """Delta(lambda) measured on a grid, its quadratic fit and the refined argmax.
-
-    ``kind`` is ``sgd`` (the SGD step of docs/theory.md s.2) or ``optimizer`` (the real
-    optimizer step from a clone of its state). ``fit`` holds the coefficients
-    (a2, a1, a0) of a2 lambda^2 + a1 lambda + a0.
-    """
-
-    kind: str
-    lambdas: np.ndarray
-    delta: np.ndarray
-    fit: np.ndarray
-    r2: float | None
-    lambda_star_fit: float | None
-    lambda_star_search: float | None
-    n_evaluations: int
-
-
-@dataclass
 class ProbeRecord:
     """One measurement. ``as_row`` flattens the scalars; ``curve_rows`` and
     ``block_rows`` give the long tables. ``None`` means "not measured" or
-    "undefined here" (``note`` says which)."""
+    "undefined here" (``note`` says which).
+
+    ``hvp_mode`` is the Hessian-vector path that ran (``fwd_rev`` or ``rev_rev``;
+    None without products); ``hvp_fallback`` is why ``rev_rev`` ran although the
+    Probe was configured for ``fwd_rev`` (the forward-mode error), else None."""
 
     lr: float
     dtype: str
@@ -128,6 +97,7 @@ class ProbeRecord:
     L: float | None = None
     L_source: str | None = None
     lambda_star_smooth: float | None = None
+    hvp_fallback: str | None = None
     note: str = ""
     time_s: float = 0.0
     curves: list[Curve] = field(default_factory=list)
@@ -185,8 +155,68 @@ def _float(x) -> float | None:
     return None if x is None else float(x)
 
 
-def _name(fn: Callable) -> str:
-    return getattr(fn, "__name__", None) or type(fn).__name__
+@dataclass(frozen=True, eq=False)
+class MeasureOptions:
+    """What one :meth:`Probe.measure` includes (see there for each option).
+    Validated on construction, before any work; ``lambdas`` becomes the sorted grid."""
+
+    lambdas: Iterable[float] | None = None
+    hvp: bool = True
+    gg_curvature: bool = True
+    line_search: bool = True
+    top_curvature: bool = False
+    L: float | None = None
+    per_block: bool = False
+    eval_objective: Loss | None = None
+    eval_batch: dict | None = None
+    optimizer: torch.optim.Optimizer | None = None
+
+    def __post_init__(self):
+        if self.lambdas is not None:
+            object.__setattr__(self, "lambdas", curves.given_grid(self.lambdas))
+        if self.eval_batch is not None and self.eval_objective is None:
+            raise ValueError("eval_batch is the batch of eval_objective: pass eval_objective=<the curve objective> too")
+
+    @property
+    def needs_hessian(self) -> bool:
+        return self.hvp or self.top_curvature
+
+    @property
+    def needs_grid(self) -> bool:
+        return self.line_search or self.optimizer is not None
+
+
+@dataclass
+class _Derivatives:
+    """First and second derivatives of one measurement, on S."""
+
+    g: Params  # grad of the objective
+    m: Params  # minus grad of the aux loss
+    e: Params  # grad of the curve objective (g without an eval objective)
+    value: torch.Tensor  # the curve objective's value
+    Hm: Params | None  # the curve objective's Hessian times m (None without hvp)
+
+
+def per_block(g: Params, m: Params, Hm: Params | None) -> list[dict]:
+    """c, v^2, |g|^2 and h_mm per :func:`block_of` group (h_mm of a group is m_b . (H m)_b,
+    so the groups sum to h_mm)."""
+    groups: dict[str, list[str]] = {}
+    for name in g:
+        groups.setdefault(block_of(name), []).append(name)
+    rows = []
+    for block, names in groups.items():
+        sub = lambda tree: {n: tree[n] for n in names}  # noqa: E731
+        rows.append(
+            {
+                "block": block,
+                "n_params": sum(g[n].numel() for n in names),
+                "c": tree_dot(sub(g), sub(m)).item(),
+                "v2": tree_dot(sub(m), sub(m)).item(),
+                "g_norm2": tree_dot(sub(g), sub(g)).item(),
+                "h_mm": tree_dot(sub(m), sub(Hm)).item() if Hm is not None else None,
+            }
+        )
+    return rows
 
 
 class Probe:
@@ -204,10 +234,15 @@ class Probe:
     of the joint model.
 
     ``hvp_mode`` is ``fwd_rev`` (default) or ``rev_rev``; see :mod:`mtpdiag.diagnostics.hvp`.
+    It is the configuration and never changes. When ``fwd_rev`` fails on an
+    operation without a forward-mode derivative, the measurement falls back to
+    ``rev_rev``, the Probe keeps the reason in ``hvp_fallback`` so later
+    measurements go straight to ``rev_rev``, and every such record says so
+    (``record.hvp_mode == "rev_rev"``, ``record.hvp_fallback`` = the reason).
 
     Diagnostics run with eval semantics (dropout off; every module's ``training``
     flag is restored afterwards) and inside a forked RNG, so the caller's random
-    stream is unchanged.
+    stream is unchanged (:func:`~.functional.isolated`).
 
     Data parallel: ``objective`` and ``aux_loss`` must return this rank's share
     of the whole-batch value (the shares sum over ranks to it). mtpdiag's losses
@@ -233,51 +268,27 @@ class Probe:
         self.model = require_unwrapped(model)
         self.objective = objective
         self.aux_loss = aux_loss
-        self._module = _ForwardModule(model, forward or default_forward)
-        self._shared_module = _ForwardModule(model, shared_forward) if shared_forward else self._module
+        self.functional = FunctionalModel(model, forward)
+        self._shared_functional = FunctionalModel(model, shared_forward) if shared_forward else self.functional
         self._shared_spec = shared
         self.hvp_mode = hvp_mode
+        self.hvp_fallback: str | None = None
         self.shared_names: list[str] | None = None
-        self._reached: dict[str, set[str]] = {}
+        self._reached: set[str] | None = None  # what either loss reaches through ``forward`` (the optimizer curve's .grad)
 
-    # ----------------------------------------------------------------- setup
-
-    def _trainable(self) -> dict[str, torch.Tensor]:
-        return {n: p for n, p in self._module.named_parameters() if p.requires_grad}
-
-    def _reached_by(self, loss: Callable, batch: dict, module: nn.Module) -> set[str]:
-        """Names of the parameters ``loss`` reaches in the autograd graph of ``module``."""
-        params = {n: p.detach().requires_grad_() for n, p in self._trainable().items()}
-        value = self._checked_value(loss, functional_call(module, params, (batch,)), batch)
-        if not value.requires_grad:
-            return set()
-        grads = torch.autograd.grad(value, list(params.values()), allow_unused=True)
-        return {n for n, grad in zip(params, grads) if grad is not None}
+    # ----------------------------------------------------------------- S
 
     def find_shared(self, batch: dict) -> list[str]:
         """S from the autograd graph: names of the parameters both the objective and the aux loss reach."""
-        with self._isolated(), torch.enable_grad():
-            return self._find_shared(batch)
-
-    def _find_shared(self, batch: dict) -> list[str]:
-        module = self._shared_module
-        reached = {"objective": self._reached_by(self.objective, batch, module), "aux": self._reached_by(self.aux_loss, batch, module)}
-        shared = [n for n in self._trainable() if n in reached["objective"] and n in reached["aux"]]
-        if not shared:
-            raise ValueError(
-                f"the objective ({_name(self.objective)}) and aux_loss ({_name(self.aux_loss)}) reach no common "
-                f"trainable parameter, so there is no shared set S to measure on (a fully detached MTP head?). "
-                f"Pass shared=<list of names> or shared=<predicate>, e.g. names found with a joint forward."
-            )
-        return [n[len(_PREFIX) :] for n in shared]
+        return find_shared(self._shared_functional, self.objective, self.aux_loss, batch)
 
     def _resolve_shared(self, batch: dict) -> list[str]:
         if self.shared_names is not None:
             return self.shared_names
         spec = self._shared_spec
-        names = [n[len(_PREFIX) :] for n in self._trainable()]
+        names = list(self.functional.trainable())
         if spec == "auto":
-            chosen = self._find_shared(batch)
+            chosen = self.find_shared(batch)
         elif callable(spec):
             chosen = [n for n in names if spec(n)]
         else:
@@ -290,75 +301,17 @@ class Probe:
         self.shared_names = chosen
         return chosen
 
-    # ------------------------------------------------------------- functions
-
     def function_of_shared(self, loss: Callable, batch: dict) -> tuple[Callable[[Params], torch.Tensor], Params]:
         """``loss`` on ``batch`` as a pure function of S (the rest held at its current
-        values), and S's current values; e.g. for :class:`~mtpdiag.diagnostics.hvp.HessianAt`
-        on directions of your own. Keys carry the wrapper prefix ``model.``.
+        values), and S's current values, keyed by the model's parameter names; e.g. for
+        :class:`~mtpdiag.diagnostics.hvp.HessianAt` on directions of your own.
         Call it under the model's eval semantics (dropout off) for exact results.
         On several ranks the function is this rank's share: build
         ``HessianAt(..., across_ranks=True)`` on it."""
-        with self._isolated(), torch.enable_grad():
-            theta, fixed = self._split(batch)
-        return self._as_function(loss, batch, fixed), theta
+        theta, fixed = self.functional.split(self._resolve_shared(batch))
+        return function_of(self.functional, loss, batch, fixed), theta
 
-    def _split(self, batch: dict) -> tuple[Params, Params]:
-        """(S, the other trainable parameters), detached, keyed by wrapper names."""
-        shared = {_PREFIX + n for n in self._resolve_shared(batch)}
-        trainable = self._trainable()
-        return (
-            {n: p.detach() for n, p in trainable.items() if n in shared},
-            {n: p.detach() for n, p in trainable.items() if n not in shared},
-        )
-
-    def _checked_value(self, loss: Callable, outputs, batch: dict) -> torch.Tensor:
-        with global_means():  # on several ranks: this rank's share of the whole-batch loss
-            value = loss(outputs, batch)
-        if not isinstance(value, torch.Tensor) or value.dim() != 0:
-            raise ValueError(f"{_name(loss)} must return a scalar tensor, got {type(value).__name__} {getattr(value, 'shape', '')}")
-        return value
-
-    def _as_function(
-        self, loss: Callable, batch: dict, fixed: Params, summed: bool = False
-    ) -> Callable[[Params], torch.Tensor]:
-        """loss at (S = argument, everything else = ``fixed``) as a pure function of S;
-        ``summed``: the whole-batch value (summed over ranks), not this rank's share."""
-
-        def f(shared: Params) -> torch.Tensor:
-            value = self._checked_value(loss, functional_call(self._module, {**fixed, **shared}, (batch,)), batch)
-            return all_reduce_sum(value) if summed else value
-
-        return f
-
-    def _gradients(self, losses: Sequence[Callable], batch: dict, params: Params, fixed: Params):
-        """Values and gradients of several losses of the same outputs: one forward, one backward
-        each; both summed over ranks."""
-        leaves = {k: t.detach().requires_grad_() for k, t in params.items()}
-        outputs = functional_call(self._module, {**fixed, **leaves}, (batch,))
-        values = [self._checked_value(loss, outputs, batch) for loss in losses]
-        grads = []
-        for i, value in enumerate(values):
-            if not value.requires_grad:  # the loss does not read S at all (e.g. a detached MTP head)
-                grads.append({k: torch.zeros_like(t) for k, t in params.items()})
-                continue
-            grad = torch.autograd.grad(
-                value, list(leaves.values()), retain_graph=i < len(values) - 1, allow_unused=True, materialize_grads=True
-            )
-            grads.append(dict(zip(leaves, grad)))
-        values = all_reduce_sum(torch.stack([v.detach() for v in values])).unbind()
-        return list(values), [all_reduce_tree(grad) for grad in grads]
-
-    @staticmethod
-    def _check_finite(grad: Params, role: str, loss: Callable) -> None:
-        bad = [n for n, t in grad.items() if not torch.isfinite(t).all()]
-        if bad:
-            raise FloatingPointError(
-                f"the gradient of the {role} ({_name(loss)}) has non-finite entries in {bad[:5]}"
-                f"{' and more' if len(bad) > 5 else ''}: check that loss for inf/nan (log of 0, overflow in float16)"
-            )
-
-    # --------------------------------------------------------------- measure
+    # ----------------------------------------------------------------- measure
 
     def measure(
         self,
@@ -394,233 +347,153 @@ class Probe:
         E(theta + eta g), the Hessians are E's, c_eval = <grad E, m> and
         a = eta (c_eval + eta g^T H_E m). ``optimizer``: also the curve for the
         optimizer's real step on -objective + lambda * aux_loss over all its
-        parameters, from a clone of its state (its own learning rate applies).
+        parameters, from a clone of its state (its own learning rate applies;
+        frozen parameters are skipped, as the optimizer skips them).
         """
         if lr <= 0 or not math.isfinite(lr):
             raise ValueError(f"lr={lr}: the step size must be a positive finite number")
+        options = MeasureOptions(
+            lambdas=lambdas, hvp=hvp, gg_curvature=gg_curvature, line_search=line_search,
+            top_curvature=top_curvature, L=L, per_block=per_block, eval_objective=eval_objective,
+            eval_batch=eval_batch, optimizer=optimizer,
+        )
+        if optimizer is not None:
+            curves.check_optimizer(optimizer, dict(self.model.named_parameters()))
         started = time.perf_counter()
-        with self._isolated(), torch.enable_grad():
-            record = self._measure(
-                batch, float(lr), lambdas, hvp, gg_curvature, line_search, top_curvature, L, per_block,
-                eval_objective, eval_batch if eval_batch is not None else batch, optimizer,
-            )
+        with isolated(self.model), torch.enable_grad():
+            record = self._measure(batch, float(lr), options)
         record.time_s = time.perf_counter() - started
         return record
 
-    @contextmanager
-    def _isolated(self):
-        modes = [(m, m.training) for m in self.model.modules()]
-        cuda = sorted({p.device.index or 0 for p in self.model.parameters() if p.is_cuda})
-        self.model.eval()
-        try:
-            with torch.random.fork_rng(devices=cuda), sdpa_kernel(SDPBackend.MATH):
-                yield
-        finally:
-            for module, mode in modes:
-                module.training = mode
+    def _measure(self, batch: dict, lr: float, options: MeasureOptions) -> ProbeRecord:
+        theta, fixed = self.functional.split(self._resolve_shared(batch))
+        eval_batch = batch if options.eval_batch is None else options.eval_batch
+        evaluated = options.eval_objective or self.objective
+        hessian = None
+        if options.needs_hessian:
+            E = function_of(self.functional, evaluated, eval_batch, fixed)
+            # a fallback remembered from an earlier measurement skips the failing forward-mode attempt
+            mode = "rev_rev" if self.hvp_fallback else self.hvp_mode
+            hessian = HessianAt(E, theta, mode, across_ranks=True)
+        d = self._derivatives(batch, theta, fixed, options, eval_batch, hessian)
 
-    def _measure(self, batch, lr, lambdas, hvp, gg_curvature, line_search, want_top, L, per_block,
-                 eval_objective, eval_batch, optimizer) -> ProbeRecord:
-        theta, fixed = self._split(batch)
-        E = self._as_function(eval_objective or self.objective, eval_batch, fixed)
-        hessian = HessianAt(E, theta, self.hvp_mode, across_ranks=True) if hvp or want_top else None
-        g, m, e, value, Hm = self._derivatives(batch, theta, fixed, eval_objective, eval_batch, hessian, hvp)
-        c = tree_dot(g, m).item()
-        g2 = tree_dot(g, g).item()
-        v2 = tree_dot(m, m).item()
-        c_e = tree_dot(e, m).item()
-        notes = [NO_MTP_SIGNAL] if v2 == 0 else []
+        measured = {
+            "lr": lr,
+            "c": tree_dot(d.g, d.m).item(),
+            "g2": tree_dot(d.g, d.g).item(),
+            "v2": tree_dot(d.m, d.m).item(),
+            "c_e": tree_dot(d.e, d.m).item(),
+        }
+        if options.hvp:
+            measured["h_gm"] = tree_dot(d.g, d.Hm).item()
+            measured["h_mm"] = tree_dot(d.m, d.Hm).item()
+            if options.gg_curvature:
+                measured["h_gg"] = tree_dot(d.g, hessian(d.g)).item()
+        L_source = None
+        if options.L is not None:
+            measured["L"], L_source = float(options.L), "given"
+        elif options.top_curvature:
+            measured["L"], L_source = top_curvature(hessian), "measured"
+        if hessian is not None and hessian.fallback is not None:
+            self.hvp_fallback = hessian.fallback
+
+        v2 = measured["v2"]
         some = next(iter(theta.values()))
         record = ProbeRecord(
             lr=lr,
             dtype=str(some.dtype).removeprefix("torch."),
-            hvp_mode=None,
+            hvp_mode=hessian.mode if hessian is not None else None,
+            hvp_fallback=self.hvp_fallback if hessian is not None else None,
             n_shared=sum(t.numel() for t in theta.values()),
             n_shared_tensors=len(theta),
-            objective_value=value.item(),
-            c=c,
-            g_norm=math.sqrt(g2),
+            objective_value=d.value.item(),
+            c=measured["c"],
+            g_norm=math.sqrt(measured["g2"]),
             m_norm=math.sqrt(v2),
             v2=v2,
-            cos=c / math.sqrt(g2 * v2) if g2 > 0 and v2 > 0 else None,
+            h_gm=measured.get("h_gm"),
+            h_mm=measured.get("h_mm"),
+            h_gg=measured.get("h_gg"),
+            L=measured.get("L"),
+            L_source=L_source,
+            **quantities.derive(measured),
         )
-        if eval_objective is not None:
-            record.c_eval, record.eval_grad_norm = c_e, math.sqrt(tree_dot(e, e).item())
-
-        if hvp:
-            self._taylor(record, g, m, Hm, hessian, gg_curvature, c_e, g2, notes)
-        if L is not None:
-            record.L, record.L_source = float(L), "given"
-        elif want_top:
-            record.L, record.L_source = top_curvature(hessian), "measured"
-        if record.L is not None and record.L <= 0:
-            notes.append("L <= 0 (no negative curvature): no lambda*_smooth")
-        elif record.L is not None and v2 > 0:
-            record.lambda_star_smooth = quantities.lambda_star_smooth(lr, c, c_e, record.L, v2)
-        if per_block:
-            record.blocks = self._blocks(g, m, Hm)
-
-        if line_search or optimizer is not None:
-            grid = self._grid(lambdas, record)
-            if line_search and v2 > 0:
-                E_total = self._as_function(eval_objective or self.objective, eval_batch, fixed, summed=True)
-                base = E_total({k: t + lr * g[k] for k, t in theta.items()})
-
-                def sgd_delta(lam: float) -> float:
-                    moved = {k: t + lr * (g[k] + lam * m[k]) for k, t in theta.items()}
-                    return (E_total(moved) - base).item()
-
-                record.curves.append(self._curve("sgd", sgd_delta, grid))
-            if optimizer is not None:
-                record.curves.append(self._optimizer_curve(optimizer, batch, eval_objective, eval_batch, grid))
-        if v2 == 0 and line_search:
-            notes.append("curve not measured: Delta(lambda) = 0 when m = 0")
-        record.note = "; ".join(notes)
-        if hessian is not None:
-            record.hvp_mode = hessian.mode
-            self.hvp_mode = hessian.mode  # remember a fallback so later steps skip the failing attempt
+        if options.eval_objective is not None:
+            record.c_eval, record.eval_grad_norm = measured["c_e"], math.sqrt(tree_dot(d.e, d.e).item())
+        if options.per_block:
+            record.blocks = per_block(d.g, d.m, d.Hm)
+        if options.needs_grid:
+            record.curves = self._curves(batch, eval_batch, evaluated, theta, fixed, d, record, options)
+        record.note = "; ".join(self._notes(record, options))
         return record
 
-    def _derivatives(self, batch, theta, fixed, eval_objective, eval_batch, hessian, hvp):
-        """g, m, the value and gradient e of the curve objective (e = g without
-        eval_objective) and H m (None without ``hvp``)."""
+    @staticmethod
+    def _notes(record: ProbeRecord, options: MeasureOptions) -> list[str]:
+        """Why a quantity is undefined on this measurement."""
+        notes = [NO_MTP_SIGNAL] if record.v2 == 0 else []
+        if options.hvp and record.v2 > 0 and not record.concave:
+            notes.append(NOT_CONCAVE)
+        if record.L is not None and record.L <= 0:
+            notes.append(NO_SMOOTH_OPTIMUM)
+        if record.v2 == 0 and options.line_search:
+            notes.append(NO_CURVE_WITHOUT_M)
+        return notes
+
+    def _derivatives(self, batch, theta, fixed, options: MeasureOptions, eval_batch, hessian) -> _Derivatives:
+        """g, m, the value and gradient e of the curve objective and H m."""
+        fm, eval_objective = self.functional, options.eval_objective
         if eval_objective is None and hessian is not None:
-            _, (aux_grad,) = self._gradients([self.aux_loss], batch, theta, fixed)
-            self._check_finite(aux_grad, "aux_loss", self.aux_loss)
+            _, (aux_grad,) = values_and_gradients(fm, [self.aux_loss], batch, theta, fixed)
+            check_finite(aux_grad, "aux_loss", self.aux_loss)
             m = {k: -t for k, t in aux_grad.items()}
             # H m first: forward-over-reverse yields the objective's value and gradient with it, so g is free
-            Hm = hessian(m) if hvp else None
+            Hm = hessian(m) if options.hvp else None
             g = e = hessian.grad
             value = hessian.value
         else:
-            (value, _), (g, aux_grad) = self._gradients([self.objective, self.aux_loss], batch, theta, fixed)
-            self._check_finite(aux_grad, "aux_loss", self.aux_loss)
+            (value, _), (g, aux_grad) = values_and_gradients(fm, [self.objective, self.aux_loss], batch, theta, fixed)
+            check_finite(aux_grad, "aux_loss", self.aux_loss)
             m = {k: -t for k, t in aux_grad.items()}
-            Hm = hessian(m) if hvp else None
+            Hm = hessian(m) if options.hvp else None
             e = g
             if eval_objective is not None and hessian is not None:
                 e, value = hessian.grad, hessian.value
             elif eval_objective is not None:
-                (value,), (e,) = self._gradients([eval_objective], eval_batch, theta, fixed)
+                (value,), (e,) = values_and_gradients(fm, [eval_objective], eval_batch, theta, fixed)
             if eval_objective is not None:
-                self._check_finite(e, "eval_objective", eval_objective)
-        self._check_finite(g, "objective", self.objective)
-        return g, m, e, value, Hm
+                check_finite(e, "eval_objective", eval_objective)
+        check_finite(g, "objective", self.objective)
+        return _Derivatives(g, m, e, value, Hm)
 
-    def _taylor(self, record, g, m, Hm, hessian, gg_curvature, c_e, g2, notes) -> None:
-        eta, v2 = record.lr, record.v2
-        record.h_gm = tree_dot(g, Hm).item()
-        record.h_mm = tree_dot(m, Hm).item()
-        if gg_curvature:
-            record.h_gg = tree_dot(g, hessian(g)).item()
-            record.kappa_g = -record.h_gg / g2 if g2 > 0 else None
-        record.a, record.b = quantities.taylor_coefficients(eta, c_e, record.h_gm, record.h_mm)
-        record.concave = record.h_mm < 0
-        if v2 > 0:
-            record.kappa_m = -record.h_mm / v2
-            if record.concave:
-                record.lambda_star_taylor = quantities.lambda_star_taylor(record.a, record.b)
-                record.harm_threshold = quantities.harm_threshold(record.lambda_star_taylor)
-                record.best_gain_taylor = quantities.best_gain(record.a, record.b)
-            else:
-                notes.append(NOT_CONCAVE)
-
-    def _blocks(self, g: Params, m: Params, Hm: Params | None) -> list[dict]:
-        groups: dict[str, list[str]] = {}
-        for name in g:
-            groups.setdefault(block_of(name[len(_PREFIX) :]), []).append(name)
-        rows = []
-        for block, names in groups.items():
-            sub = lambda tree: {n: tree[n] for n in names}  # noqa: E731
-            rows.append(
-                {
-                    "block": block,
-                    "n_params": sum(g[n].numel() for n in names),
-                    "c": tree_dot(sub(g), sub(m)).item(),
-                    "v2": tree_dot(sub(m), sub(m)).item(),
-                    "g_norm2": tree_dot(sub(g), sub(g)).item(),
-                    "h_mm": tree_dot(sub(m), sub(Hm)).item() if Hm is not None else None,
-                }
+    def _curves(self, batch, eval_batch, evaluated, theta, fixed, d: _Derivatives, record, options) -> list[Curve]:
+        if options.lambdas is not None:
+            grid = options.lambdas
+        else:
+            grid = curves.default_grid(
+                record.lambda_star_taylor, record.b, record.g_norm, record.m_norm, record.objective_value,
+                torch.finfo(next(iter(theta.values())).dtype).eps,
             )
-        return rows
+        measured = []
+        if options.line_search and record.v2 > 0:
+            whole_batch = function_of(self.functional, evaluated, eval_batch, fixed, summed=True)
+            measured.append(curves.sgd_curve(whole_batch, theta, d.g, d.m, record.lr, grid))
+        if options.optimizer is not None:
+            measured.append(self._optimizer_curve(options.optimizer, batch, evaluated, eval_batch, grid))
+        return measured
 
-    # ---------------------------------------------------------------- curves
+    def _optimizer_curve(self, optimizer, batch, evaluated, eval_batch, grid) -> Curve:
+        """The optimizer's real step on -objective + lambda aux_loss over all the model's
+        parameters; a parameter no loss reaches through ``forward`` gets no .grad,
+        as in the trainer's backward."""
+        fm = self.functional
+        if self._reached is None:
+            self._reached = reached_by(fm, self.objective, batch) | reached_by(fm, self.aux_loss, batch)
+        params = {n: p.detach() for n, p in fm.trainable().items()}
+        _, (g_all, aux_all) = values_and_gradients(fm, [self.objective, self.aux_loss], batch, params, {})
+        reached = self._reached
 
-    @staticmethod
-    def _grid(lambdas, record: ProbeRecord) -> np.ndarray:
-        """The lambda grid: ``lambdas`` as given, else ``GRID_MULTIPLIERS`` times a scale.
+        def step_grad(name: str, lam: float) -> torch.Tensor | None:
+            return (-g_all[name] + lam * aux_all[name]) if name in reached else None
 
-        The scale is |lambda*_taylor|, but at least the lambda where the curvature
-        term b lambda^2 stands 1e4 times above the rounding of the objective (so a
-        lambda* at 0 still gives a measurable curve); without lambda* it is
-        |g| / |m|, where the MTP step is as long as the RL step (1 if either is 0)."""
-        if lambdas is not None:
-            grid = np.unique(np.asarray(list(lambdas), dtype=np.float64))
-            if grid.size < 3:
-                raise ValueError(f"lambdas={list(lambdas)}: a quadratic fit needs at least 3 distinct lambda values")
-            return grid
-        if record.lambda_star_taylor is None:
-            balanced = record.g_norm > 0 and record.m_norm > 0
-            return (record.g_norm / record.m_norm if balanced else 1.0) * GRID_MULTIPLIERS
-        eps = torch.finfo(getattr(torch, record.dtype)).eps
-        resolvable = math.sqrt(1e4 * eps * max(abs(record.objective_value), eps) / record.b)
-        return max(abs(record.lambda_star_taylor), resolvable) * GRID_MULTIPLIERS
-
-    @staticmethod
-    def _curve(kind: str, delta: Callable[[float], float], grid: np.ndarray) -> Curve:
-        values = np.array([delta(lam) for lam in grid])
-        fit = np.polyfit(grid, values, 2)
-        total = ((values - values.mean()) ** 2).sum()
-        r2 = 1 - ((values - np.polyval(fit, grid)) ** 2).sum() / total if total > 0 else None
-        lambda_fit = -fit[1] / (2 * fit[0]) if fit[0] < 0 else None
-        # refine around the best grid point on the exact curve
-        best = int(np.argmax(values))
-        lo, hi = grid[max(best - 1, 0)], grid[min(best + 1, grid.size - 1)]
-        search = minimize_scalar(lambda lam: -delta(lam), bounds=(lo, hi), method="bounded",
-                                 options={"xatol": 1e-6 * (grid[-1] - grid[0])})
-        return Curve(kind, grid, values, fit, r2, lambda_fit, float(search.x), grid.size + int(search.nfev))
-
-    def _optimizer_curve(self, optimizer, batch, eval_objective, eval_batch, grid) -> Curve:
-        """Delta(lambda) for the optimizer's real step on -objective + lambda aux_loss,
-        each from a fresh clone of its state; the optimizer itself is never stepped."""
-        if not self._reached:  # what the trainer's own forward reaches decides which .grad would be None
-            self._reached = {
-                "objective": self._reached_by(self.objective, batch, self._module),
-                "aux": self._reached_by(self.aux_loss, batch, self._module),
-            }
-        trainable = self._trainable()
-        name_of = {id(p): n for n, p in trainable.items()}
-        if any(id(p) not in name_of for group in optimizer.param_groups for p in group["params"]):
-            raise ValueError(
-                "the optimizer holds a tensor that is not a trainable parameter of the probed model: pass that model's optimizer"
-            )
-        params = {n: p.detach() for n, p in trainable.items()}
-        _, (g_all, aux_all) = self._gradients([self.objective, self.aux_loss], batch, params, {})
-        evaluate = self.objective if eval_objective is None else eval_objective
-        state = optimizer.state_dict()
-
-        def stepped(lam: float) -> Params:
-            copies, groups = {}, []
-            for group in optimizer.param_groups:
-                tensors = []
-                for p in group["params"]:
-                    n = name_of[id(p)]
-                    copy_ = params[n].clone()
-                    reached = n in self._reached["objective"] or n in self._reached["aux"]
-                    # a parameter no loss reaches has grad None in the trainer, so the optimizer skips it
-                    copy_.grad = (-g_all[n] + lam * aux_all[n]) if reached else None
-                    copies[n] = copy_
-                    tensors.append(copy_)
-                groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": tensors})
-            clone = type(optimizer)(groups)
-            clone.load_state_dict(copy.deepcopy(state))  # deep copy: load_state_dict would alias the live moments
-            with torch.no_grad():
-                clone.step()
-            return {n: copies.get(n, t) for n, t in params.items()}
-
-        def value(lam: float) -> torch.Tensor:
-            outputs = functional_call(self._module, stepped(lam), (eval_batch,))
-            return all_reduce_sum(self._checked_value(evaluate, outputs, eval_batch))
-
-        base = value(0.0)
-        return self._curve("optimizer", lambda lam: (value(lam) - base).item(), grid)
+        objective = function_of(fm, evaluated, eval_batch, {}, summed=True)
+        return curves.optimizer_curve(optimizer, dict(self.model.named_parameters()), step_grad, objective, grid)

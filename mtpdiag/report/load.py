@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from .. import __version__, regimes, schema
-from ..regimes import DEFAULT_LAMBDA, FIXED, Regime
+from ..regimes import FIXED, Regime, fixed_lambda
 from ..schema import CONFIG, ETA_SWEEP, ETA_SWEEP_COLUMNS, INCOMPLETE, JOB_FILE, METRICS, Arm
 
 RUN_FILES = (CONFIG, METRICS)
@@ -208,8 +208,8 @@ def _load_run_dir(root: Path) -> Job:
     calibrator = cfg.get("calibrator") or saved.get("calibrator")
     _check_regimes(root / CONFIG, [cfg["regime"]])
     lam = cfg.get("lam")
-    if lam is None and regimes.get(cfg["regime"]).lambda_rule == FIXED:
-        lam = DEFAULT_LAMBDA  # the lambda the run trained with, as `mtpdiag run` labels such an arm
+    if regimes.get(cfg["regime"]).lambda_rule == FIXED:
+        lam = fixed_lambda(lam)  # the lambda the run trained with, as `mtpdiag run` labels such an arm
     arm = Arm.of(cfg["regime"], lam, calibrator)
     seed = int(cfg.get("seed", 0))
     job = Job(root, "run", root.name, [arm], [seed], {(arm.label, seed): root}, version,

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from .. import regimes
-from ..regimes import DEFAULT_LAMBDA, FIXED
+from ..regimes import FIXED, fixed_lambda
 from ..schema import TABLE1_CSV, TABLE1_MD, atomic_write
 from .data import PAPER_CALIBRATOR, final_values
 from .load import Job
@@ -49,7 +49,7 @@ def table1(job: Job) -> tuple[pd.DataFrame, pd.DataFrame]:
     for arm in job.arms:
         fixed = job.regime_of(arm).lambda_rule == FIXED
         row = {"arm": arm.label, "name": display_name(arm), "regime": arm.regime,
-               "lambda": (DEFAULT_LAMBDA if arm.lam is None else arm.lam) if fixed else np.nan}
+               "lambda": fixed_lambda(arm.lam) if fixed else np.nan}
         row.update(_summary(j_true, arm.label, "j_true"))
         row.update(_summary(pass1, arm.label, "pass1"))
         for reference, name in ((detach, "detach"), (occ_paper, "occ_paper")):

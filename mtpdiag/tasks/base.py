@@ -73,8 +73,10 @@ class Task(ABC):
         """Reward 1.0 for an exact match with the computed answer, else 0.0."""
         return float(completion == self.solve(prompt))
 
-    def min_block_size(self) -> int:
-        return self.prompt_len + self.max_completion_len
+    def min_block_size(self, max_new_tokens: int | None = None) -> int:
+        """The context a model needs: a prompt and ``max_new_tokens`` sampled tokens
+        (default: the longest correct completion)."""
+        return self.prompt_len + (self.max_completion_len if max_new_tokens is None else max_new_tokens)
 
     def sample_problems(self, rng: random.Random, n: int) -> list[Problem]:
         return [self.sample_problem(rng) for _ in range(n)]

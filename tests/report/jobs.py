@@ -14,7 +14,9 @@ from mtpdiag.calibrators import WithShadows, make_calibrator
 from mtpdiag.diagnostics import Curve, Probe, ProbeRecord, default_forward
 from mtpdiag.hook import CSVSink, DiagnosticsHook, every
 from mtpdiag.report import load_job
-from mtpdiag.train import TrainConfig, load_run, rollout, train
+from mtpdiag.config import TrainConfig
+from mtpdiag.rollout import rollout
+from mtpdiag.train import load_run, train
 
 MICRO = dict(
     task_options={"digits": 1}, block_size=8, d_model=32, n_layer=1, n_head=2,
@@ -47,7 +49,7 @@ def build_micro_job(root: Path) -> Path:
     for arm in ARMS:
         for seed in SEEDS:
             run = schema.run_dir(root, arm["label"], seed)
-            cfg = TrainConfig(**MICRO, regime=arm["regime"], lam=arm["lam"], seed=seed)
+            cfg = TrainConfig.from_dict({**MICRO, "regime": arm["regime"], "lam": arm["lam"], "seed": seed})
             calibrator = None
             if arm["calibrator"]:
                 shadows = {schema.shadow_label("paper"): make_calibrator("occ-paper"),

@@ -8,7 +8,7 @@ import pandas as pd
 
 from ... import regimes
 from ...occ_analysis import correlation_ci
-from ...regimes import DEFAULT_LAMBDA
+from ...regimes import fixed_lambda
 from ...schema import FIGURE_FILES
 from .. import stats
 from ..data import diag_steps
@@ -22,7 +22,7 @@ def crossing_steps(steps: pd.DataFrame, arms) -> pd.DataFrame:
     rows = []
     for arm in arms:
         for seed, run in steps[steps["arm"] == arm.label].groupby("seed"):
-            below = run[numeric(run, "harm_threshold") < (DEFAULT_LAMBDA if arm.lam is None else arm.lam)]
+            below = run[numeric(run, "harm_threshold") < fixed_lambda(arm.lam)]
             rows.append({"arm": arm.label, "lambda": arm.lam, "seed": seed,
                          "crossing_step": below["step"].min() if len(below) else None,
                          "last_measured_step": run["step"].max()})

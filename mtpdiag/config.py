@@ -1,0 +1,270 @@
+"""What determines a run, and what it builds.
+
+:class:`TrainConfig` (saved in config.json) holds the model's
+:class:`~mtpdiag.model.GPTConfig` (the one home of the model's fields; the
+vocabulary comes from the task) and a :class:`DiagnosticsConfig` (what the Probe
+measures every ``diag_every`` steps). On disk and on the command line the config
+is one flat dict, ``--d-model`` and ``--diag-every`` side by side:
+:meth:`TrainConfig.to_dict` and :meth:`TrainConfig.from_dict` map it to and
+from the nested objects, and :func:`flat_fields` lists its keys for the CLI.
+
+:func:`build_task` and :func:`build_model` turn a config into the task and the
+model; :func:`step_seed` makes the randomness of every step a function of the
+run's seed and the step alone.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import MISSING, dataclass, field, fields, replace
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import regimes
+from .diagnostics import HVP_MODES, default_forward
+from .distributed import is_main_process
+from .hook import CSVSink, DiagnosticsHook, MemorySink, every
+from .losses import j_true
+from .model import GPT, GPTConfig
+from .tasks import TASKS, Task, make_task
+
+OPTIMIZERS = ("adamw", "sgd")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# Fields a resumed run may change: the step budget, and where it runs.
+RESUMABLE_FIELDS = ("steps", "device")
+# the model's fields in the flat dict (the vocabulary is the task's)
+MODEL_FIELDS = tuple(f.name for f in fields(GPTConfig) if f.name != "vocab_size")
+DIAG_PREFIX = "diag_"  # DiagnosticsConfig's field f is the flat key diag_<f> (--diag-<f>)
+
+
+# ----------------------------------------------------------------------------- diagnostics
+
+
+TOP_CURVATURE_STEPS = ("none", "first_last", "all")
+# the gradient's own objective (always measured) and held-out J_true
+CURVE_OBJECTIVES = ("j_batch", "j_true")
+
+
+@dataclass
+class DiagnosticsConfig:
+    """The exact MTP decomposition (Probe) inside the trainer: every ``every`` RL
+    steps (0: off), a curve Delta(lambda) per objective in ``objectives``, per
+    parameter block with ``per_block``. The top curvature L (for the L-smooth
+    form) costs about ten measurements: ``top_curvature`` takes it on no step,
+    on the first and the last measured step, or on all of them."""
+
+    every: int = 0
+    per_block: bool = True
+    top_curvature: str = "first_last"
+    objectives: tuple[str, ...] = CURVE_OBJECTIVES
+    hvp_mode: str = HVP_MODES[0]
+
+    def __post_init__(self):
+        self.objectives = tuple(self.objectives)  # config.json holds a list
+        if self.every < 0:
+            raise ValueError(f"diag_every={self.every} must be >= 0 (0 turns the diagnostics off)")
+        if self.top_curvature not in TOP_CURVATURE_STEPS:
+            raise ValueError(f"diag_top_curvature={self.top_curvature!r}: choose one of {list(TOP_CURVATURE_STEPS)}")
+        if self.hvp_mode not in HVP_MODES:
+            raise ValueError(f"diag_hvp_mode={self.hvp_mode!r}: choose one of {list(HVP_MODES)}")
+        unknown = sorted(set(self.objectives) - set(CURVE_OBJECTIVES))
+        if unknown or len(set(self.objectives)) != len(self.objectives) or CURVE_OBJECTIVES[0] not in self.objectives:
+            raise ValueError(
+                f"diag_objectives={','.join(self.objectives)}: list each of {list(CURVE_OBJECTIVES)} at most once, "
+                f"{CURVE_OBJECTIVES[0]} included (the Probe always measures the gradient's own objective)"
+            )
+
+    def top_curvature_schedule(self, steps: int) -> Callable[[int], bool] | None:
+        """The measured steps (of ``steps`` RL steps) that also get the top curvature L."""
+        measured = range(self.every, steps + 1, self.every) if self.every else range(0)
+        if self.top_curvature == "none" or not measured:
+            return None
+        chosen = set(measured) if self.top_curvature == "all" else {measured[0], measured[-1]}
+        return chosen.__contains__
+
+    def hook(self, steps: int, out: str | os.PathLike) -> DiagnosticsHook:
+        """The trainer's callback: the Probe on the regime's own J_batch and MTP loss (and
+        on held-out J_true) into ``out/diag_{steps,curves,blocks}.csv`` (rank 0 writes
+        them). S is the joint model's (``shared_forward``), so a detached regime shows
+        what its MTP loss reaches (or leaks into) there."""
+        return DiagnosticsHook(
+            schedule=every(self.every),
+            sink=CSVSink(out) if is_main_process() else MemorySink(),
+            eval_objective=j_true if "j_true" in self.objectives else None,
+            per_block=self.per_block,
+            top_curvature_schedule=self.top_curvature_schedule(steps),
+            probe_options={"shared_forward": default_forward, "hvp_mode": self.hvp_mode},
+        )
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a run; saved as config.json. The defaults are the
+    "small config" (about 1M parameters) measured in the README."""
+
+    # task
+    task: str = "addition"
+    task_options: dict = field(default_factory=dict)
+    model: GPTConfig = field(default_factory=GPTConfig)
+    # SFT warm start: next-token + MTP cross-entropy on target completions, stopped
+    # once J_true on a validation set (disjoint seed from the held-out set) reaches
+    # sft_target (None: run all sft_steps), checked every sft_eval_every steps
+    sft_steps: int = 3000
+    sft_target: float | None = 0.5
+    sft_eval_every: int = 25
+    sft_batch_size: int = 64
+    sft_lr: float = 1e-3
+    sft_mtp_weight: float = 1.0
+    # RL
+    steps: int = 200
+    prompts_per_step: int = 32
+    group_size: int = 8
+    temperature: float = 1.0
+    max_new_tokens: int | None = None  # None: the task's longest correct completion
+    minibatches: int = 2
+    lr: float = 1e-4
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    regime: str = regimes.DETACH.name  # a name in regimes.REGIMES
+    lam: float | None = None  # the fixed MTP coefficient (None: regimes.DEFAULT_LAMBDA), where the regime has one
+    calibrator: str | None = None  # a calibrated regime's lambda_t: a name in calibrators.CALIBRATORS; None: fixed lam
+    detach_mode: str = "full"
+    # evaluation, bookkeeping
+    eval_every: int = 20
+    eval_prompts: int = 256
+    eval_samples: int = 4
+    checkpoint_every: int = 50
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}: choose one of {sorted(TASKS)}")
+        for name, value, choices in (
+            ("optimizer", self.optimizer, OPTIMIZERS),
+            ("detach_mode", self.detach_mode, tuple(regimes.DETACH_MODES)),
+            ("dtype", self.dtype, tuple(DTYPES)),
+        ):
+            if value not in choices:
+                raise ValueError(f"unknown {name} {value!r}: choose one of {list(choices)}")
+        regimes.get(self.regime).validate(self)
+        for name in ("steps", "prompts_per_step", "group_size", "minibatches", "eval_every", "eval_prompts",
+                     "eval_samples", "checkpoint_every", "sft_batch_size", "sft_eval_every", "sft_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.sft_target is not None and not 0 < self.sft_target <= 1:
+            raise ValueError(f"sft_target={self.sft_target} is a J_true in (0, 1]; 'none' runs all sft_steps")
+        if self.minibatches > self.prompts_per_step * self.group_size:
+            raise ValueError(
+                f"minibatches={self.minibatches} exceeds the {self.prompts_per_step * self.group_size} rollouts per "
+                "step (prompts_per_step * group_size): lower --minibatches"
+            )
+        if not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature} must be > 0")
+        if self.model.vocab_size is not None:
+            raise ValueError(f"model.vocab_size={self.model.vocab_size}: the vocabulary is the task's, leave it None")
+
+    def to_dict(self) -> dict:
+        """The flat dict of config.json and the CLI: the model's fields and ``diag_<field>``
+        in place of the nested configs."""
+        flat = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "model":
+                flat.update({name: getattr(value, name) for name in MODEL_FIELDS})
+            elif f.name == "diagnostics":
+                flat.update({DIAG_PREFIX + d.name: _plain(getattr(value, d.name)) for d in fields(value)})
+            else:
+                flat[f.name] = _plain(value)
+        return flat
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """The config of a flat dict (a missing key takes its default)."""
+        unknown = sorted(set(values) - {f.name for f in flat_fields()})
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {unknown}")
+        model = {k: v for k, v in values.items() if k in MODEL_FIELDS}
+        diagnostics = {k.removeprefix(DIAG_PREFIX): v for k, v in values.items() if k.startswith(DIAG_PREFIX)}
+        own = {k: v for k, v in values.items() if k not in model and not k.startswith(DIAG_PREFIX)}
+        return cls(model=GPTConfig(**model), diagnostics=DiagnosticsConfig(**diagnostics), **own)
+
+    def with_values(self, **flat) -> "TrainConfig":
+        """This config with some flat keys changed (``cfg.with_values(d_model=64, steps=10)``)."""
+        return TrainConfig.from_dict({**self.to_dict(), **flat})
+
+
+def _plain(value):
+    """A JSON value: a copy of a dict, a list for a tuple."""
+    if isinstance(value, dict):
+        return dict(value)
+    return list(value) if isinstance(value, tuple) else value
+
+
+@dataclass(frozen=True)
+class FlatField:
+    name: str
+    type: str  # the annotation, e.g. "int" or "float | None"
+    default: object
+
+
+def flat_fields() -> list[FlatField]:
+    """The keys of :meth:`TrainConfig.to_dict`, in order, with their types and defaults."""
+    out = []
+    for f in fields(TrainConfig):
+        if f.name == "model":
+            out += [FlatField(g.name, g.type, g.default) for g in fields(GPTConfig) if g.name in MODEL_FIELDS]
+        elif f.name == "diagnostics":
+            out += [FlatField(DIAG_PREFIX + d.name, d.type, _default(d)) for d in fields(DiagnosticsConfig)]
+        else:
+            out.append(FlatField(f.name, f.type, _default(f)))
+    return out
+
+
+def _default(f):
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+# ----------------------------------------------------------------------------- what a config builds
+
+
+def max_new_tokens(cfg: TrainConfig, task: Task) -> int:
+    return task.max_completion_len if cfg.max_new_tokens is None else cfg.max_new_tokens
+
+
+def build_task(cfg: TrainConfig) -> Task:
+    """The task, after checking that the model and generation length fit it."""
+    task = make_task(cfg.task, **cfg.task_options)
+    max_new = max_new_tokens(cfg, task)
+    if max_new < task.max_completion_len:
+        raise ValueError(
+            f"max_new_tokens={max_new} is shorter than task {cfg.task!r}'s correct completions "
+            f"({task.max_completion_len} tokens with EOS): raise --max-new-tokens"
+        )
+    needed = task.min_block_size(max_new)
+    if cfg.model.block_size < needed:
+        raise ValueError(
+            f"block_size={cfg.model.block_size} is too small for task {cfg.task!r}: prompts take {task.prompt_len} "
+            f"tokens and completions up to {max_new}, so set --block-size {needed} or more"
+        )
+    return task
+
+
+def step_seed(seed: int, step: int, stream: str) -> int:
+    """An independent seed for each (run seed, step, purpose)."""
+    return int(np.random.SeedSequence([seed, step, int.from_bytes(stream.encode(), "little")]).generate_state(1)[0])
+
+
+def build_model(cfg: TrainConfig, task: Task) -> GPT:
+    """mtpdiag's GPT of ``cfg.model`` over the task's vocabulary, initialised from the run's seed."""
+    torch.manual_seed(step_seed(cfg.seed, 0, "init"))
+    model = GPT(replace(cfg.model, vocab_size=task.tokenizer.vocab_size))
+    return model.to(device=cfg.device, dtype=DTYPES[cfg.dtype])
