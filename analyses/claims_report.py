@@ -1,4 +1,4 @@
-"""Claims C1-C6 (THEORY.md s.6): statistic, 95% CI and verdict per claim, as claims.md and claims.csv.
+"""Claims C1-C6 (docs/theory.md s.6): statistic, 95% CI and verdict per claim, as claims.md and claims.csv.
 
 Usage: python analyses/claims_report.py <job_dir or run_dir> [--out DIR]
 """

@@ -17,6 +17,11 @@ Run directory (``mtpdiag train``)::
 Job directory (``mtpdiag run``)::
 
     job.json  .incomplete  runs/<arm label>/seed<k>/  eta_sweep.csv  figures/
+
+Report (``figures/`` of a job, or ``--out``)::
+
+    <figure>.png  <figure>.pdf  <figure>_data.csv   one set per FIGURE_FILES entry
+    table1.csv  table1.md  claims.csv  claims.md
 """
 from __future__ import annotations
 
@@ -39,6 +44,18 @@ JOB_FILE = "job.json"
 ETA_SWEEP = "eta_sweep.csv"
 RUNS_DIR = "runs"
 FIGURES_DIR = "figures"
+# the report's files: each figure as <name>.png, <name>.pdf and <name>_data.csv (the numbers it plotted)
+FIGURE_FILES = {
+    "F1": "F1_concave_curves",
+    "F2": "F2_decomposition",
+    "F3": "F3_occ_tracking",
+    "F4": "F4_taylor_residual",
+    "F5": "F5_performance",
+    "F6": "F6_per_block",
+}
+FIGURE_FORMATS = ("png", "pdf")
+TABLE1_CSV, TABLE1_MD = "table1.csv", "table1.md"
+CLAIMS_CSV, CLAIMS_MD = "claims.csv", "claims.md"
 
 
 def diag_file(table: str, suffix: str = ".csv", prefix: str = DIAG_PREFIX) -> str:
@@ -46,6 +63,11 @@ def diag_file(table: str, suffix: str = ".csv", prefix: str = DIAG_PREFIX) -> st
     if table not in DIAG_TABLES:
         raise ValueError(f"diagnostics table {table!r}: choose one of {DIAG_TABLES}")
     return f"{prefix}{table}{suffix}"
+
+
+def figure_data_file(figure: str) -> str:
+    """``F1_concave_curves_data.csv``: the numbers figure ``F1_concave_curves`` plotted."""
+    return f"{figure}_data.csv"
 
 
 def run_dir(job_dir: str | os.PathLike, label: str, seed: int) -> Path:
@@ -93,6 +115,11 @@ def hook_column(objective: str, field: str) -> str:
     return f"{HOOK_PREFIX}{objective}_{field}"
 
 
+# eta_sweep.csv: one row per (arm, seed, step, lambda, eta); a series is one curve of residual against eta
+ETA_SWEEP_SERIES = ("arm", "seed", "step", "lambda")
+ETA_SWEEP_COLUMNS = ("arm", "seed", "step", "eta", "lambda", "delta_meas", "delta_taylor", "residual")
+
+
 # ----------------------------------------------------------------------------- arms
 
 
@@ -109,15 +136,16 @@ def format_arm_label(regime: str, lam: float | None = None, calibrator: str | No
 
 def parse_arm_label(label: str, regimes, calibrators) -> tuple[str, float | None, str | None]:
     """(regime, lam, calibrator) of a label made by :func:`format_arm_label`, given
-    the registered regime names and calibrator names; a ValueError names what it
-    could not read. A calibrator label belongs to the calibrated regime that
-    ``regimes`` lists first among those it is not the name of."""
+    the registered regimes (name -> Regime) and calibrator names; a ValueError names
+    what it could not read. A calibrator label belongs to the calibrated regime that
+    ``regimes`` lists first. A label that is a regime's name reads as that regime, so
+    a calibrator named like a regime (``occ``) cannot be told apart by its label."""
     if label in regimes:
         return label, None, None
-    regime, sep, lam = label.rpartition("-")
-    if sep and regime in regimes:
+    # the longest regime name the label starts with: the lambda after it may carry its own "-"
+    for regime in sorted((r for r in regimes if label.startswith(f"{r}-")), key=len, reverse=True):
         try:
-            return regime, float(lam), None
+            return regime, float(label[len(regime) + 1:]), None
         except ValueError:
             pass
     if label in calibrators:

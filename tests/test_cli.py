@@ -111,7 +111,8 @@ def test_run_quick_micro_writes_every_figure_and_claim(tmp_path, capsys):
     import pandas as pd
     from PIL import Image
 
-    from mtpdiag.report.figures import FIGURES, NAMES
+    from mtpdiag.report.figures import FIGURES
+    from mtpdiag.schema import FIGURE_FILES as NAMES
 
     main(["run", "--preset", "quick", "--micro", "--workers", "1", "--out", str(tmp_path / "job"),
           "--sft-cache", str(tmp_path / "cache"), "--no-progress"])

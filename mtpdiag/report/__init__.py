@@ -13,12 +13,11 @@ import sys
 import warnings
 from pathlib import Path
 
+from ..schema import FIGURES_DIR
 from . import claims, figures, table
 from .load import Job, JobError, load_job
 
 __all__ = ["Job", "JobError", "build_report", "claims", "figures", "load_job", "run_analysis", "table"]
-
-FIGURES_DIR = "figures"
 
 
 def build_report(job_dir, out_dir=None) -> dict:

@@ -1,18 +1,18 @@
 """Tables derived from a job's CSVs that several figures and claims share."""
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import pandas as pd
 
+from .. import regimes, schema
 from .load import Job, JobError
 
-OBJECTIVE = "j_batch"  # the curve of the gradient's own objective (THEORY.md s.2); "j_true" is the held-out one
-# what other calibrators would have chosen, logged by calibrators.WithShadows as calib_<label>_lambda[_0]
-SHADOW_COLUMN = re.compile(r"^calib_(?P<label>.+)_lambda(?:_0)?$")
-SHADOW_PREFIX = "shadow_"
+OBJECTIVE = "j_batch"  # the curve of the gradient's own objective (docs/theory.md s.2); "j_true" is the held-out one
 STAR_COLUMNS = ("lambda_star_taylor", "lambda_star_meas_search")
+# the calibrators the report singles out by name: the paper's OCC reading (claim C6, Table 1) and the oracle,
+# which measures lambda*_Taylor on every mini-batch (the per-mini-batch tables of C5)
+PAPER_CALIBRATOR, ORACLE_CALIBRATOR = "occ-paper", "oracle"
+CALIBRATED_READING_PREFIX = "occ-"  # occ-paper and a shadow shadow_paper are the same reading, "paper"
 
 
 def diag_steps(job: Job, needed_for: str, columns=(), arms=None, objective: str = OBJECTIVE) -> pd.DataFrame:
@@ -39,9 +39,9 @@ def checkpoints(steps) -> list[tuple[str, int]]:
     return out
 
 
-def proxy_name(label: str) -> str:
-    """``shadow_paper`` and a primary ``occ-paper`` both read ``paper``."""
-    return label.removeprefix(SHADOW_PREFIX).removeprefix("occ-")
+def reading_of(calibrator: str) -> str:
+    """The OCC reading a calibrator computes: ``occ-paper`` reads ``paper``, as does its shadow ``shadow_paper``."""
+    return calibrator.removeprefix(CALIBRATED_READING_PREFIX)
 
 
 def tracking_frame(job: Job, needed_for: str = "OCC tracking") -> pd.DataFrame:
@@ -54,18 +54,18 @@ def tracking_frame(job: Job, needed_for: str = "OCC tracking") -> pd.DataFrame:
     after its calibrator; shadows after their label. Where an arm logs a shadow of its
     own reading, its own column is kept.
     """
-    arms = job.arms_of("occ")
-    metrics = job.table("metrics", columns=("lambda_0",), needed_for=needed_for, arms=arms)
+    arms = job.arms_of(regimes.OCC_REGIME)
+    own_lambda = schema.lambda_column(0)
+    metrics = job.table("metrics", columns=(own_lambda,), needed_for=needed_for, arms=arms)
     diag = diag_steps(job, needed_for, columns=STAR_COLUMNS, arms=arms)
     frames = []
     for arm in arms:
         rows = metrics[metrics["arm"] == arm.label]
-        sources = {proxy_name(arm.calibrator or arm.label): ("lambda_0", "calib_lambda_plus")}
+        sources = {reading_of(arm.calibrator or arm.label): (own_lambda, schema.calib_column("lambda_plus"))}
         for column in rows.columns:
-            match = SHADOW_COLUMN.match(column)
-            if match and rows[column].notna().any():
-                label = match["label"]
-                sources.setdefault(proxy_name(label), (column, f"calib_{label}_lambda_plus"))
+            reading = schema.parse_shadow_lambda_column(column)
+            if reading is not None and rows[column].notna().any():
+                sources.setdefault(reading_of(reading), (column, schema.shadow_column(reading, "lambda_plus")))
         for proxy, (column, plus) in sources.items():
             frames.append(pd.DataFrame({
                 "arm": arm.label, "seed": rows["seed"], "step": rows["step"], "proxy": proxy,

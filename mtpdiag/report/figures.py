@@ -8,35 +8,28 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 
-from ..occ_analysis import correlation_ci
+from .. import regimes
 from ..diagnostics import quantities
+from ..occ_analysis import correlation_ci
+from ..schema import ETA_SWEEP, ETA_SWEEP_SERIES, FIGURE_FILES, atomic_write, figure_data_file
 from . import stats, style
 from .data import OBJECTIVE, STAR_COLUMNS, checkpoints, diag_steps, tracking_frame
 from .load import Job, JobError
 from .stats import loglog_slope, seed_bands
 
-NAMES = {
-    "F1": "F1_concave_curves",
-    "F2": "F2_decomposition",
-    "F3": "F3_occ_tracking",
-    "F4": "F4_taylor_residual",
-    "F5": "F5_performance",
-    "F6": "F6_per_block",
-}
 DELTA_UNITS = {"j_batch": "ΔJ_batch (surrogate, advantage units)", "j_true": "ΔJ_true (probability)"}
-EXPECTED_ETA_SLOPE = 3  # the Taylor remainder is O(eta^3) (THEORY.md s.2)
+EXPECTED_ETA_SLOPE = 3  # the Taylor remainder is O(eta^3) (docs/theory.md s.2)
 
 
-def _finish(fig, out_dir, name: str, data: pd.DataFrame) -> list[Path]:
-    out_dir = Path(out_dir)
+def _finish(fig, out_dir, figure: str, data: pd.DataFrame) -> list[Path]:
+    """Save figure ``figure`` (an id of FIGURE_FILES) and the numbers it plotted."""
+    out_dir, name = Path(out_dir), FIGURE_FILES[figure]
     paths = style.save(fig, out_dir, name)
-    data_path = out_dir / f"{name}_data.csv"
-    data.to_csv(data_path, index=False)
+    data_path = atomic_write(out_dir / figure_data_file(name), lambda tmp: data.to_csv(tmp, index=False))
     return [*paths, data_path]
 
 
@@ -46,15 +39,18 @@ def _representatives(job: Job, arms) -> list:
         return [job.arm(label) for label in arms]
     seen, chosen = set(), []
     for arm in job.arms:
-        if arm.regime not in seen:
-            seen.add(arm.regime)
+        regime = job.regime_of(arm)
+        if regime not in seen:
+            seen.add(regime)
             chosen.append(arm)
     return chosen
 
 
-def _none_as_nan(row: pd.Series) -> SimpleNamespace:
-    """A CSV row as the attributes ProbeRecord's formulas read (NaN cells become None)."""
-    return SimpleNamespace(**{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()})
+def _value(row: pd.Series, column: str) -> float | None:
+    """A diagnostics CSV cell as the formulas of :mod:`~mtpdiag.diagnostics.quantities` take it: an empty
+    cell (a quantity that was not defined, or not measured) is None."""
+    value = row[column]
+    return None if pd.isna(value) else float(value)
 
 
 # ----------------------------------------------------------------------------- F1
@@ -67,7 +63,7 @@ def concave_curves(job: Job, out_dir, arms=None, objective: str = OBJECTIVE) -> 
     lambda* markers and the harm threshold 2 lambda*_taylor."""
     needed = "F1 (concave curves)"
     chosen = _representatives(job, arms)
-    steps = diag_steps(job, needed, columns=("a", "b", "c", "v2", "L", "harm_threshold", *STAR_COLUMNS,
+    steps = diag_steps(job, needed, columns=("a", "b", "c", "c_eval", "v2", "L", "harm_threshold", *STAR_COLUMNS,
                                              "lambda_star_smooth", "fit_a2", "fit_a1", "fit_a0", "fit_r2", "note"),
                        arms=chosen, objective=objective)
     curves = job.table("diag_curves", columns=("delta_taylor", "delta_smooth"), needed_for=needed, arms=chosen)
@@ -110,13 +106,12 @@ def concave_curves(job: Job, out_dir, arms=None, objective: str = OBJECTIVE) -> 
         fig.suptitle(f"F1: Δ(λ) = J(θ + η(g + λm)) − J(θ + ηg), objective {objective}")
         if not used:
             raise JobError(f"{needed}: none of the chosen arms {[a.label for a in chosen]} has a measured curve")
-        return _finish(fig, out_dir, NAMES["F1"], pd.concat(used, ignore_index=True))
+        return _finish(fig, out_dir, "F1", pd.concat(used, ignore_index=True))
 
 
 def _curve_panel(ax, points: pd.DataFrame, record: pd.Series, color) -> str:
     """Draw one curve; returns the panel's numbers (R², L, the lambda*) for its title."""
     lam = np.linspace(points["lambda"].min(), points["lambda"].max(), 200)
-    params = _none_as_nan(record)
     ax.axhline(0, color="0.5", linewidth=0.8)
     ax.plot(points["lambda"], points["delta_meas"], "o", color=color, label="measured Δ(λ)", zorder=3)
     numbers = []
@@ -125,13 +120,16 @@ def _curve_panel(ax, points: pd.DataFrame, record: pd.Series, color) -> str:
                 label="quadratic fit of the measured points")
         numbers.append(f"R² {record['fit_r2']:.3f}")
     shown = [points["delta_meas"].to_numpy()]
-    if params.a is not None:
-        taylor = quantities.taylor_delta(params.a, params.b, lam)
+    taylor = quantities.taylor_delta(_value(record, "a"), _value(record, "b"), lam)
+    if taylor is not None:
         ax.plot(lam, taylor, "--", color="black", label="Taylor a λ − b λ²")
         shown.append(taylor)
-    if params.L is not None:
-        ax.plot(lam, quantities.smooth_delta(params.lr, params.c, params.c_eval, params.L, params.v2, lam), ":", color="tab:orange", label="L-smooth expression")
-        numbers.append(f"L {params.L:.3g}")
+    L = _value(record, "L")
+    smooth = quantities.smooth_delta(_value(record, "lr"), _value(record, "c"), _value(record, "c_eval"), L,
+                                     _value(record, "v2"), lam)
+    if smooth is not None:
+        ax.plot(lam, smooth, ":", color="tab:orange", label="L-smooth expression")
+        numbers.append(f"L {L:.3g}")
     else:
         numbers.append("L not measured")
     for column, line, label in STAR_MARKERS:
@@ -204,7 +202,7 @@ def decomposition(job: Job, out_dir, objective: str = OBJECTIVE) -> list[Path]:
         fig.legend(handles, labels, loc="outside right center")
         fig.suptitle(f"F2: per-step decomposition on the shared parameters, objective {objective} "
                      "(mean over seeds, 95% t-band)")
-        return _finish(fig, out_dir, NAMES["F2"], pd.concat(plotted, ignore_index=True))
+        return _finish(fig, out_dir, "F2", pd.concat(plotted, ignore_index=True))
 
 
 # ----------------------------------------------------------------------------- F3
@@ -216,13 +214,13 @@ def occ_tracking(job: Job, out_dir) -> list[Path]:
     """F3: per occ arm, lambda*_t (Taylor and measured) and each OCC reading's
     lambda_t over training (seed mean, 95% band), and the scatter of lambda_t
     against lambda*_taylor with Spearman rho and its bootstrap CI."""
-    arms = job.arms_of("occ")
+    arms = job.arms_of(regimes.OCC_REGIME)
     with style.styled():
         if not arms:
             fig, axes = style.new_figure(1, 1)
             style.note(axes[0, 0], f"no occ arm in this job (arms: {[a.label for a in job.arms]}):\nnothing to track")
             empty = pd.DataFrame(columns=["arm", "seed", "step", "proxy", "lambda_t"])
-            return _finish(fig, out_dir, NAMES["F3"], empty)
+            return _finish(fig, out_dir, "F3", empty)
         frame = tracking_frame(job, "F3 (OCC tracking)")
         proxies = list(pd.unique(frame["proxy"]))
         proxy_colors = {p: f"C{i}" for i, p in enumerate(proxies)}
@@ -264,23 +262,20 @@ def occ_tracking(job: Job, out_dir) -> list[Path]:
             scatter.legend(loc="best")
         fig.suptitle("F3: OCC λ_t (mean over the step's mini-batches) against λ*_t "
                      "(whole step batch, before the update)")
-        return _finish(fig, out_dir, NAMES["F3"], frame)
+        return _finish(fig, out_dir, "F3", frame)
 
 
 # ----------------------------------------------------------------------------- F4
-
-SWEEP_SERIES = ["arm", "seed", "step", "lambda"]
-
 
 def taylor_residual(job: Job, out_dir) -> list[Path]:
     """F4: |Delta_meas - Delta_taylor| against eta (log-log), one thin line per
     (arm, seed, step, lambda), the fitted common slope with its cluster-bootstrap
     CI, and a slope-3 reference."""
     sweep = job.eta_sweep("F4 (Taylor residual)")
-    fit = loglog_slope(sweep, "eta", "residual", SWEEP_SERIES)
+    fit = loglog_slope(sweep, "eta", "residual", ETA_SWEEP_SERIES)
     if fit["n_series"] == 0:
         raise JobError(
-            f"F4 (Taylor residual): {job.path / 'eta_sweep.csv'} has no series with positive residuals at 2+ etas "
+            f"F4 (Taylor residual): {job.path / ETA_SWEEP} has no series with positive residuals at 2+ etas "
             f"({len(sweep)} rows, {fit['n_dropped']} with residual <= 0 or not finite)"
         )
     colors = style.arm_colors(job.arms)
@@ -289,7 +284,7 @@ def taylor_residual(job: Job, out_dir) -> list[Path]:
         fig, axes = style.new_figure(1, 1, panel=(5.5, 4.2))
         ax = axes[0, 0]
         labelled = set()
-        for key, series in used.groupby(SWEEP_SERIES, sort=True):
+        for key, series in used.groupby(list(ETA_SWEEP_SERIES), sort=True):
             arm = key[0]
             ax.plot(series["eta"], series["residual"], "-o", markersize=2, linewidth=0.6, alpha=0.5,
                     color=colors.get(arm, "0.5"), label=None if arm in labelled else arm)
@@ -308,7 +303,7 @@ def taylor_residual(job: Job, out_dir) -> list[Path]:
         ax.legend(loc="best")
         ax.set_title(f"F4: Taylor residual, {fit['n_series']} series, {fit['n_points']} points "
                      f"({fit['n_dropped']} with zero residual left out)")
-        return _finish(fig, out_dir, NAMES["F4"], used.assign(fitted_slope=fit["slope"], slope_low=fit["low"],
+        return _finish(fig, out_dir, "F4", used.assign(fitted_slope=fit["slope"], slope_low=fit["low"],
                                                                slope_high=fit["high"]))
 
 
@@ -341,7 +336,7 @@ def performance(job: Job, out_dir) -> list[Path]:
         handles, labels = axes[0, 0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside right center")
         fig.suptitle(f"F5: held-out performance ({len(job.seeds)} seed(s); mean, 95% t-band over seeds)")
-        return _finish(fig, out_dir, NAMES["F5"], pd.concat(plotted, ignore_index=True))
+        return _finish(fig, out_dir, "F5", pd.concat(plotted, ignore_index=True))
 
 
 # ----------------------------------------------------------------------------- F6
@@ -355,12 +350,12 @@ BLOCK_QUANTITIES = (
 def per_block(job: Job, out_dir, objective: str = OBJECTIVE) -> list[Path]:
     """F6: c and v^2 per parameter block over training, one row per policy arm
     (seed mean, 95% band)."""
-    arms = job.arms_of("policy")
+    arms = job.arms_of(regimes.POLICY)
     with style.styled():
         if not arms:
             fig, axes = style.new_figure(1, 1)
             style.note(axes[0, 0], f"no policy arm in this job (arms: {[a.label for a in job.arms]})")
-            return _finish(fig, out_dir, NAMES["F6"], pd.DataFrame(columns=["arm", "block", "step"]))
+            return _finish(fig, out_dir, "F6", pd.DataFrame(columns=["arm", "block", "step"]))
         blocks = job.table("diag_blocks", needed_for="F6 (per-block c and v²)", arms=arms)
         blocks = blocks[blocks["objective"] == objective]
         if blocks.empty:
@@ -390,7 +385,7 @@ def per_block(job: Job, out_dir, objective: str = OBJECTIVE) -> list[Path]:
                 ax.legend(loc="best", ncols=2)
         fig.suptitle(f"F6: where the MTP gradient meets the RL gradient, per parameter block "
                      f"(policy regime, {objective})")
-        return _finish(fig, out_dir, NAMES["F6"], pd.concat(plotted, ignore_index=True))
+        return _finish(fig, out_dir, "F6", pd.concat(plotted, ignore_index=True))
 
 
 FIGURES = {

@@ -12,21 +12,19 @@ from pathlib import Path
 
 import pandas as pd
 
-from .. import __version__
-from ..experiment import Arm
-from ..regimes import DEFAULT_LAMBDA
+from .. import __version__, regimes, schema
+from ..regimes import FIXED, Regime, fixed_lambda
+from ..schema import CONFIG, ETA_SWEEP, ETA_SWEEP_COLUMNS, INCOMPLETE, JOB_FILE, METRICS, Arm
 
-JOB_FILE, ETA_SWEEP, INCOMPLETE = "job.json", "eta_sweep.csv", ".incomplete"
-RUN_FILES = ("config.json", "metrics.csv")
+RUN_FILES = (CONFIG, METRICS)
 # what every table must carry; a figure asks for more with Job.table(..., columns=...)
 TABLES = {
-    "metrics": ("metrics.csv", ("step", "j_true", "pass1")),
-    "minibatch": ("minibatch.csv", ("step", "minibatch")),
-    "diag_steps": ("diag_steps.csv", ("step", "objective", "lr")),
-    "diag_curves": ("diag_curves.csv", ("step", "objective", "kind", "lambda", "delta_meas")),
-    "diag_blocks": ("diag_blocks.csv", ("step", "objective", "block", "c", "v2")),
+    "metrics": (METRICS, ("step", "j_true", "pass1")),
+    "minibatch": (schema.MINIBATCH, ("step", "minibatch")),
+    "diag_steps": (schema.diag_file("steps"), ("step", "objective", "lr")),
+    "diag_curves": (schema.diag_file("curves"), ("step", "objective", "kind", "lambda", "delta_meas")),
+    "diag_blocks": (schema.diag_file("blocks"), ("step", "objective", "block", "c", "v2")),
 }
-ETA_SWEEP_COLUMNS = ("arm", "seed", "step", "eta", "lambda", "delta_meas", "delta_taylor", "residual")
 # columns load_job adds to every row, naming where it came from
 KEYS = ("arm", "regime", "lam", "calibrator", "seed")
 
@@ -59,8 +57,12 @@ class Job:
                 return arm
         raise JobError(f"arm {label!r} is not in {self.path}: it has {[a.label for a in self.arms]}")
 
-    def arms_of(self, regime: str) -> list[Arm]:
-        return [a for a in self.arms if a.regime == regime]
+    def regime_of(self, arm: Arm) -> Regime:
+        return regimes.get(arm.regime)
+
+    def arms_of(self, regime: Regime) -> list[Arm]:
+        """The arms trained in ``regime`` (a :data:`~mtpdiag.regimes.REGIMES` entry), in job order."""
+        return [a for a in self.arms if self.regime_of(a) is regime]
 
     def table(self, name: str, columns=(), needed_for: str = "this analysis", arms=None) -> pd.DataFrame:
         """One table of every run (or of ``arms``), concatenated, with the ``KEYS`` columns added.
@@ -165,8 +167,9 @@ def _load_job_dir(root: Path) -> Job:
     if not _compatible(spec["mtpdiag_version"]):
         raise _version_error(root / JOB_FILE, spec["mtpdiag_version"])
     arms = [Arm(a["label"], a["regime"], a.get("lam"), a.get("calibrator")) for a in preset["arms"]]
+    _check_regimes(root / JOB_FILE, [a.regime for a in arms])
     seeds = [int(s) for s in preset["seeds"]]
-    runs = {(a.label, s): root / "runs" / a.label / f"seed{s}" for a in arms for s in seeds}
+    runs = {(a.label, s): schema.run_dir(root, a.label, s) for a in arms for s in seeds}
     absent = [str(d.relative_to(root) / name) for d in runs.values() for name in RUN_FILES if not (d / name).exists()]
     if absent:
         raise JobError(
@@ -174,7 +177,7 @@ def _load_job_dir(root: Path) -> Job:
             "Resume the job (`mtpdiag run` on the same directory) to finish those runs"
         )
     for run in runs.values():
-        version = json.loads((run / "config.json").read_text()).get("versions", {}).get("mtpdiag")
+        version = json.loads((run / CONFIG).read_text()).get("versions", {}).get("mtpdiag")
         if version is not None and not _compatible(version):
             raise _version_error(run, version)
     # the job's own .incomplete marker stays until its report is written, so only unfinished runs count
@@ -184,22 +187,32 @@ def _load_job_dir(root: Path) -> Job:
     return job
 
 
+def _check_regimes(where: Path, names) -> None:
+    unknown = sorted(set(names) - set(regimes.REGIMES))
+    if unknown:
+        raise JobError(
+            f"{where} names regime(s) {unknown} that this mtpdiag does not register (it has "
+            f"{sorted(regimes.REGIMES)}): register them (mtpdiag.regimes.register) before loading the job"
+        )
+
+
 def _load_run_dir(root: Path) -> Job:
-    saved = json.loads((root / "config.json").read_text())
+    saved = json.loads((root / CONFIG).read_text())
     if "config" not in saved:
-        raise JobError(f"{root / 'config.json'} has no 'config' entry: it is not a run directory of `mtpdiag train`")
+        raise JobError(f"{root / CONFIG} has no 'config' entry: it is not a run directory of `mtpdiag train`")
     version = saved.get("versions", {}).get("mtpdiag", "unknown")
     if not _compatible(version):
         raise _version_error(root, version)
     cfg = saved["config"]
-    regime, lam = cfg["regime"], cfg.get("lam")
-    # the calibrator's name in TrainConfig, else the one it gave itself (WithShadows: "<primary>+shadows(...)")
-    calibrator = cfg.get("calibrator") or (saved.get("calibrator") or "").split("+shadows(")[0] or None
-    fixed = f"{regime}-{DEFAULT_LAMBDA if lam is None else lam:g}"  # the label `mtpdiag run` gives a ce/policy arm
-    label = {"detach": "detach", "occ": calibrator or "occ"}.get(regime, fixed)
-    arm = Arm(label, regime, lam, calibrator)
+    # the calibrator the config names, else the one train() was given (its shadows only log, under their labels)
+    calibrator = cfg.get("calibrator") or saved.get("calibrator")
+    _check_regimes(root / CONFIG, [cfg["regime"]])
+    lam = cfg.get("lam")
+    if regimes.get(cfg["regime"]).lambda_rule == FIXED:
+        lam = fixed_lambda(lam)  # the lambda the run trained with, as `mtpdiag run` labels such an arm
+    arm = Arm.of(cfg["regime"], lam, calibrator)
     seed = int(cfg.get("seed", 0))
-    job = Job(root, "run", root.name, [arm], [seed], {(label, seed): root}, version,
+    job = Job(root, "run", root.name, [arm], [seed], {(arm.label, seed): root}, version,
               incomplete_runs=["."] if (root / INCOMPLETE).exists() else [])
     job.table("metrics", needed_for=f"the run {root}")
     return job

@@ -86,15 +86,17 @@ def proportion_ci(successes: int, n: int, confidence: float = CONFIDENCE) -> tup
     return successes / n, float(ci.low), float(ci.high)
 
 
-def loglog_slope(frame: pd.DataFrame, x: str, y: str, series: list[str], confidence: float = CONFIDENCE,
+def loglog_slope(frame: pd.DataFrame, x: str, y: str, series, confidence: float = CONFIDENCE,
                  seed: int = SEED) -> dict:
     """The common slope of log y on log x across series, each with its own intercept
     (within-series least squares), and a cluster bootstrap interval that resamples
-    whole series. Rows with non-positive or non-finite x or y are left out and counted.
+    whole series (``series``: the columns that name one). Rows with non-positive or
+    non-finite x or y are left out and counted.
 
     Returns ``slope, low, high, n_series, n_points, n_dropped`` and ``intercept`` (the
     pooled line through the mean of log x and log y, for plotting).
     """
+    series = list(series)
     values = frame[[*series, x, y]].copy()
     values[x] = pd.to_numeric(values[x], errors="coerce")
     values[y] = pd.to_numeric(values[y], errors="coerce")

@@ -18,8 +18,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator
 
+from .. import regimes
+from ..schema import FIGURE_FORMATS, atomic_write
+
 DPI = 150
-FORMATS = ("png", "pdf")
 PANEL = (4.2, 3.1)  # inches per panel
 RC = {
     "font.size": 9,
@@ -35,8 +37,6 @@ RC = {
     "lines.linewidth": 1.5,
     "pdf.fonttype": 42,  # editable text in the PDF
 }
-# colour family per regime; arms of one regime get shades of it; the oracle is its own family
-FAMILIES = {"detach": "Greys", "ce": "Reds", "policy": "Blues", "occ": "Greens", "oracle": "Purples"}
 BAND_ALPHA = 0.2
 NO_BAND = "1 seed, no band"
 MAX_SYMLOG_TICKS = 9
@@ -61,28 +61,23 @@ def new_figure(rows: int, cols: int, panel=PANEL) -> tuple[Figure, np.ndarray]:
 
 
 def save(fig: Figure, out_dir: Path, name: str) -> list[Path]:
-    """``<out_dir>/<name>.png`` (150 dpi) and ``.pdf``."""
+    """``<out_dir>/<name>.png`` (150 dpi) and ``.pdf``, each written whole or not at all."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for fmt in FORMATS:
-        path = out_dir / f"{name}.{fmt}"
-        fig.savefig(path, dpi=DPI)
-        paths.append(path)
-    return paths
-
-
-def family(arm) -> str:
-    return "oracle" if arm.calibrator == "oracle" else arm.regime
+    # the temporary file's name does not end in the format, so savefig is told it
+    return [atomic_write(out_dir / f"{name}.{fmt}", lambda tmp, fmt=fmt: fig.savefig(tmp, format=fmt, dpi=DPI))
+            for fmt in FIGURE_FORMATS]
 
 
 def arm_colors(arms) -> dict[str, tuple]:
-    """A colour per arm label: its regime's family, darker for later arms of the family."""
+    """A colour per arm label: the colour family (a matplotlib colormap) its regime
+    gives it (:meth:`~mtpdiag.regimes.Regime.colour_family`: the oracle calibrator has
+    its own), darker for later arms of the family."""
     by_family: dict[str, list] = {}
     for arm in arms:
-        by_family.setdefault(family(arm), []).append(arm.label)
+        by_family.setdefault(regimes.get(arm.regime).colour_family(arm.calibrator), []).append(arm.label)
     colors = {}
     for fam, labels in by_family.items():
-        cmap = mpl.colormaps[FAMILIES.get(fam, "Oranges")]
+        cmap = mpl.colormaps[fam]
         shades = np.linspace(0.85, 0.5, len(labels)) if len(labels) > 1 else [0.7]
         colors.update({label: cmap(s) for label, s in zip(labels, shades, strict=True)})
     return colors

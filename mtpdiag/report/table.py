@@ -8,21 +8,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..regimes import DEFAULT_LAMBDA
-from .data import final_values
+from .. import regimes
+from ..regimes import FIXED, fixed_lambda
+from ..schema import TABLE1_CSV, TABLE1_MD, atomic_write
+from .data import PAPER_CALIBRATOR, final_values
 from .load import Job
 from .stats import t_interval
 
-OCC_NAMES = {"occ-paper": "OCC paper", "occ-reference": "OCC reference", "oracle": "Oracle"}
-
 
 def display_name(arm) -> str:
-    lam = DEFAULT_LAMBDA if arm.lam is None else arm.lam
-    if arm.regime == "detach":
-        return "Detach"
-    if arm.regime in ("ce", "policy"):
-        return f"{'CE' if arm.regime == 'ce' else 'Policy'} (λ={lam:g})"
-    return OCC_NAMES.get(arm.calibrator, f"OCC {arm.calibrator or arm.label}")
+    """The arm's name in tables and claims, as its regime gives it (``Policy (λ=0.5)``, ``OCC paper``)."""
+    return regimes.get(arm.regime).display_name(arm.lam, arm.calibrator)
 
 
 def paired_difference(finals: pd.DataFrame, arm: str, reference: str) -> tuple[float, float, float, int]:
@@ -47,13 +43,13 @@ def table1(job: Job) -> tuple[pd.DataFrame, pd.DataFrame]:
     Sweep: the policy arms by lambda, against Detach and OCC paper."""
     j_true = final_values(job, "j_true", "Table 1")
     pass1 = final_values(job, "pass1", "Table 1")
-    detach = next((a.label for a in job.arms if a.regime == "detach"), None)
-    occ_paper = next((a.label for a in job.arms if a.calibrator == "occ-paper"), None)
+    detach = next((a.label for a in job.arms_of(regimes.DETACH)), None)
+    occ_paper = next((a.label for a in job.arms if a.calibrator == PAPER_CALIBRATOR), None)
     rows = []
     for arm in job.arms:
-        fixed = arm.regime in ("ce", "policy")
+        fixed = job.regime_of(arm).lambda_rule == FIXED
         row = {"arm": arm.label, "name": display_name(arm), "regime": arm.regime,
-               "lambda": (DEFAULT_LAMBDA if arm.lam is None else arm.lam) if fixed else np.nan}
+               "lambda": fixed_lambda(arm.lam) if fixed else np.nan}
         row.update(_summary(j_true, arm.label, "j_true"))
         row.update(_summary(pass1, arm.label, "pass1"))
         for reference, name in ((detach, "detach"), (occ_paper, "occ_paper")):
@@ -62,7 +58,8 @@ def table1(job: Job) -> tuple[pd.DataFrame, pd.DataFrame]:
             row.update({f"delta_vs_{name}": mean, f"delta_vs_{name}_low": low, f"delta_vs_{name}_high": high})
         rows.append(row)
     main = pd.DataFrame(rows)
-    sweep = main[main["regime"] == "policy"].sort_values("lambda").reset_index(drop=True)
+    policy = [a.label for a in job.arms_of(regimes.POLICY)]
+    sweep = main[main["arm"].isin(policy)].sort_values("lambda").reset_index(drop=True)
     return main, sweep
 
 
@@ -100,10 +97,8 @@ def write_table1(job: Job, out_dir) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     main, sweep = table1(job)
-    csv = out_dir / "table1.csv"
-    pd.concat([main.assign(table="main"), sweep.assign(table="fixed_lambda_sweep")]).to_csv(csv, index=False)
-    md = out_dir / "table1.md"
-    md.write_text(
+    both = pd.concat([main.assign(table="main"), sweep.assign(table="fixed_lambda_sweep")])
+    text = (
         f"# Table 1: {job.name}\n\n"
         "Final exact J_true (probability of the target completion on the held-out prompts) and sampled pass@1, "
         "mean over seeds with a 95% t-interval; Δ is the paired per-seed difference of final J_true "
@@ -113,4 +108,6 @@ def write_table1(job: Job, out_dir) -> list[Path]:
         + (markdown_table(_readable(sweep, "λ")) if len(sweep) else "No policy arm in this job.")
         + "\n"
     )
+    csv = atomic_write(out_dir / TABLE1_CSV, lambda tmp: both.to_csv(tmp, index=False))
+    md = atomic_write(out_dir / TABLE1_MD, lambda tmp: tmp.write_text(text))
     return [csv, md]

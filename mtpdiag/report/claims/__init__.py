@@ -1,0 +1,103 @@
+"""Claims C1-C6 of docs/theory.md s.6, each tested on a job's CSVs: a statistic,
+its 95% interval, and a verdict that comes from the data through the claim's
+thresholds (never typed by hand), by the rule of :data:`.base.VERDICT_RULE`.
+
+One module per claim, each a :class:`.base.Claim`; :data:`CLAIMS` lists them in
+report order, and the claims report lists every claim's thresholds from there.
+A new claim is one module and one entry in :data:`CLAIMS`.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+
+from ...schema import CLAIMS_CSV, CLAIMS_MD, atomic_write
+from ..load import Job
+from ..table import fmt_ci, markdown_table
+from .base import FAILS, HOLDS, INCONCLUSIVE, VERDICT_RULE, VERDICTS, Claim, ClaimResult, Part, Threshold
+from .c1 import ConcaveQuadratic
+from .c2 import SmoothBound
+from .c3 import CrossEntropyAtZero
+from .c4 import PolicyDecay
+from .c5 import OCCTracking
+from .c6 import EndToEnd
+
+__all__ = [
+    "CLAIMS", "FAILS", "HOLDS", "INCONCLUSIVE", "VERDICTS", "Claim", "ClaimResult", "ConcaveQuadratic",
+    "CrossEntropyAtZero", "EndToEnd", "OCCTracking", "Part", "PolicyDecay", "SmoothBound", "Threshold", "claims",
+    "write_claims",
+]
+
+CLAIMS: tuple[Claim, ...] = (ConcaveQuadratic(), SmoothBound(), CrossEntropyAtZero(), PolicyDecay(), OCCTracking(),
+                             EndToEnd())
+
+
+def claims(job: Job) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+    """The claims table (one row per claim) and every claim's detail tables (C4 crossings, C5 tracking)."""
+    results, details = [], {}
+    for claim in CLAIMS:
+        result, tables = claim.evaluate(job)
+        results.append(asdict(result))
+        details.update(tables)
+    return pd.DataFrame(results), details
+
+
+def write_claims(job: Job, out_dir, skipped: dict[str, str] | None = None) -> tuple[list[Path], pd.DataFrame]:
+    """``claims.csv`` and ``claims.md``; ``skipped`` lists figures that could not be made, and why."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table, details = claims(job)
+    text = _markdown(job, table, details, skipped or {})
+    csv = atomic_write(out_dir / CLAIMS_CSV, lambda tmp: table.to_csv(tmp, index=False))
+    md = atomic_write(out_dir / CLAIMS_MD, lambda tmp: tmp.write_text(text))
+    return [csv, md], table
+
+
+def _thresholds() -> pd.DataFrame:
+    rows = [(name, f"{t.value:g}", t.meaning) for claim in CLAIMS for name, t in type(claim).thresholds()]
+    return pd.DataFrame(rows, columns=["name", "value", "meaning"])
+
+
+def _markdown(job: Job, table: pd.DataFrame, details: dict, skipped: dict[str, str]) -> str:
+    arms = [a.label for a in job.arms]
+    lines = [f"# Claims report: {job.name}", "",
+             f"Job `{job.path}` ({job.kind}), mtpdiag {job.version}; arms {arms}; seeds {job.seeds}."]
+    if job.incomplete_runs:
+        lines.append(f"\n**Incomplete**: these runs have not finished (still running, or stopped): "
+                     f"{job.incomplete_runs}.")
+    lines += ["", VERDICT_RULE, ""]
+    shown = pd.DataFrame({
+        "Claim": table["claim"], "Statement": table["statement"], "Statistic": table["statistic"],
+        "Value [95% CI]": [fmt_ci(v, lo, hi) for v, lo, hi in table[["value", "ci_low", "ci_high"]].to_numpy()],
+        "n": table["n"], "Verdict": "**" + table["verdict"] + "**", "Figure": table["figure"],
+    })
+    lines += [markdown_table(shown), "", "## Why each verdict", ""]
+    lines += [f"- **{r.claim}** ({r.verdict}): {r.reason}" for r in table.itertuples()]
+    crossings = details["c4_crossings"]
+    if len(crossings):
+        lines += ["", "## C4: first measured step where 2λ*_t < λ (per policy arm and seed; empty: never)", "",
+                  markdown_table(crossings.astype(object).where(crossings.notna(), ""))]
+    tracking = details["c5_tracking"]
+    if len(tracking):
+        columns = ["proxy", "star_col", "n", "spearman", "spearman_lo", "spearman_hi", "ratio_median", "ratio_iqr",
+                   "sign_agreement", "lambda_plus", "best_lambda_plus"]
+        lines += ["", "## C5: tracking of λ*_t by each OCC reading (pooled over occ arms and seeds)", "",
+                  markdown_table(tracking[columns].round(4))]
+    mb_tracking = details["c5_minibatch_tracking"]
+    if len(mb_tracking):
+        columns = ["minibatch", "proxy", "n", "spearman", "spearman_lo", "spearman_hi", "ratio_median", "ratio_iqr",
+                   "sign_agreement", "best_lambda_plus"]
+        lines += ["", "## C5 per mini-batch: each OCC reading against λ*_Taylor of the same mini-batch (oracle arm)", "",
+                  "On mini-batch 0 π_old has just been recomputed, so the ratio readings' δ_RL is 0 there.", "",
+                  markdown_table(mb_tracking[columns].round(4))]
+        effect = details["c5_minibatch_effect"]
+        columns = ["minibatch", "column", "n", "median", "q25", "q75", "median_abs", "frac_zero"]
+        lines += ["", "## The first-mini-batch effect: λ of each reading per mini-batch index (oracle arm)", "",
+                  markdown_table(effect[columns].round(4))]
+    # the heading keeps the path the report has always printed, so that claims.md stays comparable across versions
+    lines += ["", "## Thresholds (mtpdiag/report/claims.py)", "", markdown_table(_thresholds())]
+    if skipped:
+        lines += ["", "## Figures not made", ""] + [f"- {name}: {why}" for name, why in skipped.items()]
+    return "\n".join(lines) + "\n"

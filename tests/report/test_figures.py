@@ -1,0 +1,109 @@
+"""Figures (mtpdiag/report/figures.py, style.py): the parabolas are the formulas of
+mtpdiag.diagnostics.quantities on the CSV row, colours come from the regime
+registry, and a job that lacks an arm gets a figure that says so."""
+import matplotlib as mpl
+import numpy as np
+import pandas as pd
+import pytest
+
+from mtpdiag import regimes, schema
+from mtpdiag.diagnostics import quantities
+from mtpdiag.report import figures, style
+from mtpdiag.report.load import JobError
+
+from .jobs import CE, DETACH, OCC_PAPER, POLICY, hand_built_job
+
+ORACLE = {"label": "oracle", "regime": "occ", "lam": None, "calibrator": "oracle"}
+ROW = {"a": 0.4, "b": 0.1, "lr": 0.1, "c": 2.0, "c_eval": 3.0, "L": 5.0, "v2": 0.5, "fit_a2": -0.1, "fit_a1": 0.4,
+       "fit_a0": 0.0, "fit_r2": 0.99, "harm_threshold": 4.0, "lambda_star_taylor": 2.0,
+       "lambda_star_meas_search": 1.9, "lambda_star_smooth": 1.0}
+
+
+def panel(row):
+    fig, axes = style.new_figure(1, 1)
+    points = pd.DataFrame({"lambda": np.linspace(-1, 3, 9), "delta_meas": np.zeros(9)})
+    text = figures._curve_panel(axes[0, 0], points, pd.Series(row), "C0")
+    return {line.get_label(): line for line in axes[0, 0].get_lines()}, text
+
+
+def test_f1_draws_the_taylor_and_smooth_parabolas_of_the_csv_row():
+    lines, text = panel(ROW)
+    taylor, smooth = lines["Taylor a λ − b λ²"], lines["L-smooth expression"]
+    lam = taylor.get_xdata()
+    np.testing.assert_array_equal(taylor.get_ydata(), quantities.taylor_delta(0.4, 0.1, lam))
+    # the curve objective's own c_eval enters the L-smooth expression, not the gradient's c
+    np.testing.assert_array_equal(smooth.get_ydata(), quantities.smooth_delta(0.1, 2.0, 3.0, 5.0, 0.5, lam))
+    assert "L 5" in text and "2λ* 4" in text and "R² 0.990" in text
+
+
+def test_f1_without_l_or_a_draws_neither_parabola():
+    lines, text = panel({**ROW, "L": np.nan, "a": np.nan, "c_eval": np.nan})
+    assert "L-smooth expression" not in lines and "Taylor a λ − b λ²" not in lines and "L not measured" in text
+    lines, _ = panel({**ROW, "c_eval": np.nan})  # no separate curve objective: c_eval is c
+    lam = lines["L-smooth expression"].get_xdata()
+    np.testing.assert_array_equal(lines["L-smooth expression"].get_ydata(),
+                                  quantities.smooth_delta(0.1, 2.0, None, 5.0, 0.5, lam))
+
+
+@pytest.fixture
+def toy_regime():
+    class Toy(regimes.Regime):
+        name, description, lambda_rule, display, family = "toy", "a test regime", regimes.FIXED, "Toy", "Oranges"
+
+    yield regimes.register(Toy())
+    regimes.unregister("toy")
+
+
+def test_arm_colours_are_shades_of_the_family_the_registry_gives(toy_regime):
+    arms = [schema.Arm(**a) for a in (DETACH, OCC_PAPER, ORACLE, POLICY)] + [schema.Arm.of("toy", 0.5),
+                                                                              schema.Arm.of("toy", 2.0)]
+    colours = style.arm_colors(arms)
+    assert colours["detach"] == mpl.colormaps["Greys"](0.7) and colours["policy-0.5"] == mpl.colormaps["Blues"](0.7)
+    assert colours["occ-paper"] == mpl.colormaps["Greens"](0.7)
+    assert colours["oracle"] == mpl.colormaps["Purples"](0.7)  # the oracle calibrator is a family of its own
+    assert [colours["toy-0.5"], colours["toy-2.0"]] == [mpl.colormaps["Oranges"](0.85), mpl.colormaps["Oranges"](0.5)]
+
+
+def test_f1_draws_one_row_per_regime_with_the_measured_l(tmp_path):
+    lam = np.linspace(-1, 3, 9)
+    arms = [POLICY, {**POLICY, "label": "policy-1.0", "lam": 1.0}, CE]
+    job = hand_built_job(
+        tmp_path / "j", arms, (0,),
+        diag=lambda arm, seed: [{"step": s, "L": 10.0, "a": 1.0, "b": 0.5, "lr": 0.1, "c": 10.0, "v2": 1.0,
+                                 "fit_r2": 0.9, "fit_a2": -0.5, "fit_a1": 1.0, "fit_a0": 0.0} for s in (2, 4, 6)],
+        curves=lambda arm, seed: [[s, "j_batch", "sgd", x, x - x**2 / 2, x - x**2 / 2, x - x**2]
+                                  for s in (2, 4, 6) for x in lam])
+    paths = figures.concave_curves(job, tmp_path)
+    assert [p.name for p in paths] == ["F1_concave_curves.png", "F1_concave_curves.pdf", "F1_concave_curves_data.csv"]
+    plotted = pd.read_csv(paths[-1])
+    assert set(plotted["arm"]) == {"policy-0.5", "ce-0.5"}  # the first arm of each regime
+    assert (plotted["L"] == 10.0).all() and set(plotted["step"]) == {2, 4, 6}
+    with pytest.raises(JobError, match=r"F1 \(concave curves\) needs diagnostics of objective 'j_true'"):
+        figures.concave_curves(job, tmp_path, objective="j_true")
+
+
+def test_a_job_without_occ_or_policy_arms_gets_figures_that_say_so(tmp_path):
+    job = hand_built_job(tmp_path / "j", [DETACH, CE], (0,))
+    assert figures.occ_tracking(job, tmp_path)[0].name == "F3_occ_tracking.png"
+    figures.per_block(job, tmp_path)
+    assert (tmp_path / "F6_per_block.png").exists() and (tmp_path / "F6_per_block.pdf").exists()
+    assert pd.read_csv(tmp_path / "F3_occ_tracking_data.csv").empty
+    assert pd.read_csv(tmp_path / "F6_per_block_data.csv").empty
+
+
+def test_f5_draws_every_arm_and_needs_each_ones_values(tmp_path):
+    job = hand_built_job(tmp_path / "j", [DETACH, CE], (0, 1), final_j_true=lambda arm, seed: 0.6 + 0.1 * seed)
+    plotted = pd.read_csv(figures.performance(job, tmp_path)[-1])
+    final = plotted[(plotted["step"] == 10) & (plotted["quantity"] == "j_true")]
+    assert list(final["arm"]) == ["detach", "ce-0.5"] and final["mean"].to_numpy() == pytest.approx([0.65, 0.65])
+    job = hand_built_job(tmp_path / "k", [DETACH, CE], (0,), metrics=lambda arm, seed: [
+        {"step": 0, "j_true": np.nan if arm == "ce-0.5" else 0.5, "pass1": 0.5}])
+    with pytest.raises(JobError, match="F5 .*arm ce-0.5 has no j_true value in its metrics.csv files"):
+        figures.performance(job, tmp_path)
+
+
+def test_symlog_ticks_stay_few_and_include_zero():
+    fig, axes = style.new_figure(1, 1)
+    style.symlog_scale(axes[0, 0], np.concatenate([np.geomspace(1e-6, 1e6, 50), -np.geomspace(1e-6, 1e6, 50), [0]]))
+    ticks = axes[0, 0].yaxis.get_major_locator().tick_values(0, 1)
+    assert 0.0 in ticks and len(ticks) <= style.MAX_SYMLOG_TICKS and axes[0, 0].get_yscale() == "symlog"
