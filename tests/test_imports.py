@@ -127,9 +127,6 @@ def test_the_walker_finds_a_cycle_through_a_function_level_relative_import(tmp_p
     assert cycles(graph) == [["pkg.a", "pkg.sub.b", "pkg.c", "pkg.a"]]
 
 
-@pytest.mark.xfail(strict=True, reason="cycle outside the report: mtpdiag.calibrators imports regimes.DEFAULT_LAMBDA "
-                                       "at module level, mtpdiag.regimes imports calibrators inside Regime.calibrator "
-                                       "and OCC.validate")
 def test_the_package_has_no_import_cycle():
     found = cycles(import_graph(PACKAGE))
     assert not found, "import cycles: " + "; ".join(" -> ".join(cycle) for cycle in found)
