@@ -145,6 +145,22 @@ def checkpointing_suspended(model: nn.Module) -> Iterator[None]:
             module._forward_hooks.update(hooks)
 
 
+def checkpointing_error(err: RuntimeError) -> RuntimeError | None:
+    """The error naming the fix when a measurement failed on activation checkpointing that
+    :func:`checkpointing_suspended` cannot turn off (``torch.utils.checkpoint`` in a model's own
+    code: its recomputation does not see the parameters ``functional_call`` swaps in, and torch.func
+    transforms reject its saved-tensor hooks), else None."""
+    from torch.utils.checkpoint import CheckpointError
+
+    text = str(err)
+    if not isinstance(err, CheckpointError) and "saved tensor hooks" not in text and "requires_grad_()" not in text:
+        return None
+    return RuntimeError(
+        f"the measurement met activation checkpointing inside the model ({text.strip().splitlines()[0]}), which "
+        "mtpdiag only suspends for Hugging Face's gradient_checkpointing: turn it off while measuring"
+    )
+
+
 @contextmanager
 def isolated(model: nn.Module, eval_mode: bool = True) -> Iterator[None]:
     """Forked RNG, math attention and no gradient checkpointing (:func:`checkpointing_suspended`);

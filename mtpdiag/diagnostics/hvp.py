@@ -57,19 +57,6 @@ def unflatten(vector: torch.Tensor, like: Params) -> Params:
     return {k: p.view_as(t) for (k, t), p in zip(like.items(), pieces)}
 
 
-def _checkpointing_error(err: Exception) -> RuntimeError | None:
-    """The error naming the fix when torch.func met activation checkpointing it cannot
-    transform (saved-tensor hooks, or ``requires_grad_`` on an activation), else None.
-    Hugging Face's checkpointing is suspended for every measurement; this is another kind."""
-    text = str(err)
-    if "saved tensor hooks" not in text and "requires_grad_()" not in text:
-        return None
-    return RuntimeError(
-        f"forward-over-reverse HVPs run under torch.func, which met activation checkpointing or a requires_grad_ "
-        f"hook inside the model ({text.splitlines()[0]}): turn it off for the measurement, or pass hvp_mode='rev_rev'"
-    )
-
-
 def _lacks_forward_ad(err: Exception) -> bool:
     text = str(err).lower()
     return isinstance(err, NotImplementedError) or "forward ad" in text or "forward-mode" in text or "jvp" in text
@@ -135,9 +122,6 @@ class HessianAt:
                         torch.func.grad_and_value(self.f), (self.params,), (direction,)
                     )
                 except (NotImplementedError, RuntimeError) as err:
-                    checkpointing = _checkpointing_error(err)
-                    if checkpointing is not None:
-                        raise checkpointing from err
                     if not _lacks_forward_ad(err):
                         raise
                     self.mode, self.fallback = "rev_rev", str(err).splitlines()[0]
@@ -158,13 +142,7 @@ class HessianAt:
     def _first_order(self) -> None:
         if self.mode == "fwd_rev":
             with sdpa_kernel(SDPBackend.MATH):
-                try:
-                    grad, value = torch.func.grad_and_value(self.f)(self.params)
-                except RuntimeError as err:
-                    checkpointing = _checkpointing_error(err)
-                    if checkpointing is not None:
-                        raise checkpointing from err
-                    raise
+                grad, value = torch.func.grad_and_value(self.f)(self.params)
             self._grad, self._value = self._summed(grad), self._summed(value)
         else:
             self._build_reverse()

@@ -39,7 +39,7 @@ from ..integrations import require_unwrapped
 from . import curves, quantities
 from .curves import Curve
 from .functional import (
-    FunctionalModel, Loss, Params, check_finite, checkpointing_enabled, find_shared, function_of, isolated, reached_by,
+    FunctionalModel, Loss, Params, check_finite, checkpointing_enabled, checkpointing_error, find_shared, function_of, isolated, reached_by,
     values_and_gradients,
 )
 from .hvp import HVP_MODES, HessianAt, top_curvature, tree_dot
@@ -366,7 +366,12 @@ class Probe:
         started = time.perf_counter()
         suspended = checkpointing_enabled(self.model)
         with isolated(self.model), torch.enable_grad():
-            record = self._measure(batch, float(lr), options)
+            try:
+                record = self._measure(batch, float(lr), options)
+            except RuntimeError as err:
+                if checkpointing_error(err) is None:
+                    raise
+                raise checkpointing_error(err) from err
         record.gradient_checkpointing = "suspended" if suspended else None
         record.time_s = time.perf_counter() - started
         return record

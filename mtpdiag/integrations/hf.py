@@ -33,8 +33,9 @@ every real token the predictions it would get alone.
 
 Exact Hessian-vector products need forward-mode AD and double backward, which
 fused attention kernels (SDPA flash / memory-efficient, FlashAttention, flex)
-lack: the wrapper only accepts ``attn_implementation="eager"`` and checks it again
-on every forward.
+and fused mixture-of-experts kernels lack: the wrapper only accepts
+``attn_implementation="eager"`` (and ``experts_implementation="eager"``) and
+checks it again on every forward.
 """
 from __future__ import annotations
 
@@ -77,12 +78,27 @@ def _fused_attention(hf_model: nn.Module, scan_modules: bool) -> str | None:
     return None
 
 
-def check_eager_attention(hf_model: nn.Module, scan_modules: bool = True) -> None:
-    """Raise if ``hf_model`` uses an attention kernel without forward-mode AD / double backward.
+def _fused_experts(hf_model: nn.Module) -> str | None:
+    """The fused mixture-of-experts kernel ``hf_model`` runs (transformers 5's ``grouped_mm`` ...), or None."""
+    impl = getattr(hf_model.config, "_experts_implementation", None)
+    return None if impl in (None, "eager") else f"experts_implementation={impl!r}"
+
+
+def check_eager_kernels(hf_model: nn.Module, scan_modules: bool = True) -> None:
+    """Raise if ``hf_model`` uses an attention or mixture-of-experts kernel without forward-mode AD /
+    double backward (a fused MoE kernel also refuses float64).
 
     ``scan_modules=False`` reads only the config (cheap enough for every forward):
     attention classes chosen at construction do not change afterwards.
     """
+    experts = _fused_experts(hf_model)
+    if experts is not None:
+        raise ValueError(
+            f"{type(hf_model).__name__} uses {experts}: exact Hessian-vector products need forward-mode AD and double "
+            "backward through every expert, which fused kernels lack. Build the model with experts_implementation="
+            "\"eager\" (AutoModelForCausalLM.from_config(config, experts_implementation=\"eager\"), or "
+            "MTPCausalLM.from_config(config, ...))"
+        )
     fused = _fused_attention(hf_model, scan_modules)
     if fused is None:
         return
@@ -216,6 +232,9 @@ def _native_mtp_layers(hf_model: nn.Module, n_mtp: int) -> tuple[nn.ModuleList, 
             "mtpdiag's native wiring projects with the output embedding alone: pass wiring='sequential'"
         )
     mtp_model = MtpModel(hf_model, n_mtp)
+    # MtpModel's generic initialiser skips family-specific parameters (DeepSeek-V3's experts stay
+    # uninitialised memory): initialise the new layers as the family initialises its own
+    mtp_model.layers.apply(hf_model._init_weights)
     # The MTP layers are the only new parameters: the embedding, output head and rotary
     # embedding MtpModel holds are the main model's own.
     post_norm = mtp_model.shared_post_norm if mtp_model.use_shared_post_norm else None
@@ -258,7 +277,7 @@ class MTPCausalLM(nn.Module):
         n_mtp = 1 if n_mtp is None else n_mtp
         if n_mtp < 1:
             raise ValueError(f"n_mtp={n_mtp}: the model needs at least one MTP head")
-        check_eager_attention(hf_model)
+        check_eager_kernels(hf_model)
         self.hf_model = hf_model
         self.n_mtp = n_mtp
         self.wiring = wiring
@@ -289,10 +308,14 @@ class MTPCausalLM(nn.Module):
 
     @classmethod
     def from_config(cls, config, n_mtp: int | None = None, wiring: str | None = None) -> "MTPCausalLM":
-        """A randomly initialised HF causal LM for ``config`` (eager attention) with MTP heads."""
+        """A randomly initialised HF causal LM for ``config`` (eager attention and, where transformers
+        has a choice of mixture-of-experts kernels, eager experts) with MTP heads."""
         from transformers import AutoModelForCausalLM
 
-        return cls(AutoModelForCausalLM.from_config(config, attn_implementation="eager"), n_mtp, wiring)
+        kernels = {"attn_implementation": "eager"}
+        if hasattr(config, "_experts_implementation"):  # transformers 5
+            kernels["experts_implementation"] = "eager"
+        return cls(AutoModelForCausalLM.from_config(config, **kernels), n_mtp, wiring)
 
     # ------------------------------------------------------------------ the wrapped model's HF plumbing
 
@@ -381,7 +404,7 @@ class MTPCausalLM(nn.Module):
                 f"sequence length {T} exceeds the HF model's max_position_embeddings={self.max_positions}: "
                 "build its config with a larger max_position_embeddings (n_positions for GPT-2)"
             )
-        check_eager_attention(self.hf_model, scan_modules=False)
+        check_eager_kernels(self.hf_model, scan_modules=False)
         with self.capture_trunk() as states:
             self.hf_model.base_model(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
@@ -397,9 +420,13 @@ class MTPCausalLM(nn.Module):
         """HF eager attention's additive mask [B or 1, 1, L, L] for positions 0..L-1 of ``x``:
         causal, and blind to padded keys (``padding`` [B, >= L], 1 = a real token)."""
         L = x.size(1)
-        allowed = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()[None, None]
+        causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()[None, None]
+        allowed = causal
         if padding is not None:
-            allowed = allowed & padding[:, None, None, :L].bool()
+            # a padded query still sees itself: a row with every key masked turns into NaN
+            # where the softmax runs in float32 on a float64 model, and NaN * 0 poisons the losses
+            itself = torch.eye(L, dtype=torch.bool, device=x.device)[None, None]
+            allowed = (causal & padding[:, None, None, :L].bool()) | itself
         # HF eager attention adds the mask it is given and masks nothing without one
         zero = torch.zeros((), dtype=x.dtype, device=x.device)
         return torch.where(allowed, zero, torch.finfo(x.dtype).min)
