@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> MTPGRPOTrainer:
     config = MTPGRPOConfig(
         output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=16, num_generations=8,
         max_completion_length=task.max_completion_len, learning_rate=1e-3, logging_steps=1, save_strategy="no",
-        report_to="none", use_cpu=True, seed=0,
+        report_to="none", use_cpu=True, seed=0, bf16=False,  # full precision on CPU: the function the Probe measures
         regime="occ", calibrator="occ", calibrator_options={"proxy": "step"}, diag_every=1,
     )  # fmt: skip
     trainer = MTPGRPOTrainer(

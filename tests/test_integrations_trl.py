@@ -51,7 +51,7 @@ def config(tmp_path, **fields) -> MTPGRPOConfig:
     base = dict(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=4, max_completion_length=3,
         learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0,
-        temperature=TEMPERATURE, disable_tqdm=True,
+        temperature=TEMPERATURE, disable_tqdm=True, bf16=False,
     )  # fmt: skip
     return MTPGRPOConfig(**{**base, **fields})
 
@@ -292,3 +292,52 @@ def test_example_writes_a_diagnostics_csv_with_lambda_star(tmp_path):
     example.main(["--steps", "1", "--sft-steps", "20", "--out", str(tmp_path / "run")])
     steps = pd.read_csv(tmp_path / "run" / "mtpdiag" / "diag_steps.csv")
     assert "lambda_star_taylor" in steps.columns and list(steps["step"]) == [1]
+
+
+def deepseek_v3() -> MTPCausalLM:
+    ds_config = transformers.DeepseekV3Config(
+        vocab_size=TASK.tokenizer.vocab_size, hidden_size=8, intermediate_size=16, moe_intermediate_size=8,
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, n_routed_experts=2, kv_lora_rank=4,
+        q_lora_rank=4, qk_rope_head_dim=2, v_head_dim=4, qk_nope_head_dim=2, n_group=1, topk_group=1,
+        num_experts_per_tok=1, first_k_dense_replace=1, max_position_embeddings=16, num_mtp_layers=2,
+        bos_token_id=1, eos_token_id=1, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return MTPCausalLM.from_config(ds_config)
+
+
+def test_a_native_deepseek_v3_mtp_model_trains_the_same_term(tmp_path):
+    """transformers' own MTP layers through TRL, in float32 (transformers' DeepSeek-V3 turns padded
+    rows into NaN in float64, see test_hf)."""
+    model = deepseek_v3()
+    assert model.wiring == "native"
+    trainer = trainer_for(model, config(tmp_path, regime="policy", lam=0.5))
+    trainer.current_gradient_accumulation_steps = 1
+    model.train()
+    inputs = {k: v.float() if torch.is_floating_point(v) else v for k, v in micro_batch(model).items()}
+    added = trainer._compute_loss(model, inputs) - GRPOTrainer._compute_loss(trainer, model, inputs)
+    regime = regimes.get("policy")
+    reference = row_reference(model, inputs, regime, regime.lambdas(0.5, 2), "none", trainer.epsilon_low,
+                              trainer.epsilon_high, "dapo")  # fmt: skip
+    torch.testing.assert_close(added, reference.float(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("bf16, dtype", [(True, torch.bfloat16), (False, torch.float32)])
+def test_the_heads_run_under_trls_mixed_precision(tmp_path, bf16, dtype):
+    """GRPOConfig's bf16 default puts TRL's forward under bfloat16 autocast (on CPU too): the MTP heads run under it as well."""
+    model = deepseek_v3()
+    trainer = trainer_for(model, config(tmp_path, regime="policy", lam=0.5, bf16=bf16))
+    trainer.current_gradient_accumulation_steps = 1
+    model.train()
+    inputs = {k: v.float() if torch.is_floating_point(v) else v for k, v in micro_batch(model).items()}
+    head_dtypes = []
+    predictions = model.mtp_predictions
+
+    def spy(*args, **kwargs):
+        out = predictions(*args, **kwargs)
+        head_dtypes.extend(pred.logits.dtype for pred in out)
+        return out
+
+    model.mtp_predictions = spy
+    assert torch.isfinite(trainer._compute_loss(model, inputs))
+    assert head_dtypes == [dtype, dtype]

@@ -20,7 +20,8 @@ How each TRL concern is met:
   [B, T-1], entry i about token i+1), the MTP heads mask padded keys, and head k
   scores no token whose source position t-1-k is padding;
 * **temperature**: TRL scores tokens with logits / temperature, and so do the MTP
-  heads (:func:`tempered`);
+  heads (:func:`tempered`); **mixed precision**: the heads run under TRL's autocast,
+  as its forward does (the diagnostics measure in the parameters' own dtype);
 * **normaliser**: the MTP term is normalised like the configured ``loss_type``
   (:class:`LossNormaliser`: dapo's token count of the accumulation window, grpo's
   per-sequence mean, ...), gradient accumulation included; every mtpdiag loss is
@@ -433,9 +434,11 @@ class MTPGRPOTrainer(GRPOTrainer):
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         output_head = mtp_model.get_output_embeddings()
-        with torch.no_grad():  # the main head's logits are data here: TRL's own loss trains them
-            main_logits = F.linear(trunk.after_norm, output_head.weight, output_head.bias)
-        mtp = mtp_model.mtp_predictions(input_ids, trunk, attention_mask, mtp_detach=self.mtp_losses.mtp_detach)
+        # the heads run under TRL's mixed precision, as its own forward does (GRPOConfig's bf16 default)
+        with self.accelerator.autocast():
+            with torch.no_grad():  # the main head's logits are data here: TRL's own loss trains them
+                main_logits = F.linear(trunk.after_norm, output_head.weight, output_head.bias)
+            mtp = mtp_model.mtp_predictions(input_ids, trunk, attention_mask, mtp_detach=self.mtp_losses.mtp_detach)
         out = GPTOutput.from_main_logits(main_logits, input_ids)
         out.mtp = mtp
         out = tempered(out, self.temperature)
