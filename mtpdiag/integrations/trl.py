@@ -102,12 +102,22 @@ class MTPGRPOConfig(GRPOConfig):
     """``GRPOConfig`` plus the MTP heads' regime and the diagnostics (names as in mtpdiag's ``TrainConfig``)."""
 
     regime: str = field(default="occ", metadata={"help": f"how the MTP heads train: one of {regimes.names()}"})
-    lam: float | None = field(default=None, metadata={"help": "the fixed MTP coefficient (regimes ce, policy; occ without a calibrator)"})
-    calibrator: str | None = field(default=None, metadata={"help": "the calibrator that sets lambda_t (regime occ), e.g. occ-paper, occ, oracle"})
-    calibrator_options: dict | None = field(default=None, metadata={"help": "keyword options of the calibrator, e.g. {'proxy': 'step'}"})
+    lam: float | None = field(
+        default=None, metadata={"help": "the fixed MTP coefficient (regimes ce, policy; occ without a calibrator)"}
+    )
+    calibrator: str | None = field(
+        default=None, metadata={"help": "the calibrator that sets lambda_t (regime occ): occ-paper, occ, oracle, ..."}
+    )
+    calibrator_options: dict | None = field(
+        default=None, metadata={"help": "keyword options of the calibrator, e.g. {'proxy': 'step'}"}
+    )
     detach_mode: str = field(default="full", metadata={"help": "regime detach: full or trunk_only"})
-    diag_every: int = field(default=0, metadata={"help": "measure the MTP decomposition every n optimiser steps (0: off)"})
-    diag_dir: str | None = field(default=None, metadata={"help": "where the diagnostics CSVs go (default <output_dir>/mtpdiag)"})
+    diag_every: int = field(
+        default=0, metadata={"help": "measure the MTP decomposition every n optimiser steps (0: off)"}
+    )
+    diag_dir: str | None = field(
+        default=None, metadata={"help": "where the diagnostics CSVs go (default <output_dir>/mtpdiag)"}
+    )
     diag_hvp_mode: str = field(default=HVP_MODES[0], metadata={"help": f"Hessian-vector products: one of {HVP_MODES}"})
     diag_per_block: bool = field(default=False, metadata={"help": "also measure per parameter block"})
     diag_line_search: bool = field(default=True, metadata={"help": "also measure the curve Delta(lambda)"})
@@ -124,7 +134,8 @@ class MTPGRPOConfig(GRPOConfig):
                 f"importance_sampling_level={self.importance_sampling_level!r}: the MTP policy loss and the diagnostics "
                 "are token-level; set importance_sampling_level='token'"
             )
-        changed = [f"{name}={getattr(self, name)!r}" for name, neutral in _UNMIRRORED.items() if getattr(self, name) != neutral]
+        changed = [f"{name}={getattr(self, name)!r}" for name, neutral in _UNMIRRORED.items()
+                   if getattr(self, name) != neutral]  # fmt: skip
         if self.use_vllm and self.vllm_importance_sampling_correction:
             changed.append("vllm_importance_sampling_correction=True")
         if changed:
@@ -136,6 +147,13 @@ class MTPGRPOConfig(GRPOConfig):
         regime.validate(self)
         if self.calibrator_options and not self.calibrator:
             raise ValueError("calibrator_options needs a calibrator: set calibrator='occ' (or another name) too")
+        if self.calibrator:
+            try:  # the options are checked here, before any work; the trainer builds it for the model's heads
+                make_calibrator(self.calibrator, 1, **(self.calibrator_options or {}))
+            except TypeError as err:
+                raise ValueError(
+                    f"calibrator_options={self.calibrator_options} do not fit calibrator {self.calibrator!r} ({err})"
+                ) from None
         if self.diag_every < 0:
             raise ValueError(f"diag_every={self.diag_every} must be >= 0 (0 turns the diagnostics off)")
         if self.diag_hvp_mode not in HVP_MODES:
@@ -396,6 +414,7 @@ class MTPGRPOTrainer(GRPOTrainer):
         )  # fmt: skip
 
     def _compute_loss(self, model, inputs):
+        """TRL's loss on ``inputs`` plus the regime's MTP term (see the module docstring)."""
         mtp_model = self.accelerator.unwrap_model(model)
         with mtp_model.capture_trunk() as states:
             loss = super()._compute_loss(model, inputs)
@@ -406,15 +425,17 @@ class MTPGRPOTrainer(GRPOTrainer):
         if train:
             self._warn_if_ratio_proxy_is_zero(inputs)
         out, batch = self._mtp_forward(mtp_model, inputs, states, train)
-        lambdas = self._mtp_lambdas(mtp_model, out, batch, train)
+        # what the Probe and the calibrators differentiate: each rank's share of the whole batch's
+        # loss (DDP averages the trained gradients over ranks; the Probe sums its own)
+        share = {**batch, "loss_normaliser": batch["loss_normaliser"] * world_size()}
+        lambdas = self._mtp_lambdas(mtp_model, out, share, train)
         term = self.mtp_losses.aux_loss(out, batch, lambdas)
         metrics = {"loss": self.mtp_losses.aux_loss(out, batch).detach()}
         if self.mtp_losses.regime.lambda_rule != UNIT:
             metrics.update({self._head_key("lambda", k): lam for k, lam in enumerate(lambdas.tolist())})
         if train and self.mtp_hook is not None and self._step % self.current_gradient_accumulation_steps == 0:
-            diag_batch = {**batch, "loss_normaliser": batch["loss_normaliser"] * world_size()}  # each rank's share
             lr = self.optimizer.param_groups[0]["lr"]
-            metrics.update(measure_micro_batch(self.mtp_hook, self.state.global_step + 1, diag_batch, lr, self.optimizer))
+            metrics.update(measure_micro_batch(self.mtp_hook, self.state.global_step + 1, share, lr, self.optimizer))
         for name, value in metrics.items():
             name = name if name.startswith(METRIC_PREFIX) else METRIC_PREFIX + name
             self._metrics[mode][name].append(self._gathered(value))
@@ -453,7 +474,8 @@ class MTPGRPOTrainer(GRPOTrainer):
         self._mtp_warned_ratio = True
 
     def _mtp_lambdas(self, mtp_model, out: GPTOutput, batch: dict, train: bool) -> torch.Tensor:
-        """The regime's own lambdas, or its calibrator's on this micro-batch (eval reuses the last training ones)."""
+        """The regime's own lambdas, or its calibrator's on this micro-batch (eval reuses the last
+        training ones); ``batch`` is this rank's share."""
         regime, K = self.mtp_losses.regime, len(out.mtp)
         dtype = batch["loss_weights"].dtype
         if regime.lambda_rule != CALIBRATED:
@@ -461,10 +483,10 @@ class MTPGRPOTrainer(GRPOTrainer):
         if not train and self._mtp_last_lambdas is not None:
             return self._mtp_last_lambdas
         lp = aligned_logprobs(out)
+        micro_batch = self._step % self.current_gradient_accumulation_steps if train else 0
         calibration = self.mtp_calibrator(
             CalibrationInputs(
-                step=self.state.global_step + 1, minibatch=self._step % self.current_gradient_accumulation_steps
-                if train else 0,
+                step=self.state.global_step + 1, minibatch=micro_batch,
                 logprobs=AlignedLogprobs(lp.main.detach(), lp.mtp.detach(), lp.mtp_valid),
                 old_logprobs=batch["old_logprobs"], response_mask=batch["response_mask"],
                 lr=self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else 0.0,
