@@ -433,11 +433,11 @@ class MTPCausalLM(nn.Module):
 
     def _layer_kwargs(self, x: torch.Tensor, padding, positions, rope_type=None) -> dict:
         """The mask, positions and rotary embedding a decoder layer (or MTP layer) runs on ``x`` with."""
-        kwargs = {"attention_mask": self._attention_mask(x, padding), "position_ids": positions}
+        kwargs = {"attention_mask": self._attention_mask(x, padding)}
         rotary = getattr(self.hf_model.base_model, "rotary_emb", None)
-        if rotary is not None:
+        if rotary is not None:  # GPT-2's blocks take no positions (transformers 4 rejects the argument)
             extra = {} if rope_type is None else {"layer_type": rope_type}
-            kwargs["position_embeddings"] = rotary(x, positions, **extra)
+            kwargs.update(position_ids=positions, position_embeddings=rotary(x, positions, **extra))
         return kwargs
 
     def _run_layer(self, layer: nn.Module, x: torch.Tensor, padding, positions) -> torch.Tensor:
@@ -500,7 +500,7 @@ class MTPCausalLM(nn.Module):
         rope_type = None if self._rope_layer_types is None else self._rope_layer_types[k - 1]
         kwargs = self._layer_kwargs(token_embeds, padding, positions, rope_type)
         out = layer(token_embeds, prev, position_embeddings=kwargs.get("position_embeddings"), cache=None,
-                    attention_mask=kwargs["attention_mask"], position_ids=kwargs["position_ids"])  # fmt: skip
+                    attention_mask=kwargs["attention_mask"], position_ids=positions)  # fmt: skip
         post_norm = getattr(self, "mtp_post_norm", None)
         return out if post_norm is None else post_norm(out)
 
