@@ -39,7 +39,8 @@ from ..integrations import require_unwrapped
 from . import curves, quantities
 from .curves import Curve
 from .functional import (
-    FunctionalModel, Loss, Params, check_finite, find_shared, function_of, isolated, reached_by, values_and_gradients,
+    FunctionalModel, Loss, Params, check_finite, checkpointing_enabled, checkpointing_error, find_shared, function_of, isolated, reached_by,
+    values_and_gradients,
 )
 from .hvp import HVP_MODES, HessianAt, top_curvature, tree_dot
 
@@ -68,7 +69,9 @@ class ProbeRecord:
 
     ``hvp_mode`` is the Hessian-vector path that ran (``fwd_rev`` or ``rev_rev``;
     None without products); ``hvp_fallback`` is why ``rev_rev`` ran although the
-    Probe was configured for ``fwd_rev`` (the forward-mode error), else None."""
+    Probe was configured for ``fwd_rev`` (the forward-mode error), else None.
+    ``gradient_checkpointing`` is ``"suspended"`` when the model had Hugging Face
+    gradient checkpointing on and the measurement ran with it off (restored after), else None."""
 
     lr: float
     dtype: str
@@ -98,6 +101,7 @@ class ProbeRecord:
     L_source: str | None = None
     lambda_star_smooth: float | None = None
     hvp_fallback: str | None = None
+    gradient_checkpointing: str | None = None
     note: str = ""
     time_s: float = 0.0
     curves: list[Curve] = field(default_factory=list)
@@ -360,8 +364,15 @@ class Probe:
         if optimizer is not None:
             curves.check_optimizer(optimizer, dict(self.model.named_parameters()))
         started = time.perf_counter()
+        suspended = checkpointing_enabled(self.model)
         with isolated(self.model), torch.enable_grad():
-            record = self._measure(batch, float(lr), options)
+            try:
+                record = self._measure(batch, float(lr), options)
+            except RuntimeError as err:
+                if checkpointing_error(err) is None:
+                    raise
+                raise checkpointing_error(err) from err
+        record.gradient_checkpointing = "suspended" if suspended else None
         record.time_s = time.perf_counter() - started
         return record
 
