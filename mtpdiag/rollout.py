@@ -14,7 +14,9 @@ import torch.nn as nn
 
 from .config import DTYPES, TrainConfig, max_new_tokens, step_seed
 from .evaluation import (
+    acceptance_columns,
     completion_rewards,
+    draft_acceptance,
     exact_j_true,
     j_true_batch,
     rollout_mask,
@@ -22,9 +24,15 @@ from .evaluation import (
     sampled_pass_at_1,
 )
 from .losses import group_advantages, token_logprobs
+from .schema import ROLLOUT_PREFIX
 from .tasks import Task
 
-EVAL_COLUMNS = {"j_true", "pass1", "pass1_ci_low", "pass1_ci_high"}
+PERFORMANCE_COLUMNS = ("j_true", "pass1", "pass1_ci_low", "pass1_ci_high")
+
+
+def eval_columns(n_mtp: int) -> set[str]:
+    """The columns :func:`evaluate` writes for a model with ``n_mtp`` MTP heads."""
+    return {*PERFORMANCE_COLUMNS, *acceptance_columns(n_mtp)}
 
 
 def rollout(model: nn.Module, task: Task, cfg: TrainConfig, step: int) -> tuple[dict, torch.Tensor]:
@@ -52,14 +60,25 @@ def rollout(model: nn.Module, task: Task, cfg: TrainConfig, step: int) -> tuple[
     return batch, rewards
 
 
+def rollout_acceptance(model: nn.Module, batch: dict, n_mtp: int) -> dict:
+    """The acceptance of the MTP heads' drafts teacher forced on the rollout batch, at
+    the parameters that sampled it (eval mode): ``rollout_accept_tv_k``,
+    ``rollout_accept_greedy_k`` and ``rollout_entropy``. On the model's own samples
+    at the rollout temperature, the contexts are those the drafts meet in decoding."""
+    model.eval()
+    return draft_acceptance(model, batch).columns(n_mtp, ROLLOUT_PREFIX)
+
+
 def heldout_batch(task: Task, cfg: TrainConfig) -> dict:
     """The J_true batch of the ``cfg.eval_prompts`` held-out prompts."""
     return j_true_batch(task, task.heldout_problems(cfg.eval_prompts), cfg.device)
 
 
 def evaluate(model: nn.Module, task: Task, cfg: TrainConfig, heldout: dict, step: int) -> dict:
-    """Exact J_true on the held-out batch and sampled pass@1 (temperature 1, so it
-    estimates the same quantity) with its 95% interval: the ``EVAL_COLUMNS``."""
+    """Exact J_true on the held-out batch, sampled pass@1 (temperature 1, so it
+    estimates the same quantity) with its 95% interval, and the MTP heads' draft
+    acceptance and the main head's entropy teacher forced on the held-out target
+    completions: the columns of :func:`eval_columns`."""
     model.eval()
     generator = torch.Generator(cfg.device).manual_seed(step_seed(cfg.seed, step, "eval"))
     problems = task.heldout_problems(cfg.eval_prompts)
@@ -71,4 +90,5 @@ def evaluate(model: nn.Module, task: Task, cfg: TrainConfig, heldout: dict, step
         "pass1": pass1.mean,
         "pass1_ci_low": pass1.ci_low,
         "pass1_ci_high": pass1.ci_high,
+        **draft_acceptance(model, heldout).columns(cfg.model.n_mtp),
     }
