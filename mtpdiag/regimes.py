@@ -207,7 +207,7 @@ class Frozen(Regime):
     description = "MTP heads frozen (no update); their cross-entropy is measured, with weight 0 in the update"
     lambda_rule = UNIT
     display = "Frozen"
-    family = "copper"
+    family = "cividis"  # khaki: distinct from KL's orange and detach's grey at the shades the report uses
 
     def aux_loss(self, out, batch, head_weights=None, eps_low=0.2, eps_high=0.28):
         return mtp_ce_loss(out, batch, head_weights)
