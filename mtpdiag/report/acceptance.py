@@ -119,17 +119,15 @@ def _ci(frame: pd.DataFrame, prefix: str) -> list[str]:
 
 def _sentence(row: pd.Series, has_detach: bool) -> str:
     """What the intervals say about one arm: did its acceptance hold over RL, against detach, and its J_true."""
-    over_rl = direction(row["accept_change_low"], row["accept_change_high"])
-    text = (f"- **{row['name']}**: acceptance over RL {over_rl} (Δ accept_tv_1 "
-            f"{fmt_ci(row['accept_change_mean'], row['accept_change_low'], row['accept_change_high'])})")
+    def said(prefix: str, words: dict) -> str:
+        low, high = row[f"{prefix}_low"], row[f"{prefix}_high"]
+        return f"{words.get(direction(low, high), direction(low, high))} ({fmt_ci(row[f'{prefix}_mean'], low, high)})"
+
+    text = f"- **{row['name']}**: acceptance over RL {said('accept_change', {})}"
     if has_detach and row["regime"] != regimes.DETACH.name:
-        versus = direction(row["accept_vs_detach_low"], row["accept_vs_detach_high"])
-        cost = direction(row["j_true_vs_detach_low"], row["j_true_vs_detach_high"])
-        words = {ROSE: "higher than", FELL: "lower than", UNCHANGED: "no difference detectable from"}
-        text += (f"; final acceptance {words.get(versus, versus + ' against')} Detach "
-                 f"({fmt_ci(row['accept_vs_detach_mean'], row['accept_vs_detach_low'], row['accept_vs_detach_high'])})"
-                 f"; J_true {words.get(cost, cost + ' against')} Detach "
-                 f"({fmt_ci(row['j_true_vs_detach_mean'], row['j_true_vs_detach_low'], row['j_true_vs_detach_high'])})")
+        against = {ROSE: "higher", FELL: "lower", UNCHANGED: "no difference detectable"}
+        text += (f"; final acceptance against Detach: {said('accept_vs_detach', against)}"
+                 f"; J_true against Detach: {said('j_true_vs_detach', against)}")
     return text + "."
 
 

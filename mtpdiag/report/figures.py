@@ -394,11 +394,17 @@ TRADEOFF_COLUMNS = ["point", "arm", "name", "seed", "step", "accept_tv_1", "acce
                     "j_true_low", "j_true_high", "n_seeds"]
 
 
+def _clipped_error(mean: float, low: float, high: float) -> list[list[float]]:
+    """matplotlib's asymmetric error of an interval cut to the probabilities [0, 1]."""
+    return [[mean - max(low, PROBABILITY[0])], [min(high, PROBABILITY[1]) - mean]]
+
+
 def acceptance_tradeoff(job: Job, out_dir) -> list[Path]:
     """F8: final exact J_true against the final held-out acceptance of head 1's drafts
     (accept_tv_1), one point per arm at the seed means with 95% t-intervals on both
-    axes, each seed's run a small dot: which regimes keep the draft useful, and at what
-    J_true. A job whose runs log no acceptance gets a figure that says so."""
+    axes (drawn within [0, 1]), each seed's run a small dot, dashed lines at Detach's means:
+    which regimes keep the draft useful, and at what J_true. A job whose runs log no
+    acceptance gets a figure that says so."""
     table, runs, missing = acceptance.summary(job)
     colors = style.arm_colors(job.arms)
     with style.styled():
@@ -414,10 +420,16 @@ def acceptance_tradeoff(job: Job, out_dir) -> list[Path]:
             seeds = runs[runs["arm"] == row.arm]
             ax.plot(seeds[acceptance.ACCEPT], seeds["j_true"], ".", color=color, alpha=0.5, markersize=4)
             single = row.accept_n < 2
-            xerr = None if single else [[row.accept_mean - row.accept_low], [row.accept_high - row.accept_mean]]
-            yerr = None if single else [[row.j_true_mean - row.j_true_low], [row.j_true_high - row.j_true_mean]]
+            # both axes are probabilities: the drawn interval stops at [0, 1] (the data file keeps the t-interval)
+            xerr = None if single else _clipped_error(row.accept_mean, row.accept_low, row.accept_high)
+            yerr = None if single else _clipped_error(row.j_true_mean, row.j_true_low, row.j_true_high)
+            reference = row.regime == regimes.DETACH.name  # the arm every other one is paired against: drawn on top
             ax.errorbar(row.accept_mean, row.j_true_mean, xerr=xerr, yerr=yerr, fmt="o", color=color, capsize=3,
-                        markersize=6, label=f"{row.name} ({style.NO_BAND})" if single else row.name)
+                        markersize=6, zorder=4 if reference else 3,
+                        label=f"{row.name} ({style.NO_BAND})" if single else row.name)
+            if reference:
+                ax.axvline(row.accept_mean, color=color, linestyle="--", linewidth=0.8)
+                ax.axhline(row.j_true_mean, color=color, linestyle="--", linewidth=0.8)
             plotted.append({"point": "arm mean", "arm": row.arm, "name": row.name, "step": row.step,
                             "accept_tv_1": row.accept_mean, "accept_low": row.accept_low,
                             "accept_high": row.accept_high, "j_true": row.j_true_mean, "j_true_low": row.j_true_low,
@@ -427,7 +439,7 @@ def acceptance_tradeoff(job: Job, out_dir) -> list[Path]:
                         for r in seeds.itertuples()]
         ax.set_xlabel("final acceptance of head 1's drafts, 1 − TV(p_main, q_1) (probability, held out)")
         ax.set_ylabel("final exact J_true (probability)")
-        ax.legend(loc="best")
+        fig.legend(*ax.get_legend_handles_labels(), loc="outside right center")
         title = textwrap.fill(f"F8: the acceptance / J_true trade-off per arm ({len(job.seeds)} seed(s); mean, 95% "
                               "t-interval over seeds on both axes; dots: seeds)", 90)
         if missing:

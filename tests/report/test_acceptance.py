@@ -55,9 +55,9 @@ def test_the_section_has_the_final_pairs_intervals_and_paired_differences_agains
     paths = acceptance.write_acceptance(job, tmp_path / "out")
     assert [p.name for p in paths] == [schema.ACCEPTANCE_CSV, schema.ACCEPTANCE_MD]
     text = paths[1].read_text()
-    assert "- **Detach**: acceptance over RL fell" in text
-    assert "- **KL (λ=0.5)**: acceptance over RL rose" in text and "final acceptance higher than Detach" in text
-    assert "J_true lower than Detach (-0.050" in text
+    assert "- **Detach**: acceptance over RL fell (-0.100 [" in text
+    assert "- **KL (λ=0.5)**: acceptance over RL rose (0.100 [" in text
+    assert "final acceptance against Detach: higher (0.200" in text and "J_true against Detach: lower (-0.050" in text
     assert "- **Frozen**: acceptance over RL no change detectable" in text
     assert "## Final acceptance per head" in text and "accept_tv_2" in text
     pd.testing.assert_frame_equal(pd.read_csv(paths[0], dtype={"step": str}), table, check_dtype=False)
