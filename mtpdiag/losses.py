@@ -183,7 +183,8 @@ def mtp_distillation_loss(out: GPTOutput, batch: dict, distance, head_weights=No
     the MTP heads distilled from the detached main head, whose own distribution
     gets no gradient from it (docs/theory.md s.9)."""
     pairs = aligned_distributions(out)
-    weights = torch.ones(len(pairs)) if head_weights is None else torch.as_tensor(head_weights, dtype=out.main.logits.dtype)
+    dtype = out.main.logits.dtype
+    weights = torch.ones(len(pairs)) if head_weights is None else torch.as_tensor(head_weights, dtype=dtype)
     total = out.main.logits.new_zeros(())
     for k, pair in enumerate(pairs):
         per_token = distance(pair.main.detach(), pair.head)

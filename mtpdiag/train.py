@@ -45,7 +45,7 @@ from .integrations import require_unwrapped
 from .losses import AlignedLogprobs, NonFiniteLossError, aligned_logprobs
 from .model import GPT, GPTOutput
 from .regimes import CALIBRATED, UNIT, RegimeLosses
-from .rollout import eval_columns, evaluate, heldout_batch, rollout, rollout_acceptance
+from .rollout import eval_columns, evaluate, heldout_batch, rollout_with_acceptance
 from .rundir import RunDir
 from .schema import calib_column, lambda_column
 from .sft import warm_start
@@ -305,8 +305,7 @@ def _train(cfg, out, resume, calibrator, callbacks, progress, cache_dir, user_mo
     for step in range(start + 1, cfg.steps + 1):
         t0 = time.perf_counter()
         # every rank samples the whole batch (the one a single process would) and trains on its rows
-        batch, rewards = rollout(model, task, cfg, step)
-        accepted = rollout_acceptance(model, batch, cfg.model.n_mtp)
+        batch, rewards, accepted = rollout_with_acceptance(model, task, cfg, step)
         t_rollout = time.perf_counter() - t0
         model.train()
         rows = torch.cat(minibatch_rows(rewards.numel(), cfg.minibatches, cfg.device))

@@ -188,7 +188,8 @@ def test_frozen_heads_stay_bit_identical_and_the_rest_follows_the_detach_traject
         assert torch.equal(a, b), name
     assert any(not torch.equal(a, dict(start.named_parameters())[n]) for n, a in others)  # training did move them
     mb = pd.read_csv(frozen.out / "minibatch.csv")
-    assert (mb["loss_mtp"] > 0).all() and (mb["loss_mtp_weighted"] == 0).all() and (mb["grad_norm_mtp_heads"] == 0).all()
+    assert (mb["loss_mtp"] > 0).all() and (mb["loss_mtp_weighted"] == 0).all()
+    assert (mb["grad_norm_mtp_heads"] == 0).all()
     pd.testing.assert_series_equal(frozen.metrics["j_true"], detach.metrics["j_true"])
     assert FROZEN.frozen_parameters(frozen.model) == list(frozen.model.mtp_heads.parameters())
     assert DETACH.frozen_parameters(frozen.model) == []

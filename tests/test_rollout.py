@@ -5,7 +5,7 @@ import torch
 
 from mtpdiag.evaluation import draft_acceptance, exact_j_true, j_true_batch
 from mtpdiag.losses import token_logprobs
-from mtpdiag.rollout import eval_columns, evaluate, heldout_batch, rollout, rollout_acceptance
+from mtpdiag.rollout import eval_columns, evaluate, heldout_batch, rollout, rollout_with_acceptance
 
 
 def test_rollout_batch_is_consistent_and_a_function_of_seed_and_step(sft_model):
@@ -53,10 +53,11 @@ def test_evaluation_is_exact_j_true_on_the_heldout_batch_and_pass_at_1_seeded_by
     assert any(p != result["pass1"] for p in others)  # each step draws its own samples
 
 
-def test_rollout_acceptance_is_the_draft_acceptance_on_the_rollout_batch(sft_model):
+def test_rollout_with_acceptance_is_the_rollout_and_the_draft_acceptance_on_its_batch(sft_model):
     model, task, cfg = sft_model
-    batch, _ = rollout(model, task, cfg, step=3)
-    accepted = draft_acceptance(model, batch)
-    assert rollout_acceptance(model, batch, cfg.model.n_mtp) == {
-        "rollout_accept_tv_1": accepted.tv[0], "rollout_accept_greedy_1": accepted.greedy[0],
-        "rollout_entropy": accepted.entropy}
+    batch, rewards = rollout(model, task, cfg, step=3)
+    same, same_rewards, accepted = rollout_with_acceptance(model, task, cfg, step=3)
+    assert torch.equal(rewards, same_rewards) and all(torch.equal(batch[key], same[key]) for key in batch)
+    expected = draft_acceptance(model, batch)
+    assert accepted == {"rollout_accept_tv_1": expected.tv[0], "rollout_accept_greedy_1": expected.greedy[0],
+                        "rollout_entropy": expected.entropy}

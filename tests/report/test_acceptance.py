@@ -106,7 +106,8 @@ def test_arms_without_acceptance_are_named_not_drawn(tmp_path):
         job, table, missing)
 
 
-@pytest.mark.parametrize("low, high, word", [(0.1, 0.2, acceptance.ROSE), (-0.2, -0.1, acceptance.FELL),
-                                             (-0.1, 0.1, acceptance.UNCHANGED), (np.nan, np.nan, acceptance.NO_INTERVAL)])
+@pytest.mark.parametrize("low, high, word", [
+    (0.1, 0.2, acceptance.ROSE), (-0.2, -0.1, acceptance.FELL), (-0.1, 0.1, acceptance.UNCHANGED),
+    (np.nan, np.nan, acceptance.NO_INTERVAL)])
 def test_a_direction_is_read_off_the_interval(low, high, word):
     assert acceptance.direction(low, high) == word
