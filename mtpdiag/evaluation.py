@@ -1,4 +1,5 @@
-"""Sampling, rewards and evaluation: exact J_true on a held-out set and sampled pass@1.
+"""Sampling, rewards and evaluation: exact J_true on a held-out set, sampled pass@1,
+and the speculative-decoding acceptance of the MTP heads' drafts.
 
 A completion is correct only when it is exactly the target followed by EOS, which
 is the event whose probability J_true = mean_x pi(y*(x) | x) measures; so the
@@ -16,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import binomtest
 
-from .losses import j_true
+from .losses import aligned_distributions, j_true, total_variation
+from .model import GPTOutput
+from .schema import ENTROPY, accept_greedy_column, accept_tv_column
 from .tasks import Problem, Task
 
 
@@ -123,3 +126,84 @@ def sampled_pass_at_1(
     successes = int(completion_rewards(task, repeated, completions).sum().item())
     ci = binomtest(successes, len(repeated)).proportion_ci(confidence_level=0.95, method="wilson")
     return PassAtOne(successes / len(repeated), float(ci.low), float(ci.high), len(repeated))
+
+
+# ----------------------------------------------------------------------------- speculative-decoding acceptance
+
+TEACHER = "teacher"  # the model's default conditioning: every head reads the sequence's own tokens
+
+
+@dataclass
+class Acceptance:
+    """How useful each MTP head is as a draft model of the main head, teacher forced on
+    a batch (docs/theory.md s.9): for head k = 1..K, ``tv[k-1]`` is the mean over the
+    response tokens it predicts of 1 - TV(p_main at t+k, q_k at t), the probability that
+    speculative rejection sampling accepts its draft of that token, and ``greedy[k-1]``
+    the fraction of those tokens where argmax q_k = argmax p_main (greedy verification).
+    ``entropy`` is the main head's mean entropy (nats) over the response tokens. NaN
+    where a head predicts no response token."""
+
+    tv: list[float]
+    greedy: list[float]
+    entropy: float
+
+    def columns(self, n_heads: int | None = None, prefix: str = "") -> dict[str, float]:
+        """The :func:`acceptance_columns` and their values (NaN for a head the batch was too short for)."""
+        n = len(self.tv) if n_heads is None else n_heads
+        values = []
+        for k in range(n):
+            values += [self.tv[k], self.greedy[k]] if k < len(self.tv) else [float("nan")] * 2
+        return dict(zip(acceptance_columns(n, prefix), [*values, self.entropy], strict=True))
+
+
+def acceptance_columns(n_heads: int, prefix: str = "") -> list[str]:
+    """``accept_tv_k``, ``accept_greedy_k`` for k = 1..n_heads, then ``entropy``, each under ``prefix``."""
+    heads = [column(k) for k in range(1, n_heads + 1) for column in (accept_tv_column, accept_greedy_column)]
+    return [prefix + name for name in (*heads, ENTROPY)]
+
+
+def _acceptance_sums(out: GPTOutput, response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """([K, 3]: per head, the masked sums of 1 - TV and of greedy agreement, and the
+    token count; [2]: the masked sum of the main head's entropy and its token count),
+    in float64, so that chunks add up."""
+    rows = []
+    for pair in aligned_distributions(out):
+        mask = response_mask[:, pair.shift:].double()
+        accept = 1 - total_variation(pair.main, pair.head).double()
+        agree = (pair.main.argmax(-1) == pair.head.argmax(-1)).double()
+        rows.append(torch.stack([(accept * mask).sum(), (agree * mask).sum(), mask.sum()]))
+    heads = torch.stack(rows) if rows else torch.zeros(0, 3, dtype=torch.float64)
+    log_p = F.log_softmax(out.main.logits, dim=-1)
+    entropy = -(log_p.exp() * log_p).sum(-1).double()
+    mask = response_mask.double()
+    return heads, torch.stack([(entropy * mask).sum(), mask.sum()])
+
+
+def _ratio(total: torch.Tensor, count: torch.Tensor) -> float:
+    return (total / count).item() if count > 0 else float("nan")
+
+
+def _from_sums(heads: torch.Tensor, entropy: torch.Tensor) -> Acceptance:
+    return Acceptance([_ratio(h[0], h[2]) for h in heads], [_ratio(h[1], h[2]) for h in heads],
+                      _ratio(entropy[0], entropy[1]))
+
+
+def acceptance_of(out: GPTOutput, response_mask: torch.Tensor) -> Acceptance:
+    """The :class:`Acceptance` of a forward's output ``out`` on a batch with ``response_mask``."""
+    return _from_sums(*_acceptance_sums(out, response_mask))
+
+
+@torch.no_grad()
+def draft_acceptance(model, batch: dict, conditioning: str = TEACHER, chunk_size: int = 1024) -> Acceptance:
+    """The :class:`Acceptance` of ``model``'s MTP heads on ``batch`` (``input_ids``,
+    ``response_mask``), in chunks of rows. ``conditioning`` is GPT.forward's
+    ``mtp_conditioning``: ``teacher`` (default; sequential module k reads the true
+    token t+k, as training does) or ``drafts`` (module k >= 2 reads its predecessor's
+    greedy draft, as a drafter at inference does; the same numbers for parallel heads)."""
+    options = {} if conditioning == TEACHER else {"mtp_conditioning": conditioning}
+    heads, entropy = None, None
+    for start in range(0, batch["input_ids"].size(0), chunk_size):
+        rows = slice(start, start + chunk_size)
+        part = _acceptance_sums(model(batch["input_ids"][rows], **options), batch["response_mask"][rows])
+        heads, entropy = part if heads is None else (heads + part[0], entropy + part[1])
+    return _from_sums(heads, entropy)

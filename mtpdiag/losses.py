@@ -137,3 +137,70 @@ def j_true(out: GPTOutput, batch: dict) -> torch.Tensor:
     a batch whose completions are the unique targets (under
     ``mtpdiag.distributed.global_means()``, this rank's share of the mean over all prompts)."""
     return global_mean(completion_logprob(out, batch).exp())
+
+
+# ----------------------------------------------------------------------------- distributions of a head and the main head
+
+
+@dataclass
+class AlignedDistributions:
+    """Head k's and the main head's log-distributions over the vocabulary, [B, n, V]
+    each, at the n entries where head k predicts: ``head[:, j]`` is head k at position
+    j, ``main[:, j]`` the main head at position j + k, both predicting the token at
+    position j + 1 + k. ``shift`` (= k) maps them onto the aligned [B, T-1] layout:
+    entry j here is entry j + shift there (``response_mask[:, shift:]`` masks them)."""
+
+    main: torch.Tensor
+    head: torch.Tensor
+    shift: int
+
+
+def aligned_distributions(out: GPTOutput) -> list[AlignedDistributions]:
+    """One :class:`AlignedDistributions` per MTP head of ``out``, with gradients (detach
+    the main head's where it is a target)."""
+    L = out.main.logits.size(1)
+    pairs = []
+    for pred in out.mtp:
+        shift = L - pred.logits.size(1)
+        pairs.append(AlignedDistributions(F.log_softmax(out.main.logits[:, shift:], dim=-1),
+                                          F.log_softmax(pred.logits, dim=-1), shift))
+    return pairs
+
+
+def kl_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) = sum_v p(v) (log p(v) - log q(v)) over the last dimension."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def total_variation(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """TV(p, q) = (1/2) sum_v |p(v) - q(v)| over the last dimension."""
+    return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+
+
+def mtp_distillation_loss(out: GPTOutput, batch: dict, distance, head_weights=None) -> torch.Tensor:
+    """sum_k w_k mean over response tokens of distance(p_main.detach(), q_k) at the
+    aligned positions (head k at t against the main head at t+k, the same token):
+    the MTP heads distilled from the detached main head, whose own distribution
+    gets no gradient from it (docs/theory.md s.9)."""
+    pairs = aligned_distributions(out)
+    dtype = out.main.logits.dtype
+    weights = torch.ones(len(pairs)) if head_weights is None else torch.as_tensor(head_weights, dtype=dtype)
+    total = out.main.logits.new_zeros(())
+    for k, pair in enumerate(pairs):
+        per_token = distance(pair.main.detach(), pair.head)
+        total = total + weights[k].to(total) * masked_mean(per_token, batch["response_mask"][:, pair.shift:])
+    return total
+
+
+def mtp_kl_loss(out: GPTOutput, batch: dict, head_weights=None) -> torch.Tensor:
+    """Forward KL(p_main.detach() || q_k) per response token (SkyRL's soft
+    distillation: its gradient in q_k is the soft cross-entropy's), summed over heads
+    with ``head_weights`` (ones by default)."""
+    return mtp_distillation_loss(out, batch, kl_divergence, head_weights)
+
+
+def mtp_tv_loss(out: GPTOutput, batch: dict, head_weights=None) -> torch.Tensor:
+    """TV(p_main.detach(), q_k) per response token, summed over heads with
+    ``head_weights`` (ones by default): one minus the expected speculative acceptance
+    of head k's draft, as a loss (arXiv 2606.12370)."""
+    return mtp_distillation_loss(out, batch, total_variation, head_weights)

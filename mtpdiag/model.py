@@ -6,7 +6,9 @@ Head k (k = 1..K) predicts token t+1+k from position t. Two wirings:
   shared trunk output, followed by its own final norm and the shared unembedding.
 * ``sequential`` (DeepSeek-V3, MiMo): module k combines the previous depth's
   hidden state with the embedding of token t+k (RMSNorm both, concatenate,
-  Linear 2d -> d, one transformer block), then the shared output head.
+  Linear 2d -> d, one transformer block), then the shared output head. Training
+  feeds it the true token t+k (teacher forcing); at inference a drafter knows only
+  t+1 and feeds depth k >= 2 its own depth k-1 draft (``mtp_conditioning``).
 
 Attention is written out (softmax(QK^T)V) by default so that forward-mode AD and
 double backward work, which exact Hessian-vector products need (docs/theory.md s.7).
@@ -23,6 +25,9 @@ import torch.nn.functional as F
 WIRINGS = ("parallel", "sequential")
 DETACH_MODES = ("none", "detach", "detach_trunk_only")
 ATTENTION_IMPLS = ("math", "sdpa")
+# what sequential module k reads as token t+k: the sequence's own (teacher forcing,
+# as training sees it) or, for k >= 2, the greedy draft of depth k-1 (as a drafter at inference)
+MTP_CONDITIONING = ("teacher", "drafts")
 # the two layers of a Block that write into the residual stream: GPT-2 scales their
 # init by 1/sqrt(2 n_layer) so the stream's variance does not grow with depth
 RESIDUAL_PROJECTIONS = ("attn.proj.weight", "mlp.2.weight")
@@ -193,16 +198,25 @@ class GPT(nn.Module):
             x = block(x)
         return x
 
-    def forward(self, idx: torch.Tensor, mtp_detach: str = "none", with_mtp: bool = True) -> GPTOutput:
+    def forward(
+        self, idx: torch.Tensor, mtp_detach: str = "none", with_mtp: bool = True, mtp_conditioning: str = "teacher"
+    ) -> GPTOutput:
         """Main and MTP predictions for the token ids ``idx`` [B, T].
 
         ``mtp_detach``: ``none`` trains everything jointly; ``detach`` cuts MTP
         gradients from every parameter the main head uses (trunk, embedding,
         output head); ``detach_trunk_only`` cuts only the trunk output, so MTP
         gradient still reaches a shared output head / embedding.
+
+        ``mtp_conditioning`` (sequential wiring only; parallel heads read no token
+        after t): ``teacher`` feeds module k the true token t+k; ``drafts`` feeds
+        module 1 the true token t+1 (the main head's, known at inference) and module
+        k >= 2 the argmax of module k-1 at the same position, its own draft of t+k.
         """
         if mtp_detach not in DETACH_MODES:
             raise ValueError(f"mtp_detach={mtp_detach!r}: choose one of {DETACH_MODES}")
+        if mtp_conditioning not in MTP_CONDITIONING:
+            raise ValueError(f"mtp_conditioning={mtp_conditioning!r}: choose one of {MTP_CONDITIONING}")
         T = idx.size(1)
         h = self.trunk(idx)
         out = GPTOutput.from_main_logits(self.lm_head(self.ln_f(h)), idx)
@@ -218,16 +232,19 @@ class GPT(nn.Module):
             head_weight = head_weight.detach()
             embed_weight = embed_weight.detach()
 
-        prev = trunk_out
+        prev, draft = trunk_out, None
         for k, head in enumerate(self.mtp_heads, start=1):
             if T - 1 - k <= 0:
                 break
             if self.cfg.mtp_wiring == "parallel":
                 feats = head(trunk_out)[:, : T - 1 - k]
             else:
-                # position t reads token t+k; keep positions 0..T-1-k
-                next_embed = F.embedding(idx[:, k:], embed_weight)
-                prev, feats = head(prev[:, : T - k], next_embed)
+                # position t reads token t+k (positions 0..T-1-k); predictions are kept for 0..T-2-k
+                read = idx[:, k:] if draft is None else draft[:, : T - k]
+                prev, feats = head(prev[:, : T - k], F.embedding(read, embed_weight))
+                if mtp_conditioning == "drafts":
+                    # the next depth reads this one's draft of t+k+1 at every position it keeps, the last included
+                    draft = F.linear(feats, head_weight).argmax(-1)
                 feats = feats[:, : T - 1 - k]
             out.mtp.append(HeadPrediction(F.linear(feats, head_weight), idx[:, 1 + k :], out.main.target_pos[k:]))
         return out

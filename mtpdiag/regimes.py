@@ -6,9 +6,11 @@ training the MTP heads from another:
 * how the MTP heads' graph is cut from the parameters the main head uses
   (:meth:`Regime.mtp_detach`);
 * its MTP loss as a pure function of (model output, batch) (:meth:`Regime.aux_loss`);
-* how its coefficient lambda is chosen (``lambda_rule``): ``UNIT`` (weight 1, no
-  lambda: the heads only keep learning), ``FIXED`` (the config's ``lam``) or
-  ``CALIBRATED`` (a :mod:`~mtpdiag.calibrators` calibrator on every mini-batch);
+* how its coefficient lambda is chosen (``lambda_rule``): ``UNIT`` (no lambda to
+  choose: weight 1, the heads only keep learning; ``frozen`` overrides it with 0),
+  ``FIXED`` (the config's ``lam``) or ``CALIBRATED`` (a :mod:`~mtpdiag.calibrators`
+  calibrator on every mini-batch);
+* which parameters the update leaves untouched (:meth:`Regime.frozen_parameters`);
 * which config fields apply to it (:meth:`Regime.validate`);
 * how a report names and colours its arms (:meth:`Regime.display_name`,
   :meth:`Regime.colour_family`).
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .calibrators import CALIBRATORS, DEFAULT_LAMBDA, FixedLambda, make_calibrator
-from .losses import mtp_ce_loss, mtp_policy_loss, rl_objective
+from .losses import mtp_ce_loss, mtp_kl_loss, mtp_policy_loss, mtp_tv_loss, rl_objective
 
 UNIT, FIXED, CALIBRATED = "unit", "fixed", "calibrated"
 LAMBDA_RULES = (UNIT, FIXED, CALIBRATED)
@@ -76,6 +78,11 @@ class Regime:
     def mtp_detach(self, detach_mode: str) -> str:
         """GPT.forward's ``mtp_detach`` for this regime (``detach_mode`` is the config's)."""
         return "none"
+
+    def frozen_parameters(self, model) -> list[torch.nn.Parameter]:
+        """The parameters of ``model`` this regime never updates (the trainer stops their
+        gradients and leaves them out of the optimiser); none by default."""
+        return []
 
     @property
     def joint(self) -> bool:
@@ -166,6 +173,52 @@ class Policy(Regime):
         return mtp_policy_loss(out, batch, head_weights, eps_low, eps_high)
 
 
+class KL(Regime):
+    name = "kl"
+    description = ("forward KL(p_main.detach() || q_k) at the aligned position (SkyRL's soft distillation of the "
+                   "MTP heads from the main head), fixed lambda")
+    lambda_rule = FIXED
+    display = "KL"
+    family = "Oranges"
+
+    def aux_loss(self, out, batch, head_weights=None, eps_low=0.2, eps_high=0.28):
+        return mtp_kl_loss(out, batch, head_weights)
+
+
+class TotalVariation(Regime):
+    name = "tv"
+    description = "TV(p_main.detach(), q_k) at the aligned position (one minus the draft's acceptance), fixed lambda"
+    lambda_rule = FIXED
+    display = "TV"
+    family = "RdPu"
+
+    def aux_loss(self, out, batch, head_weights=None, eps_low=0.2, eps_high=0.28):
+        return mtp_tv_loss(out, batch, head_weights)
+
+
+class Frozen(Regime):
+    """MiMo's RL recipe: the MTP heads keep their SFT weights. The update gives the MTP
+    loss weight 0 and the heads no gradient, so nothing of it reaches S; the heads'
+    cross-entropy through a joint graph is still the aux loss, logged as ``loss_mtp``
+    and measured by the Probe: m on S is the direction the frozen heads would pull
+    the shared parameters in if their cross-entropy were trained jointly."""
+
+    name = "frozen"
+    description = "MTP heads frozen (no update); their cross-entropy is measured, with weight 0 in the update"
+    lambda_rule = UNIT
+    display = "Frozen"
+    family = "cividis"  # khaki: distinct from KL's orange and detach's grey at the shades the report uses
+
+    def aux_loss(self, out, batch, head_weights=None, eps_low=0.2, eps_high=0.28):
+        return mtp_ce_loss(out, batch, head_weights)
+
+    def lambdas(self, lam, num_heads, dtype=torch.float32):
+        return torch.zeros(num_heads, dtype=dtype)
+
+    def frozen_parameters(self, model):
+        return list(model.mtp_heads.parameters())
+
+
 # the report's names of the calibrators an OCC arm may train with
 CALIBRATOR_DISPLAY = {"occ-paper": "OCC paper", "occ-reference": "OCC reference", "oracle": "Oracle"}
 CALIBRATOR_FAMILIES = {"oracle": "Purples"}
@@ -231,3 +284,6 @@ DETACH = register(Detach())
 CE = register(CrossEntropy())
 POLICY = register(Policy())
 OCC_REGIME = register(OCC())
+KL_REGIME = register(KL())
+TV_REGIME = register(TotalVariation())
+FROZEN = register(Frozen())

@@ -21,7 +21,7 @@ Job directory (``mtpdiag run``)::
 Report (``figures/`` of a job, or ``--out``)::
 
     <figure>.png  <figure>.pdf  <figure>_data.csv   one set per FIGURE_FILES entry
-    table1.csv  table1.md  claims.csv  claims.md
+    table1.csv  table1.md  claims.csv  claims.md  acceptance.csv  acceptance.md
 """
 from __future__ import annotations
 
@@ -52,10 +52,12 @@ FIGURE_FILES = {
     "F4": "F4_taylor_residual",
     "F5": "F5_performance",
     "F6": "F6_per_block",
+    "F8": "F8_acceptance_tradeoff",
 }
 FIGURE_FORMATS = ("png", "pdf")
 TABLE1_CSV, TABLE1_MD = "table1.csv", "table1.md"
 CLAIMS_CSV, CLAIMS_MD = "claims.csv", "claims.md"
+ACCEPTANCE_CSV, ACCEPTANCE_MD = "acceptance.csv", "acceptance.md"
 
 
 def diag_file(table: str, suffix: str = ".csv", prefix: str = DIAG_PREFIX) -> str:
@@ -113,6 +115,22 @@ def parse_shadow_lambda_column(column: str) -> str | None:
 
 def hook_column(objective: str, field: str) -> str:
     return f"{HOOK_PREFIX}{objective}_{field}"
+
+
+# speculative-decoding acceptance of MTP head k = 1..K (mtpdiag.evaluation.Acceptance), in metrics.csv: held out
+# on evaluation steps as below, on every step's rollout batch under ROLLOUT_PREFIX (rollout_accept_tv_1, ...)
+ENTROPY = "entropy"  # the main head's mean entropy over the response tokens (nats)
+ROLLOUT_PREFIX = "rollout_"
+
+
+def accept_tv_column(head: int) -> str:
+    """``accept_tv_<k>``: mean over response tokens of 1 - TV(p_main, q_k), head k counted from 1."""
+    return f"accept_tv_{head}"
+
+
+def accept_greedy_column(head: int) -> str:
+    """``accept_greedy_<k>``: fraction of response tokens where argmax q_k = argmax p_main, k from 1."""
+    return f"accept_greedy_{head}"
 
 
 # eta_sweep.csv: one row per (arm, seed, step, lambda, eta); a series is one curve of residual against eta

@@ -45,7 +45,7 @@ from .integrations import require_unwrapped
 from .losses import AlignedLogprobs, NonFiniteLossError, aligned_logprobs
 from .model import GPT, GPTOutput
 from .regimes import CALIBRATED, UNIT, RegimeLosses
-from .rollout import EVAL_COLUMNS, evaluate, heldout_batch, rollout
+from .rollout import eval_columns, evaluate, heldout_batch, rollout_with_acceptance
 from .rundir import RunDir
 from .schema import calib_column, lambda_column
 from .sft import warm_start
@@ -85,9 +85,12 @@ class TrainResult:
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimiser over the model's trainable parameters (a frozen one, requires_grad
+    False, gets no step: not even AdamW's weight decay)."""
+    params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def _grad_norm(params) -> float:
@@ -269,6 +272,8 @@ def _train(cfg, out, resume, calibrator, callbacks, progress, cache_dir, user_mo
         "world_size": world_size(),
         "versions": {"mtpdiag": __version__, "torch": torch.__version__, "python": platform.python_version()},
     })
+    for param in regime.frozen_parameters(model):
+        param.requires_grad_(False)
     optimizer = make_optimizer(cfg, model)
     losses = regime.losses(cfg)
     heldout = heldout_batch(task, cfg)
@@ -300,7 +305,7 @@ def _train(cfg, out, resume, calibrator, callbacks, progress, cache_dir, user_mo
     for step in range(start + 1, cfg.steps + 1):
         t0 = time.perf_counter()
         # every rank samples the whole batch (the one a single process would) and trains on its rows
-        batch, rewards = rollout(model, task, cfg, step)
+        batch, rewards, accepted = rollout_with_acceptance(model, task, cfg, step)
         t_rollout = time.perf_counter() - t0
         model.train()
         rows = torch.cat(minibatch_rows(rewards.numel(), cfg.minibatches, cfg.device))
@@ -321,6 +326,7 @@ def _train(cfg, out, resume, calibrator, callbacks, progress, cache_dir, user_mo
             "reward_mean": rewards.mean().item(),
             "uniform_group_frac": (groups == groups[:, :1]).all(dim=1).double().mean().item(),
             "response_len_mean": batch["response_mask"].sum(1).mean().item(),
+            **accepted,
             **pd.DataFrame(mb_rows).drop(columns=["step", "minibatch"]).mean(numeric_only=True).to_dict(),
             "lr": ctx.lr,
             **({"calibrator": calibrator.name} if calibrator is not None else {}),
@@ -331,7 +337,7 @@ def _train(cfg, out, resume, calibrator, callbacks, progress, cache_dir, user_mo
         }
         if step % cfg.eval_every == 0 or step == cfg.steps:
             row.update(evaluate(model, task, cfg, heldout, step))
-        clashes = sorted(set(extra) & (set(row) | EVAL_COLUMNS))
+        clashes = sorted(set(extra) & (set(row) | eval_columns(cfg.model.n_mtp)))
         if clashes:
             raise ValueError(f"callback metrics {clashes} clash with the trainer's columns: rename them")
         row.update(extra)

@@ -63,7 +63,8 @@ def test_with_values_routes_each_flat_key_to_its_home_and_leaves_the_original_al
     "overrides, message",
     [
         ({"task": "sorting"}, "unknown task 'sorting'"),
-        ({"regime": "joint"}, r"unknown regime 'joint': choose one of \['detach', 'ce', 'policy', 'occ'\]"),
+        ({"regime": "joint"},
+         r"unknown regime 'joint': choose one of \['detach', 'ce', 'policy', 'occ', 'kl', 'tv', 'frozen'\]"),
         ({"lam": 0.5}, "lam does not apply to regime 'detach'.*drop --lam"),
         ({"regime": "policy", "detach_mode": "trunk_only"}, "detach_mode applies only to a detached regime, not 'policy'"),
         ({"detach_mode": "half"}, r"unknown detach_mode 'half': choose one of \['full', 'trunk_only'\]"),

@@ -14,12 +14,14 @@ from mtpdiag.losses import (
     j_true,
     masked_mean,
     mtp_ce_loss,
+    mtp_kl_loss,
     mtp_policy_loss,
+    mtp_tv_loss,
     rl_objective,
     sft_loss,
     token_logprobs,
 )
-from mtpdiag.model import GPT, GPTConfig
+from mtpdiag.model import GPT, GPTConfig, GPTOutput, HeadPrediction
 
 VOCAB, B, T = 9, 4, 8
 
@@ -173,3 +175,79 @@ def test_j_true_is_the_mean_probability_of_the_whole_completion(model, batch):
 
 def test_masked_mean_of_an_empty_mask_is_zero_not_nan():
     assert masked_mean(torch.ones(2, 3), torch.zeros(2, 3)).item() == 0.0
+
+
+def softmax(logits):
+    top = max(logits)
+    weights = [math.exp(x - top) for x in logits]
+    return [w / sum(weights) for w in weights]
+
+
+def distillation_oracle(out, mask, weights, distance, gradient):
+    """sum_k w_k mean over masked tokens of distance(p_main, q_k), one token at a time, the
+    main head's entry for a token found from the head's target position; and its gradient
+    in each head's logits (``gradient(p, q)``: d distance / d logits of q)."""
+    total, grads = 0.0, []
+    for k, pred in enumerate(out.mtp):
+        rows = [(b, j, pos) for b in range(pred.logits.shape[0]) for j, pos in enumerate(pred.target_pos.tolist())
+                if mask[b][pos - 1]]
+        grad = torch.zeros_like(pred.logits)
+        for b, j, pos in rows:
+            p, q = softmax(out.main.logits[b, pos - 1].tolist()), softmax(pred.logits[b, j].tolist())
+            total += weights[k] * distance(p, q) / len(rows)
+            grad[b, j] = torch.tensor(gradient(p, q), dtype=torch.float64) * weights[k] / len(rows)
+        grads.append(grad)
+    return total, grads
+
+
+def kl_oracle(p, q):
+    return sum(pv * (math.log(pv) - math.log(qv)) for pv, qv in zip(p, q))
+
+
+def kl_gradient(p, q):
+    return [qv - pv for pv, qv in zip(p, q)]  # d/dz KL(p || softmax(z)) = q - p
+
+
+def tv_oracle(p, q):
+    return 0.5 * sum(abs(pv - qv) for pv, qv in zip(p, q))
+
+
+def tv_gradient(p, q):
+    # d/dz_j (1/2) sum_v |p_v - q_v| = -(1/2) sum_v sign(p_v - q_v) q_v (1[v = j] - q_j)
+    sign = [math.copysign(1.0, pv - qv) if pv != qv else 0.0 for pv, qv in zip(p, q)]
+    mean = sum(s * qv for s, qv in zip(sign, q))
+    return [-0.5 * qj * (sj - mean) for sj, qj in zip(sign, q)]
+
+
+def leaf_output(out):
+    """``out`` with every head's logits as leaf tensors, to read the gradient of a loss in them."""
+    def leaf(pred):
+        return HeadPrediction(pred.logits.detach().clone().requires_grad_(), pred.targets, pred.target_pos)
+
+    return GPTOutput(leaf(out.main), [leaf(pred) for pred in out.mtp])
+
+
+@pytest.mark.parametrize("loss, distance, gradient", [(mtp_kl_loss, kl_oracle, kl_gradient),
+                                                      (mtp_tv_loss, tv_oracle, tv_gradient)], ids=["kl", "tv"])
+def test_kl_and_tv_losses_and_their_gradients_match_the_float64_oracle(model, batch, loss, distance, gradient):
+    out = leaf_output(model(batch["input_ids"]))
+    weights = [0.7, 0.2]
+    expected, expected_grads = distillation_oracle(out, batch["response_mask"].tolist(), weights, distance, gradient)
+    value = loss(out, batch, weights)
+    assert value.item() == pytest.approx(expected, rel=1e-12)
+    value.backward()
+    assert out.main.logits.grad is None or not out.main.logits.grad.any()  # the main head is the detached target
+    for pred, grad in zip(out.mtp, expected_grads):
+        torch.testing.assert_close(pred.logits.grad, grad, rtol=1e-10, atol=1e-15)
+    assert loss(out, batch).item() == pytest.approx(distillation_oracle(
+        out, batch["response_mask"].tolist(), [1.0, 1.0], distance, gradient)[0], rel=1e-12)  # default weights: ones
+
+
+@pytest.mark.parametrize("loss", [mtp_kl_loss, mtp_tv_loss], ids=["kl", "tv"])
+def test_kl_and_tv_losses_are_zero_when_each_head_is_the_main_head_at_its_aligned_position(model, batch, loss):
+    out = model(batch["input_ids"])
+    L = out.main.logits.size(1)
+    copies = [HeadPrediction(out.main.logits[:, L - pred.logits.size(1):], pred.targets, pred.target_pos)
+              for pred in out.mtp]
+    assert loss(GPTOutput(out.main, copies), batch).abs().item() < 1e-15
+    assert loss(out, batch).item() > 0

@@ -1,4 +1,5 @@
-"""Figures F1-F6, Table 1 and the claims report of a job (or of one trainer run).
+"""Figures F1-F6 and F8, Table 1, the claims report and the acceptance section of a job
+(or of one trainer run).
 
     from mtpdiag.report import build_report
     build_report("runs/my-job")            # writes runs/my-job/figures/
@@ -14,19 +15,19 @@ import warnings
 from pathlib import Path
 
 from ..schema import FIGURES_DIR
-from . import claims, figures, table
+from . import acceptance, claims, figures, table
 from .load import Job, JobError, load_job
 
-__all__ = ["Job", "JobError", "build_report", "claims", "figures", "load_job", "run_analysis", "table"]
+__all__ = ["Job", "JobError", "acceptance", "build_report", "claims", "figures", "load_job", "run_analysis", "table"]
 
 
 def build_report(job_dir, out_dir=None) -> dict:
-    """Every figure, Table 1 and the claims report into ``out_dir`` (default
-    ``<job>/figures``). A figure whose inputs are missing is not made: the returned
+    """Every figure, Table 1, the claims report and the acceptance section into ``out_dir``
+    (default ``<job>/figures``). A figure whose inputs are missing is not made: the returned
     ``skipped`` and the claims report say why, and a warning is raised.
 
     Returns ``{"out_dir", "figures": {F1: [paths]...}, "table1": [paths],
-    "claims": [paths], "claims_table": DataFrame, "skipped": {F4: reason...}}``.
+    "claims": [paths], "claims_table": DataFrame, "acceptance": [paths], "skipped": {F4: reason...}}``.
     """
     job = load_job(job_dir)
     out = Path(out_dir) if out_dir is not None else job.path / FIGURES_DIR
@@ -39,8 +40,9 @@ def build_report(job_dir, out_dir=None) -> dict:
             warnings.warn(f"{name} not made: {err}", stacklevel=2)
     table_paths = table.write_table1(job, out)
     claim_paths, claims_table = claims.write_claims(job, out, skipped)
+    acceptance_paths = acceptance.write_acceptance(job, out)
     return {"out_dir": out, "figures": made, "table1": table_paths, "claims": claim_paths,
-            "claims_table": claims_table, "skipped": skipped}
+            "claims_table": claims_table, "acceptance": acceptance_paths, "skipped": skipped}
 
 
 def run_analysis(make, description: str, argv=None) -> int:

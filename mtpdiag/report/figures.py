@@ -1,4 +1,4 @@
-"""Figures F1-F6 of a job. Each function reads the job's CSVs, plots, saves
+"""Figures F1-F6 and F8 of a job. Each function reads the job's CSVs, plots, saves
 ``<out_dir>/<name>.{png,pdf}`` and writes the numbers it plotted to
 ``<out_dir>/<name>_data.csv`` (so every point traces to CSV rows), and returns
 the three paths. Missing inputs raise :class:`~mtpdiag.report.load.JobError`;
@@ -16,7 +16,7 @@ from .. import regimes
 from ..diagnostics import quantities
 from ..occ_analysis import correlation_ci
 from ..schema import ETA_SWEEP, ETA_SWEEP_SERIES, FIGURE_FILES, atomic_write, figure_data_file
-from . import stats, style
+from . import acceptance, stats, style
 from .data import OBJECTIVE, STAR_COLUMNS, checkpoints, diag_steps, tracking_frame
 from .load import Job, JobError
 from .stats import loglog_slope, seed_bands
@@ -388,6 +388,66 @@ def per_block(job: Job, out_dir, objective: str = OBJECTIVE) -> list[Path]:
         return _finish(fig, out_dir, "F6", pd.concat(plotted, ignore_index=True))
 
 
+# ----------------------------------------------------------------------------- F8
+
+TRADEOFF_COLUMNS = ["point", "arm", "name", "seed", "step", "accept_tv_1", "accept_low", "accept_high", "j_true",
+                    "j_true_low", "j_true_high", "n_seeds"]
+
+
+def _clipped_error(mean: float, low: float, high: float) -> list[list[float]]:
+    """matplotlib's asymmetric error of an interval cut to the probabilities [0, 1]."""
+    return [[mean - max(low, PROBABILITY[0])], [min(high, PROBABILITY[1]) - mean]]
+
+
+def acceptance_tradeoff(job: Job, out_dir) -> list[Path]:
+    """F8: final exact J_true against the final held-out acceptance of head 1's drafts
+    (accept_tv_1), one point per arm at the seed means with 95% t-intervals on both
+    axes (drawn within [0, 1]), each seed's run a small dot, dashed lines at Detach's means:
+    which regimes keep the draft useful, and at what J_true. A job whose runs log no
+    acceptance gets a figure that says so."""
+    table, runs, missing = acceptance.summary(job)
+    colors = style.arm_colors(job.arms)
+    with style.styled():
+        fig, axes = style.new_figure(1, 1, panel=(6.0, 4.6))
+        ax = axes[0, 0]
+        if table.empty:
+            style.note(ax, f"no run of this job logs {acceptance.ACCEPT} (arms: {[a.label for a in job.arms]}): "
+                           "written before mtpdiag measured acceptance, or never evaluated; nothing to plot")
+            return _finish(fig, out_dir, "F8", pd.DataFrame(columns=TRADEOFF_COLUMNS))
+        plotted = []
+        for row in table.itertuples():
+            color = colors[row.arm]
+            seeds = runs[runs["arm"] == row.arm]
+            ax.plot(seeds[acceptance.ACCEPT], seeds["j_true"], ".", color=color, alpha=0.5, markersize=4)
+            single = row.accept_n < 2
+            # both axes are probabilities: the drawn interval stops at [0, 1] (the data file keeps the t-interval)
+            xerr = None if single else _clipped_error(row.accept_mean, row.accept_low, row.accept_high)
+            yerr = None if single else _clipped_error(row.j_true_mean, row.j_true_low, row.j_true_high)
+            reference = row.regime == regimes.DETACH.name  # the arm every other one is paired against: drawn on top
+            ax.errorbar(row.accept_mean, row.j_true_mean, xerr=xerr, yerr=yerr, fmt="o", color=color, capsize=3,
+                        markersize=6, zorder=4 if reference else 3,
+                        label=f"{row.name} ({style.NO_BAND})" if single else row.name)
+            if reference:
+                ax.axvline(row.accept_mean, color=color, linestyle="--", linewidth=0.8)
+                ax.axhline(row.j_true_mean, color=color, linestyle="--", linewidth=0.8)
+            plotted.append({"point": "arm mean", "arm": row.arm, "name": row.name, "step": row.step,
+                            "accept_tv_1": row.accept_mean, "accept_low": row.accept_low,
+                            "accept_high": row.accept_high, "j_true": row.j_true_mean, "j_true_low": row.j_true_low,
+                            "j_true_high": row.j_true_high, "n_seeds": row.accept_n})
+            plotted += [{"point": "seed", "arm": row.arm, "name": row.name, "seed": r.seed, "step": r.step,
+                         "accept_tv_1": getattr(r, acceptance.ACCEPT), "j_true": r.j_true}
+                        for r in seeds.itertuples()]
+        ax.set_xlabel("final acceptance of head 1's drafts, 1 − TV(p_main, q_1) (probability, held out)")
+        ax.set_ylabel("final exact J_true (probability)")
+        fig.legend(*ax.get_legend_handles_labels(), loc="outside right center")
+        title = textwrap.fill(f"F8: the acceptance / J_true trade-off per arm ({len(job.seeds)} seed(s); mean, 95% "
+                              "t-interval over seeds on both axes; dots: seeds)", 90)
+        if missing:
+            title += f"\narms without {acceptance.ACCEPT}, not drawn: {missing}"
+        ax.set_title(title, fontsize=8)
+        return _finish(fig, out_dir, "F8", pd.DataFrame(plotted, columns=TRADEOFF_COLUMNS))
+
+
 FIGURES = {
     "F1": concave_curves,
     "F2": decomposition,
@@ -395,4 +455,5 @@ FIGURES = {
     "F4": taylor_residual,
     "F5": performance,
     "F6": per_block,
+    "F8": acceptance_tradeoff,
 }

@@ -20,7 +20,8 @@ from .jobs import ARMS, POLICY, SEEDS, copy_job
 
 ROOT = Path(__file__).resolve().parents[2]
 OUTPUTS = [f"{name}.{ext}" for name in schema.FIGURE_FILES.values() for ext in schema.FIGURE_FORMATS] + [
-    schema.TABLE1_CSV, schema.TABLE1_MD, schema.CLAIMS_CSV, schema.CLAIMS_MD]
+    schema.TABLE1_CSV, schema.TABLE1_MD, schema.CLAIMS_CSV, schema.CLAIMS_MD, schema.ACCEPTANCE_CSV,
+    schema.ACCEPTANCE_MD]
 
 
 def test_build_report_writes_every_figure_table_and_claim(micro_job, report):
@@ -84,6 +85,17 @@ def test_every_plotted_number_traces_to_the_run_csvs(micro_job, report):
         assert row.lambda_t == run_csv(row.arm, row.seed, schema.METRICS).set_index("step").loc[row.step, column]
     blocks = figure_data("F6")
     assert set(blocks["block"]) == set(run_csv(POLICY["label"], 0, schema.diag_file("blocks"))["block"])
+    tradeoff = figure_data("F8")
+    seeds = tradeoff[tradeoff["point"] == "seed"]
+    assert len(seeds) == len(ARMS) * len(SEEDS)  # every arm of the micro job logs acceptance
+    for row in seeds.itertuples():
+        final = run_csv(row.arm, int(row.seed), schema.METRICS).set_index("step").loc[row.step]
+        assert (row.accept_tv_1, row.j_true) == (final["accept_tv_1"], final["j_true"])
+    means = tradeoff[tradeoff["point"] == "arm mean"].set_index("arm")
+    for arm in ARMS:
+        assert means.loc[arm["label"], "accept_tv_1"] == pytest.approx(seeds[seeds["arm"] == arm["label"]][
+            "accept_tv_1"].mean(), rel=1e-12)
+    assert f"({schema.ACCEPTANCE_MD})" in (out / schema.CLAIMS_MD).read_text()
 
 
 SCRIPTS = sorted(p.name for p in (ROOT / "analyses").glob("*.py"))
@@ -101,6 +113,7 @@ def test_every_analyses_script_explains_bad_input(tmp_path, monkeypatch, capsys,
 @pytest.mark.parametrize("script, outputs", [
     ("performance.py", ["F5_performance.png", "F5_performance.pdf", "table1.md", "table1.csv"]),
     ("claims_report.py", ["claims.md", "claims.csv"]),
+    ("acceptance.py", ["F8_acceptance_tradeoff.png", "F8_acceptance_tradeoff_data.csv", "acceptance.md"]),
 ])  # fmt: skip
 def test_analyses_scripts_write_their_files(micro_job, tmp_path, monkeypatch, script, outputs):
     monkeypatch.setattr(sys, "argv", [script, str(micro_job), "--out", str(tmp_path)])

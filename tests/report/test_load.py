@@ -33,7 +33,7 @@ def test_arms_of_a_regime_object(job_dir):
     job = load_job(job_dir)
     assert {r: [a.label for a in job.arms_of(r)] for r in regimes.REGIMES.values()} == {
         regimes.DETACH: ["detach"], regimes.CE: ["ce-0.5"], regimes.POLICY: ["policy-0.5"],
-        regimes.OCC_REGIME: ["occ-paper"]}
+        regimes.OCC_REGIME: ["occ-paper"], regimes.KL_REGIME: [], regimes.TV_REGIME: [], regimes.FROZEN: []}
     assert job.regime_of(job.arm("occ-paper")) is regimes.OCC_REGIME
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ...schema import CLAIMS_CSV, CLAIMS_MD, atomic_write
+from ...schema import ACCEPTANCE_MD, CLAIMS_CSV, CLAIMS_MD, FIGURE_FILES, atomic_write
 from ..load import Job
 from ..table import fmt_ci, markdown_table
 from .base import FAILS, HOLDS, INCONCLUSIVE, VERDICT_RULE, VERDICTS, Claim, ClaimResult, Part, Threshold
@@ -96,6 +96,9 @@ def _markdown(job: Job, table: pd.DataFrame, details: dict, skipped: dict[str, s
         columns = ["minibatch", "column", "n", "median", "q25", "q75", "median_abs", "frac_zero"]
         lines += ["", "## The first-mini-batch effect: λ of each reading per mini-batch index (oracle arm)", "",
                   markdown_table(effect[columns].round(4))]
+    lines += ["", "## Speculative-decoding acceptance (not a claim)", "",
+              f"Which regimes keep the MTP heads' draft acceptance and what each costs in J_true: "
+              f"[{ACCEPTANCE_MD}]({ACCEPTANCE_MD}), figure {FIGURE_FILES['F8']}."]
     # the heading keeps the path the report has always printed, so that claims.md stays comparable across versions
     lines += ["", "## Thresholds (mtpdiag/report/claims.py)", "", markdown_table(_thresholds())]
     if skipped:
