@@ -29,7 +29,7 @@ EVAL_COLUMNS = {"j_true", "pass1", "pass1_ci_low", "pass1_ci_high"}
 
 def rollout(model: nn.Module, task: Task, cfg: TrainConfig, step: int) -> tuple[dict, torch.Tensor]:
     """Sample G completions for each of this step's prompts and build the RL batch
-    (input_ids, response_mask, old_logprobs, advantages). Returns (batch, rewards)."""
+    (input_ids, response_mask, old_logprobs, advantages, and each row's prompt group). Returns (batch, rewards)."""
     prompt_rng = random.Random(step_seed(cfg.seed, step, "prompts"))
     problems = [p for p in task.sample_problems(prompt_rng, cfg.prompts_per_step) for _ in range(cfg.group_size)]
     prompt_ids = task.encode_prompts(problems, cfg.device)
@@ -48,6 +48,7 @@ def rollout(model: nn.Module, task: Task, cfg: TrainConfig, step: int) -> tuple[
         "response_mask": rollout_mask(task.prompt_len, completions, tok.eos_id).to(old_logprobs.dtype),
         "old_logprobs": old_logprobs,
         "advantages": group_advantages(rewards, cfg.group_size),
+        "group": torch.arange(cfg.prompts_per_step, device=cfg.device).repeat_interleave(cfg.group_size),
     }
     return batch, rewards
 
