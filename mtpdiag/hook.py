@@ -190,11 +190,15 @@ class DiagnosticsHook:
     mini-batch (None without an eval objective). Columns of ``curves``: the keys,
     ``lambda, delta_meas, delta_meas_s, delta_jonly, delta_taylor, delta_precond,
     delta_smooth``.
+
+    ``probe`` may be None for a trainer that builds it on its own losses before the
+    first call (:class:`mtpdiag.integrations.trl.MTPGRPOTrainer`), with ``probe_options``
+    (``shared``, ``shared_forward``, ``hvp_mode``, ``aux_sign_dependent``).
     """
 
     def __init__(
         self,
-        probe: Probe,
+        probe: Probe | None,
         schedule: int | Callable[[int], bool] = 1,
         sink: MemorySink | None = None,
         *,
@@ -204,9 +208,10 @@ class DiagnosticsHook:
         extra_objectives: dict[str, Callable] | None = None,
         clip_fraction: Callable | None = None,
         top_curvature_schedule: int | Callable[[int], bool] | None = None,
+        probe_options: dict | None = None,
         **measure_options,
     ):
-        if not isinstance(probe, Probe):
+        if probe is not None and not isinstance(probe, Probe):
             raise ValueError(f"DiagnosticsHook needs a Probe, got {type(probe).__name__}: "
                              "pass DiagnosticsHook(Probe(model, objective, aux_loss), ...)")
         unknown = sorted(set(measure_options) - MEASURE_OPTIONS)
@@ -224,6 +229,7 @@ class DiagnosticsHook:
         self.eval_name = eval_name
         self.clip_fraction = clip_fraction
         self.top_curvature_schedule = None if top_curvature_schedule is None else _as_schedule(top_curvature_schedule)
+        self.probe_options = probe_options or {}
         self.measure_options = measure_options
 
     def on_update(
@@ -236,6 +242,8 @@ class DiagnosticsHook:
         of it); ``batch["group"]``, the prompt-group id of each row, enables cross-fitting."""
         if not self.schedule(step):
             return {}
+        if self.probe is None:
+            raise ValueError("DiagnosticsHook has no probe: pass DiagnosticsHook(Probe(model, objective, aux_loss), ...)")
         options = dict(self.measure_options)
         if self.top_curvature_schedule is not None and self.top_curvature_schedule(step):
             options["top_curvature"] = (self.objective_name,)

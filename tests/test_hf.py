@@ -1,4 +1,7 @@
 """MTP heads on tiny random Hugging Face models (nothing is downloaded)."""
+import importlib
+import importlib.util
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -7,9 +10,13 @@ from torch.func import functional_call, grad, jvp
 
 transformers = pytest.importorskip("transformers")
 
+from mtpdiag.diagnostics import Probe  # noqa: E402
 from mtpdiag.integrations import require_unwrapped  # noqa: E402
-from mtpdiag.integrations.hf import MTPCausalLM, check_eager_attention, shared_parameter_names  # noqa: E402
+from mtpdiag.integrations.hf import (  # noqa: E402
+    MTPCausalLM, MTPCausalLMOutput, check_eager_kernels, hf_tokenizer, shared_parameter_names,
+)
 from mtpdiag.losses import aligned_logprobs, j_true, mtp_ce_loss, mtp_policy_loss, rl_objective  # noqa: E402
+from mtpdiag.model import GPTOutput  # noqa: E402
 
 VOCAB = 11
 T = 7
@@ -19,6 +26,14 @@ WIRINGS = ("parallel", "sequential")
 # float64 model, so two derivative paths there agree to float32 precision
 # (about 100 ulps allowed); GPT-2 stays in float64.
 HVP_RTOL = {"gpt2": 1e-9, "llama": 1e-5, "qwen2": 1e-5}
+
+
+# transformers' own MTP modules (and its choice of experts kernels) arrived with transformers 5
+needs_native_mtp = pytest.mark.skipif(
+    importlib.util.find_spec("transformers.modeling_layers") is None
+    or not hasattr(importlib.import_module("transformers.modeling_layers"), "MtpModel"),
+    reason="this transformers has no MtpModel (transformers 5 has)",
+)
 
 
 def tiny_config(family: str):
@@ -69,16 +84,22 @@ def test_main_head_is_the_hf_model(family, wiring):
     idx = tokens()
     out = model(idx)
     hf_logits = model.hf_model(idx).logits.double()
+    assert isinstance(out, MTPCausalLMOutput) and isinstance(out, GPTOutput)
+    torch.testing.assert_close(out.logits, hf_logits)  # the HF contract: .logits of the main head
     torch.testing.assert_close(out.main.logits, hf_logits[:, :-1])
     torch.testing.assert_close(out.last_logits, hf_logits[:, -1])
+    assert out.mtp_logits == tuple(pred.logits for pred in out.mtp) and len(out.mtp_logits) == 2
     assert torch.equal(out.main.targets, idx[:, 1:])
     assert torch.equal(out.main.target_pos, torch.arange(1, T))
-    assert not model.final_norm._forward_pre_hooks, "the pre-norm hook must not outlive the forward"
+    assert not model.final_norm._forward_pre_hooks and not model.final_norm._forward_hooks, (
+        "the capture hooks must not outlive the forward"
+    )
 
-    trunk = model.trunk(idx)  # what the MTP heads read: the decoder output before the final norm
+    trunk = model.trunk(idx)  # the copied heads read the decoder output before the final norm
     after_norm = model.hf_model.base_model(input_ids=idx)[0]
-    torch.testing.assert_close(model.final_norm(trunk), after_norm)
-    assert not torch.allclose(trunk, after_norm)
+    torch.testing.assert_close(trunk.after_norm, after_norm)
+    torch.testing.assert_close(model.final_norm(trunk.before_norm), after_norm)
+    assert not torch.allclose(trunk.before_norm, after_norm)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -221,7 +242,7 @@ def test_fused_attention_is_rejected_with_the_fix():
     eager_model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     eager_model.legacy_attention = LlamaSdpaAttention()
     with pytest.raises(ValueError, match="attention class LlamaSdpaAttention"):
-        check_eager_attention(eager_model)
+        check_eager_kernels(eager_model)
 
 
 def test_switching_to_a_fused_kernel_after_wrapping_fails_during_the_hvp():
@@ -291,3 +312,258 @@ def test_fsdp_sharded_module_is_rejected_with_the_fix(single_process_group):
     fully_shard(hf_model.model.layers[0])  # FSDP2 on one layer only: found below the root
     with pytest.raises(TypeError, match="at submodule 'model.layers.0'.*full_state_dict=True"):
         MTPCausalLM(hf_model)
+
+
+# ----------------------------------------------------------------------------- Hugging Face conventions
+
+
+def left_padded(idx: torch.Tensor, pads: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row b of ``idx`` with its first ``pads[b]`` tokens turned into left padding (id 0, mask 0)."""
+    mask = torch.ones_like(idx)
+    padded = idx.clone()
+    for b, n in enumerate(pads):
+        padded[b, :n], mask[b, :n] = 0, 0
+    return padded, mask
+
+
+@pytest.mark.parametrize(
+    "family, wiring", [("gpt2", "parallel"), ("gpt2", "sequential"), ("qwen2", "parallel"), ("qwen2", "sequential"),
+                       pytest.param("deepseek_v3", "native", marks=needs_native_mtp)],
+)  # fmt: skip
+def test_a_left_padded_row_predicts_what_it_predicts_alone(family, wiring):
+    """TRL's layout: every real token of a left-padded batch gets, from the main head and from
+    every MTP head, the logits it gets in its unpadded row at the same positions."""
+    # transformers' Qwen2 and DeepSeek-V3 turn a fully masked (padded) row into NaN in float64 (a
+    # float64 mask minimum becomes -inf in their float32 softmax), so they run in float32 here, as they train
+    if family == "deepseek_v3":
+        model = tiny_deepseek_v3().float()
+    else:
+        model = tiny_model(family, wiring) if family == "gpt2" else tiny_model(family, wiring).float()
+    pads = [0, 2, 3]
+    padded, mask = left_padded(tokens(), pads)
+    out = model(padded, attention_mask=mask)
+    tol = {"rtol": 1e-10, "atol": 1e-12} if family == "gpt2" else {"rtol": 1e-4, "atol": 1e-5}
+    for b, n in enumerate(pads):
+        alone = model(padded[b : b + 1, n:], position_ids=torch.arange(n, T)[None])
+        torch.testing.assert_close(out.logits[b : b + 1, n:], alone.logits, **tol)
+        for k, (pred, pred_alone) in enumerate(zip(out.mtp, alone.mtp), start=1):
+            # row t of head k reads positions up to t (parallel) or t+k (sequential): from n on, all real
+            torch.testing.assert_close(pred.logits[b : b + 1, n:], pred_alone.logits, **tol)
+
+
+def test_generate_is_the_wrapped_models_and_trainer_plumbing_is_delegated():
+    model = tiny_model("qwen2", "parallel")
+    padded, mask = left_padded(tokens(), [0, 1, 2])
+    kwargs = dict(attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    generated = model.generate(padded, **kwargs)
+    assert torch.equal(generated, model.hf_model.generate(padded, **kwargs)) and generated.shape == (3, T + 3)
+    assert model.config is model.hf_model.config and model.generation_config is model.hf_model.generation_config
+    assert model.base_model is model.hf_model.base_model and model.get_output_embeddings() is model.hf_model.lm_head
+    enable_checkpointing(model)
+    assert model.is_gradient_checkpointing
+    model.gradient_checkpointing_disable()
+    assert not model.is_gradient_checkpointing
+
+
+def test_the_task_tokenizer_in_hf_form_has_the_tasks_ids():
+    from mtpdiag.tasks import make_task
+
+    task = make_task("addition", digits=2)
+    tokenizer = hf_tokenizer(task.tokenizer)
+    assert tokenizer("12+34=")["input_ids"] == task.tokenizer.encode("12+34=")
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id) == (task.tokenizer.pad_id, task.tokenizer.eos_id)
+    assert tokenizer.decode(task.tokenizer.encode("64") + [task.tokenizer.eos_id], skip_special_tokens=True) == "64"
+
+
+# ----------------------------------------------------------------------------- native transformers MTP (DeepSeek-V3)
+
+
+def deepseek_v3_config(num_mtp_layers: int = 2):
+    """Two decoder layers (one dense, one MoE), MLA attention, ``num_mtp_layers`` MTP modules."""
+    return transformers.DeepseekV3Config(
+        vocab_size=VOCAB, hidden_size=8, intermediate_size=16, moe_intermediate_size=8, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, n_shared_experts=1, n_routed_experts=2, kv_lora_rank=4,
+        q_lora_rank=4, qk_rope_head_dim=2, v_head_dim=4, qk_nope_head_dim=2, n_group=1, topk_group=1,
+        num_experts_per_tok=1, first_k_dense_replace=1, max_position_embeddings=16, num_mtp_layers=num_mtp_layers,
+        bos_token_id=1, eos_token_id=1,
+    )  # fmt: skip
+
+
+def tiny_deepseek_v3(num_mtp_layers: int = 2, seed: int = 0) -> MTPCausalLM:
+    torch.manual_seed(seed)
+    return MTPCausalLM.from_config(deepseek_v3_config(num_mtp_layers)).double()
+
+
+@needs_native_mtp
+def test_a_config_that_declares_mtp_layers_gets_transformers_own_modules():
+    from transformers.modeling_layers import MtpLayer, MtpModel
+
+    model = tiny_deepseek_v3()
+    assert model.wiring == "native" and model.n_mtp == 2
+    assert all(isinstance(head, MtpLayer) for head in model.mtp_heads)
+    assert all(torch.isfinite(p).all() and p.abs().max() <= 1 for p in model.mtp_heads.parameters())
+    new = {name for name, _ in model.named_parameters()} - {f"hf_model.{n}" for n, _ in model.hf_model.named_parameters()}
+    assert new and all(name.startswith("mtp_heads.") for name in new), "the embedding and head stay the model's own"
+
+    # transformers' MtpModel on the same layers: forward_layer chained depth by depth, then the shared head
+    idx = tokens()
+    out = model(idx)
+    reference = MtpModel(model.hf_model, 2).double()
+    reference.layers.load_state_dict(model.mtp_heads.state_dict())
+    prev = model.hf_model.base_model(input_ids=idx).last_hidden_state  # MTP decoding reads it after the norm
+    positions = torch.arange(T)[None].expand(idx.size(0), T)
+    for k, pred in enumerate(out.mtp, start=1):
+        prev = reference.forward_layer(k - 1, prev[:, : T - k], positions[:, k:], None, input_ids=idx[:, k:])
+        logits = reference._project_to_logits(prev)[:, : T - 1 - k]
+        torch.testing.assert_close(pred.logits, logits, rtol=1e-12, atol=1e-12)
+        assert torch.equal(pred.targets, idx[:, 1 + k :])
+
+
+@needs_native_mtp
+def test_native_mtp_shared_parameters_include_the_final_norm_and_match_autograd():
+    model = tiny_deepseek_v3()
+    batch = rl_batch(tokens())
+    params = dict(model.named_parameters())
+    out = model(batch["input_ids"])
+
+    def reached(loss):
+        g = torch.autograd.grad(loss, list(params.values()), allow_unused=True, retain_graph=True)
+        return {name for name, gi in zip(params, g) if gi is not None}
+
+    shared = set(shared_parameter_names(model))
+    assert shared == reached(rl_objective(out, batch)) & reached(mtp_policy_loss(out, batch))
+    assert "hf_model.model.norm.weight" in shared
+
+
+@needs_native_mtp
+def test_native_deepseek_v3_mtp_through_the_probe_matches_a_materialised_hessian():
+    """c, v^2, h_gm and h_mm on S from the Probe (forward-over-reverse products) against g, m and
+    the Hessian of J on S materialised by torch.autograd.functional.hessian, all in float64.
+    transformers' DeepSeek-V3 computes RMSNorm and the attention softmax in float32 even on
+    float64 inputs, so the two derivative paths agree to float32 precision."""
+    model = tiny_deepseek_v3(num_mtp_layers=1).eval()
+    batch = rl_batch(tokens())
+    record = Probe(model, rl_objective, mtp_policy_loss).measure(batch, 0.1, line_search=False)
+    assert record.hvp_mode == "fwd_rev" and record.n_shared == len(torch.cat(
+        [p.reshape(-1) for p in model.hf_model.parameters()]
+    ))  # fmt: skip
+
+    names = shared_parameter_names(model)
+    params = dict(model.named_parameters())
+    sizes, shapes = [params[n].numel() for n in names], [params[n].shape for n in names]
+    theta = torch.cat([params[n].detach().reshape(-1) for n in names])
+
+    def at(flat):
+        return {n: t.view(shape) for n, t, shape in zip(names, flat.split(sizes), shapes)}
+
+    def J(flat):
+        return rl_objective(functional_call(model, at(flat), (batch["input_ids"],)), batch)
+
+    def L_mtp(flat):
+        return mtp_policy_loss(functional_call(model, at(flat), (batch["input_ids"],)), batch)
+
+    H = torch.autograd.functional.hessian(J, theta, vectorize=True)
+    g = torch.autograd.functional.jacobian(J, theta)
+    m = -torch.autograd.functional.jacobian(L_mtp, theta)
+    expected = {"c": g @ m, "v2": m @ m, "h_gm": g @ H @ m, "h_mm": m @ H @ m}
+    for field, value in expected.items():
+        torch.testing.assert_close(torch.tensor(getattr(record, field), dtype=torch.float64), value, rtol=1e-5, atol=0)
+    assert abs(record.h_mm) > 0 and abs(record.h_gm) > 0
+
+
+@needs_native_mtp
+def test_native_wiring_needs_declared_layers_and_their_number():
+    with pytest.raises(ValueError, match="declares MTP layers.*wiring='parallel' or 'sequential'"):
+        MTPCausalLM.from_config(tiny_config("qwen2"), wiring="native")
+    with pytest.raises(ValueError, match="n_mtp=3 but the config declares num_mtp_layers=2: pass n_mtp=2"):
+        MTPCausalLM(tiny_deepseek_v3().hf_model, n_mtp=3)
+    copied = MTPCausalLM(tiny_deepseek_v3().hf_model, n_mtp=1, wiring="sequential")
+    assert copied.wiring == "sequential" and len(copied(tokens()).mtp) == 1
+
+
+@needs_native_mtp
+def test_a_fused_experts_kernel_is_rejected_with_the_fix():
+    fused = transformers.AutoModelForCausalLM.from_config(deepseek_v3_config(), attn_implementation="eager")
+    assert fused.config._experts_implementation != "eager"
+    with pytest.raises(ValueError, match='experts_implementation="eager"'):
+        MTPCausalLM(fused)
+
+
+# ----------------------------------------------------------------------------- gradient checkpointing
+
+
+def enable_checkpointing(model: MTPCausalLM) -> None:
+    """As the HF Trainer does: ``activation_checkpointing_enable`` (transformers 5), else its older name."""
+    if hasattr(model.hf_model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable()
+    else:
+        model.gradient_checkpointing_enable()
+
+
+def _checkpointing_state(hf_model):
+    flags = [m.gradient_checkpointing for m in hf_model.modules() if hasattr(m, "gradient_checkpointing")]
+    hooks = sum(len(m._forward_hooks) for m in hf_model.modules())
+    return flags, hooks
+
+
+@pytest.mark.parametrize("hvp_mode", ["fwd_rev", "rev_rev"])
+def test_an_hvp_under_gradient_checkpointing_runs_with_it_suspended_and_says_so(hvp_mode):
+    """As the HF Trainer turns it on (TRL's default): flags on every layer and a requires_grad_
+    hook on the input embedding, which torch.func transforms reject."""
+    model = tiny_model("qwen2", "parallel", n_mtp=1)
+    batch = rl_batch(tokens())
+    plain = Probe(model, rl_objective, mtp_policy_loss, hvp_mode=hvp_mode).measure(batch, 0.1, line_search=False)
+    assert plain.gradient_checkpointing is None
+    enable_checkpointing(model)
+    enable_checkpointing(model)  # re-enabling (as TRL does around generation) leaves a second hook
+    model.train()
+    before = _checkpointing_state(model.hf_model)
+    assert any(before[0])
+    if hasattr(model.hf_model, "activation_checkpointing_enable"):  # transformers 5 adds the hook for plain models too
+        assert before[1] >= 2
+    record = Probe(model, rl_objective, mtp_policy_loss, hvp_mode=hvp_mode).measure(batch, 0.1, line_search=False)
+    assert record.gradient_checkpointing == "suspended" and record.hvp_mode == hvp_mode and record.hvp_fallback is None
+    assert record.as_row()["gradient_checkpointing"] == "suspended", "the diagnostics CSV column"
+    for field in ("c", "v2", "h_gm", "h_mm"):
+        assert getattr(record, field) == pytest.approx(getattr(plain, field), rel=1e-12)
+    assert _checkpointing_state(model.hf_model) == before and model.training, "restored after the measurement"
+
+
+def test_the_step_proxy_runs_in_training_mode_under_gradient_checkpointing():
+    from mtpdiag.calibrators import OCC, CalibrationInputs
+
+    model = tiny_model("qwen2", "parallel", n_mtp=1)
+    batch = rl_batch(tokens())
+
+    def lam():
+        out = model(batch["input_ids"])
+        inputs = CalibrationInputs(
+            step=1, minibatch=0, logprobs=aligned_logprobs(out), old_logprobs=batch["old_logprobs"],
+            response_mask=batch["response_mask"], lr=0.1, model=model, batch=batch,
+            forward=lambda m, b: m(b["input_ids"]), objective=rl_objective, aux_loss=mtp_policy_loss,
+        )  # fmt: skip
+        return OCC(proxy="step")(inputs).lambdas
+
+    model.train()
+    without = lam()
+    enable_checkpointing(model)
+    torch.testing.assert_close(lam(), without, rtol=1e-12, atol=0)
+
+
+def test_other_checkpointing_inside_an_hvp_is_an_error_naming_the_fix():
+    """torch.utils.checkpoint in a model's own code: nothing mtpdiag can suspend, so the error says what to do."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, idx):
+            return checkpoint(self.inner, idx, use_reentrant=False)
+
+    model = Checkpointed(tiny_model("gpt2", "parallel", n_mtp=1))
+    batch = rl_batch(tokens())
+    for mode in ("fwd_rev", "rev_rev"):
+        with pytest.raises(RuntimeError, match="met activation checkpointing inside the model.*turn it off while measuring"):
+            Probe(model, rl_objective, mtp_policy_loss, hvp_mode=mode).measure(batch, 0.1, line_search=False)

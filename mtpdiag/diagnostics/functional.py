@@ -5,9 +5,9 @@
   (``blocks.0.attn.qkv.weight``); parameters left out keep their current values.
 * :func:`isolated`: the context every measurement runs in: eval semantics
   (every module's ``training`` flag restored afterwards), a forked RNG (CPU and
-  the model's CUDA devices, so the caller's random stream is unchanged) and the
+  the model's CUDA devices, so the caller's random stream is unchanged), the
   math attention backend (fused kernels have neither forward-mode AD nor double
-  backward).
+  backward) and Hugging Face gradient checkpointing suspended.
 * :func:`find_shared`: S, the trainable parameters both losses reach in the autograd graph.
 * :func:`function_of`: a loss as a pure function of S, the rest held fixed.
 * :func:`values_and_gradients`: values and gradients of several losses from one forward.
@@ -96,9 +96,75 @@ def fork_rng(model: nn.Module):
     return torch.random.fork_rng(devices=cuda_devices(model))
 
 
+# the forward hook that transformers' enable_input_require_grads puts on the input embedding
+# (gradient checkpointing turns it on; re-enabling it leaves older copies behind, so it is found by name)
+_REQUIRE_GRADS_HOOK = "make_inputs_require_grads"
+
+
+def _require_grads_hooks(model: nn.Module) -> list[nn.Module]:
+    return [
+        m for m in model.modules()
+        if any(getattr(fn, "__name__", None) == _REQUIRE_GRADS_HOOK for fn in m._forward_hooks.values())
+    ]  # fmt: skip
+
+
+def _checkpointed(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+
+
+def checkpointing_enabled(model: nn.Module) -> bool:
+    """Whether Hugging Face gradient checkpointing is on anywhere in ``model`` (a layer's
+    ``gradient_checkpointing`` flag, or the input-embedding hook it installs)."""
+    return bool(_checkpointed(model) or _require_grads_hooks(model))
+
+
+@contextmanager
+def checkpointing_suspended(model: nn.Module) -> Iterator[None]:
+    """Hugging Face gradient checkpointing off inside, restored on exit.
+
+    Both of its pieces break torch.func's forward-over-reverse products: the
+    input-embedding hook calls ``requires_grad_`` on an activation, which a
+    transform rejects, and checkpointed layers run under saved-tensor hooks,
+    which transforms do not support. Checkpointing changes memory, not values,
+    so a measurement without it is the same function."""
+    flagged = _checkpointed(model)
+    hooked = {m: dict(m._forward_hooks) for m in _require_grads_hooks(model)}
+    for module in flagged:
+        module.gradient_checkpointing = False
+    for module, hooks in hooked.items():
+        for key, fn in hooks.items():
+            if getattr(fn, "__name__", None) == _REQUIRE_GRADS_HOOK:
+                del module._forward_hooks[key]
+    try:
+        yield
+    finally:
+        for module in flagged:
+            module.gradient_checkpointing = True
+        for module, hooks in hooked.items():
+            module._forward_hooks.clear()
+            module._forward_hooks.update(hooks)
+
+
+def checkpointing_error(err: RuntimeError) -> RuntimeError | None:
+    """The error naming the fix when a measurement failed on activation checkpointing that
+    :func:`checkpointing_suspended` cannot turn off (``torch.utils.checkpoint`` in a model's own
+    code: its recomputation does not see the parameters ``functional_call`` swaps in, and torch.func
+    transforms reject its saved-tensor hooks), else None."""
+    from torch.utils.checkpoint import CheckpointError
+
+    text = str(err)
+    if not isinstance(err, CheckpointError) and "saved tensor hooks" not in text and "requires_grad_()" not in text:
+        return None
+    return RuntimeError(
+        f"the measurement met activation checkpointing inside the model ({text.strip().splitlines()[0]}), which "
+        "mtpdiag only suspends for Hugging Face's gradient_checkpointing: turn it off while measuring"
+    )
+
+
 @contextmanager
 def isolated(model: nn.Module, eval_mode: bool = True) -> Iterator[None]:
-    """Forked RNG and math attention; with ``eval_mode`` also eval semantics (dropout
+    """Forked RNG, math attention and no gradient checkpointing (:func:`checkpointing_suspended`);
+    with ``eval_mode`` also eval semantics (dropout
     off), every module's ``training`` flag restored afterwards. ``eval_mode=False``
     keeps the caller's mode (the step proxy measures the trainer's own forward);
     a buffer a forward updated there (BatchNorm's running statistics) gets its old
@@ -109,7 +175,7 @@ def isolated(model: nn.Module, eval_mode: bool = True) -> Iterator[None]:
     if eval_mode:
         model.eval()
     try:
-        with fork_rng(model), sdpa_kernel(SDPBackend.MATH):
+        with fork_rng(model), sdpa_kernel(SDPBackend.MATH), checkpointing_suspended(model):
             yield
     finally:
         for module, mode in modes:

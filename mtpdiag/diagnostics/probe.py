@@ -48,8 +48,8 @@ from ..integrations import require_unwrapped
 from . import curves, quantities
 from .curves import Curve, Replay
 from .functional import (
-    FunctionalModel, Loss, Params, check_finite, checked_value, find_shared, function_of, isolated, reached_by,
-    values_and_gradients,
+    FunctionalModel, Loss, Params, check_finite, checked_value, checkpointing_enabled, checkpointing_error, find_shared,
+    function_of, isolated, reached_by, values_and_gradients,
 )
 from .hvp import HVP_MODES, HessianAt, top_curvature, tree_dot
 from .precond import frozen_preconditioner, unsupported
@@ -84,6 +84,8 @@ class ProbeRecord:
     quantities. ``hvp_mode`` is the Hessian-vector path that ran (``fwd_rev`` or
     ``rev_rev``; None without products); ``hvp_fallback`` is why ``rev_rev`` ran
     although the Probe was configured for ``fwd_rev`` (the forward-mode error), else None.
+    ``gradient_checkpointing`` is ``"suspended"`` when the model had Hugging Face
+    gradient checkpointing on and the measurement ran with it off (restored after), else None.
     ``time_s`` is the time of the whole measurement, every objective included."""
 
     optimizer: str
@@ -126,6 +128,7 @@ class ProbeRecord:
     c_crossfit: float | None = None
     cos_crossfit: float | None = None
     hvp_fallback: str | None = None
+    gradient_checkpointing: str | None = None
     note: str = ""
     time_s: float = 0.0
     curve: Curve | None = None
@@ -497,10 +500,17 @@ class Probe:
         parameters = dict(self.model.named_parameters())
         curves.check_optimizer(optimizer, parameters)
         started = time.perf_counter()
+        suspended = checkpointing_enabled(self.model)
         with isolated(self.model), torch.enable_grad():
-            records = self._measure_update(batch, optimizer, trained, specs, clip_fraction, options)
+            try:
+                records = self._measure_update(batch, optimizer, trained, specs, clip_fraction, options)
+            except RuntimeError as err:
+                if checkpointing_error(err) is None:
+                    raise
+                raise checkpointing_error(err) from err
         elapsed = time.perf_counter() - started
         for record in records.values():
+            record.gradient_checkpointing = "suspended" if suspended else None
             record.time_s = elapsed
         return records
 

@@ -1,8 +1,11 @@
 """Bridges between mtpdiag and other training stacks.
 
 ``mtpdiag.integrations.hf`` (needs ``pip install "mtpdiag[hf]"``) puts MTP heads
-on a Hugging Face causal LM. :func:`require_unwrapped` lives here because it
-has no third-party dependency: every diagnostic needs the raw module.
+on a Hugging Face causal LM, with Hugging Face conventions;
+``mtpdiag.integrations.trl`` (needs ``pip install "mtpdiag[trl]"``) trains them in
+TRL's ``GRPOTrainer`` with mtpdiag's regimes, OCC and diagnostics.
+:func:`require_unwrapped` lives here because it has no third-party dependency:
+every diagnostic needs the raw module.
 """
 from __future__ import annotations
 
