@@ -545,7 +545,7 @@ class Probe:
         grads, own_value, own_Hm = self._gradients(batch, params, rest, trained, options, hessians.get(own))
         g, m = grads.g, grads.m
         step = _Step(Replay(optimizer, dict(self.model.named_parameters())), grads, moved, trained)
-        precond = self._precond(optimizer, m, _sub(m, shared), theta, step)
+        precond = self._precond(optimizer, m, shared, theta, step)
         crossfit = self._crossfit(batch, shared, rest | {n: t for n, t in params.items() if n not in shared}, options)
         clipped = self._clip_fraction(clip_fraction, batch, step) if clip_fraction and trained is not None else None
 
@@ -668,11 +668,11 @@ class Probe:
         check_finite(g, "objective", self.objective)
         return _Gradients(g, aux["aux"], aux.get("aux_minus"), aux.get("aux_trained")), value, Hm
 
-    def _precond(self, optimizer, m, m_S, theta, step: _Step):
+    def _precond(self, optimizer, m, shared, theta, step: _Step):
         """(Q, Q m, u0) of an Adam step (docs/theory.md s.6), None for another optimizer."""
         if unsupported(optimizer) is not None:
             return None
-        Q = frozen_preconditioner(optimizer, dict(self.model.named_parameters()), step.gradient(0.0), m_S)
+        Q = frozen_preconditioner(optimizer, dict(self.model.named_parameters()), step.gradient(0.0), shared)
         Qm = {n: Q.scale[n] * m[n] if n in Q.scale else torch.zeros_like(t) for n, t in m.items()}
         stepped = step.at(0.0)
         u0 = {n: stepped[n] - theta[n] for n in m}
