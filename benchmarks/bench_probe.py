@@ -120,7 +120,7 @@ def bench_size(name: str, args, device) -> dict:
         "rev_rev": timed(lambda: HessianAt(J, theta, "rev_rev")(direction), args.repeats, device),
         "line search": timed(with_line_search, args.repeats, device),
     }
-    n_points = with_line_search().curve("sgd").n_evaluations
+    n_points = with_line_search().curve.n_evaluations
     row = {
         "size": name,
         "params": model.num_parameters(),

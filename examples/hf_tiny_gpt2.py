@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> TrainResult:
     if is_main_process():
         print(result.metrics[["step", "reward_mean", "j_batch", "lambda_0", "j_true"]].to_string(index=False))
         diag = pd.read_csv(result.out / "diag_steps.csv")
-        print(diag[["step", "objective", "c", "v2", "h_mm", "lambda_star_taylor"]].to_string(index=False))
+        print(diag[["step", "minibatch", "objective", "c", "v2", "h_mm", "lambda_star_taylor", "lambda_star_meas"]]
+              .to_string(index=False))
     return result
 
 

@@ -407,8 +407,8 @@ class Oracle(_ProbeCalibrator):
 
     ``source="taylor"``: lambda*_taylor = (c + eta h_gm) / (-eta h_mm) (docs/theory.md s.2);
     ``"measured"``: the argmax of the exact curve Delta(lambda) (a 1-D search refined
-    from a grid around lambda*_taylor; docs/theory.md s.4). Both are for one SGD step of
-    size ``inputs.lr``. A direction that is not concave has no lambda*: 0 and a warning.
+    from a grid around lambda*_taylor; docs/theory.md s.4). Both are for one plain SGD
+    step of size ``inputs.lr`` moving every parameter the losses reach. A direction that is not concave has no lambda*: 0 and a warning.
     With K > 1 heads each head's lambda* is measured for that head's loss alone.
     """
 
@@ -423,7 +423,8 @@ class Oracle(_ProbeCalibrator):
 
     def __call__(self, inputs: CalibrationInputs) -> Calibration:
         records = [
-            probe.measure(inputs.batch, inputs.lr, hvp=True, gg_curvature=False, line_search=self.source == "measured")
+            probe.measure(inputs.batch, inputs.lr, gg_curvature=False, line_search=self.source == "measured",
+                          crossfit=False)
             for probe in self._probes_for(inputs)
         ]
         taylor = [r.lambda_star_taylor for r in records]
@@ -431,10 +432,10 @@ class Oracle(_ProbeCalibrator):
                 "h_mm": [r.h_mm for r in records]}
         chosen = taylor
         if self.source == "measured":
-            curves = [r.curve("sgd") for r in records]
-            chosen = [c.lambda_star_search if c is not None else None for c in curves]
+            curves = [r.curve for r in records]
+            chosen = [c.lambda_star if c is not None else None for c in curves]
             info["lambda_star_meas"] = chosen
-            info["lambda_star_meas_fit"] = [c.lambda_star_fit if c is not None else None for c in curves]
+            info["lambda_star_meas_fit"] = [c.fit.vertex if c is not None else None for c in curves]
         return self._finish([None if v is None else self.scale * v for v in chosen], info)
 
 
@@ -450,7 +451,8 @@ class CosineGate(_ProbeCalibrator):
 
     def __call__(self, inputs: CalibrationInputs) -> Calibration:
         records = [
-            probe.measure(inputs.batch, inputs.lr, hvp=False, line_search=False) for probe in self._probes_for(inputs)
+            probe.measure(inputs.batch, inputs.lr, hvp=False, line_search=False, crossfit=False)
+            for probe in self._probes_for(inputs)
         ]
         cos = [r.cos for r in records]  # None when g = 0 or m = 0
         values = [None if c is None else self.lambda0 * max(0.0, c) for c in cos]

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from . import regimes
-from .diagnostics import HVP_MODES, default_forward
+from .diagnostics import HVP_MODES, Probe, default_forward
 from .distributed import is_main_process
 from .hook import CSVSink, DiagnosticsHook, MemorySink, every
-from .losses import j_true
+from .losses import LAMBDA_PLACEMENTS, j_true
 from .model import GPT, GPTConfig
 from .tasks import TASKS, Task, make_task
 
@@ -42,22 +42,24 @@ DIAG_PREFIX = "diag_"  # DiagnosticsConfig's field f is the flat key diag_<f> (-
 
 
 TOP_CURVATURE_STEPS = ("none", "first_last", "all")
-# the gradient's own objective (always measured) and held-out J_true
-CURVE_OBJECTIVES = ("j_batch", "j_true")
+# the gradient's own objective (always measured), held-out J_true and J_batch without the clip
+CURVE_OBJECTIVES = ("j_batch", "j_true", "j_unclipped")
+DEFAULT_CURVE_OBJECTIVES = CURVE_OBJECTIVES[:2]
 
 
 @dataclass
 class DiagnosticsConfig:
-    """The exact MTP decomposition (Probe) inside the trainer: every ``every`` RL
-    steps (0: off), a curve Delta(lambda) per objective in ``objectives``, per
-    parameter block with ``per_block``. The top curvature L (for the L-smooth
+    """The exact MTP decomposition (Probe) of the trained update inside the trainer:
+    on every mini-batch of every ``every``-th RL step (0: off), a curve Delta(lambda)
+    of the real optimizer step per objective in ``objectives``, per parameter block
+    with ``per_block``. The top curvature L (for the L-smooth
     form) costs about ten measurements: ``top_curvature`` takes it on no step,
     on the first and the last measured step, or on all of them."""
 
     every: int = 0
     per_block: bool = True
     top_curvature: str = "first_last"
-    objectives: tuple[str, ...] = CURVE_OBJECTIVES
+    objectives: tuple[str, ...] = DEFAULT_CURVE_OBJECTIVES
     hvp_mode: str = HVP_MODES[0]
 
     def __post_init__(self):
@@ -83,18 +85,25 @@ class DiagnosticsConfig:
         chosen = set(measured) if self.top_curvature == "all" else {measured[0], measured[-1]}
         return chosen.__contains__
 
-    def hook(self, steps: int, out: str | os.PathLike) -> DiagnosticsHook:
-        """The trainer's callback: the Probe on the regime's own J_batch and MTP loss (and
-        on held-out J_true) into ``out/diag_{steps,curves,blocks}.csv`` (rank 0 writes
-        them). S is the joint model's (``shared_forward``), so a detached regime shows
-        what its MTP loss reaches (or leaks into) there."""
+    def hook(self, steps: int, out: str | os.PathLike, model, losses) -> DiagnosticsHook:
+        """The trainer's hook: the Probe of ``model`` on the regime's ``losses``
+        (:class:`~mtpdiag.regimes.RegimeLosses`: J_batch, the MTP loss, where its lambda
+        sits, the clip fraction; and held-out J_true, J_batch unclipped as configured) into
+        ``out/diag_{steps,curves,blocks}.csv`` (rank 0 writes them). S is the joint
+        model's (``shared_forward``), so a detached regime shows what its MTP loss
+        reaches (or leaks into) there."""
+        probe = Probe(model, losses.objective, losses.aux_loss, forward=losses.forward, shared_forward=default_forward,
+                      hvp_mode=self.hvp_mode, aux_sign_dependent=losses.aux_sign_dependent)
+        extra = {"j_unclipped": losses.unclipped_objective} if "j_unclipped" in self.objectives else {}
         return DiagnosticsHook(
+            probe,
             schedule=every(self.every),
             sink=CSVSink(out) if is_main_process() else MemorySink(),
             eval_objective=j_true if "j_true" in self.objectives else None,
+            extra_objectives=extra,
+            clip_fraction=losses.clip_fraction,
             per_block=self.per_block,
             top_curvature_schedule=self.top_curvature_schedule(steps),
-            probe_options={"shared_forward": default_forward, "hvp_mode": self.hvp_mode},
         )
 
 
@@ -134,6 +143,7 @@ class TrainConfig:
     regime: str = regimes.DETACH.name  # a name in regimes.REGIMES
     lam: float | None = None  # the fixed MTP coefficient (None: regimes.DEFAULT_LAMBDA), where the regime has one
     calibrator: str | None = None  # a calibrated regime's lambda_t: a name in calibrators.CALIBRATORS; None: fixed lam
+    lambda_placement: str = LAMBDA_PLACEMENTS[0]  # a policy loss's lambda on the advantages or the objective (s.4)
     detach_mode: str = "full"
     # evaluation, bookkeeping
     eval_every: int = 20
@@ -152,6 +162,7 @@ class TrainConfig:
             ("optimizer", self.optimizer, OPTIMIZERS),
             ("detach_mode", self.detach_mode, tuple(regimes.DETACH_MODES)),
             ("dtype", self.dtype, tuple(DTYPES)),
+            ("lambda_placement", self.lambda_placement, LAMBDA_PLACEMENTS),
         ):
             if value not in choices:
                 raise ValueError(f"unknown {name} {value!r}: choose one of {list(choices)}")

@@ -253,7 +253,7 @@ def _eta_sweep_rows(run_dir: Path, preset: Preset) -> list[dict]:
     probe = Probe(model, losses.objective, losses.aux_loss, forward=losses.forward)
     for step in range(cfg.steps + 1, cfg.steps + 1 + ETA_SWEEP_MAX_BATCHES):
         batch, _ = rollout(model, task, cfg, step)  # the rollouts training would have drawn next
-        first = probe.measure(batch, 1.0, hvp=False, line_search=False)
+        first = probe.measure(batch, 1.0, hvp=False, line_search=False, crossfit=False)
         if first.g_norm > 0 and first.m_norm > 0:
             break
     else:
@@ -264,7 +264,7 @@ def _eta_sweep_rows(run_dir: Path, preset: Preset) -> list[dict]:
     eta_max = ETA_SWEEP_TOP / (first.g_norm + first.m_norm)
     rows = []
     for eta in np.geomspace(eta_max * 10**-ETA_SWEEP_DECADES, eta_max, preset.eta_sweep_points):
-        record = probe.measure(batch, float(eta), lambdas=ETA_SWEEP_LAMBDAS, gg_curvature=False)
+        record = probe.measure(batch, float(eta), grid=ETA_SWEEP_LAMBDAS, gg_curvature=False, crossfit=False)
         rows += [
             {
                 "arm": run_dir.parent.name, "seed": cfg.seed, "step": step, "eta": float(eta), "lambda": row["lambda"],
@@ -272,7 +272,6 @@ def _eta_sweep_rows(run_dir: Path, preset: Preset) -> list[dict]:
                 "residual": abs(row["delta_meas"] - row["delta_taylor"]),
             }
             for row in record.curve_rows()
-            if row["kind"] == "sgd"
         ]
     return rows
 

@@ -1,20 +1,27 @@
 """Run a :class:`~mtpdiag.diagnostics.Probe` inside any training loop, on a schedule, into tidy tables.
 
-Three tables, all keyed by ``step`` and ``objective`` (the curve objective's name):
-``steps`` (one row per measured step and objective: every scalar of the record),
-``curves`` (one row per lambda of each measured curve) and ``blocks`` (one row per
-parameter group, when ``per_block=True``). pandas reads each file directly.
+On a scheduled step the hook measures the update of every mini-batch, at the
+parameters that mini-batch starts from, with the trainer's own optimizer and lambda
+(:meth:`~mtpdiag.diagnostics.Probe.measure_update`). Three tables, all keyed by
+``step``, ``minibatch`` and ``objective`` (the curve objective's name):
+``steps`` (one row per measured mini-batch and objective: every scalar of the record,
+see :class:`DiagnosticsHook` for the columns), ``curves`` (one row per lambda of each
+measured curve) and ``blocks`` (one row per parameter group, when ``per_block=True``).
+pandas reads each file directly.
 
 Plain PyTorch loop::
 
     hook = DiagnosticsHook(Probe(model, objective, aux_loss), every(10), CSVSink("diag/"))
     for step in range(1, steps + 1):
-        hook.on_step(step, batch, lr)
-        ...  # the usual update
+        for mb, minibatch in enumerate(minibatches):
+            out = model(minibatch["input_ids"])
+            loss = aux_loss(out, minibatch, lam) - objective(out, minibatch)
+            optimizer.zero_grad(); loss.backward()
+            hook.on_update(step, mb, minibatch, optimizer, lam)   # before the step it measures
+            optimizer.step()
 
-As a trainer callback, ``hook(ctx)`` reads ``ctx.step``, ``ctx.batch``, ``ctx.lr``,
-``ctx.model``, ``ctx.optimizer``, ``ctx.j_true_batch`` and the losses from
-``ctx.losses`` (or ``ctx`` itself): ``forward``, ``objective``, ``aux_loss``.
+The built-in trainer calls :meth:`DiagnosticsHook.on_update` the same way, from its
+:class:`~mtpdiag.train.Updater` (:meth:`mtpdiag.config.DiagnosticsConfig.hook` builds it).
 """
 from __future__ import annotations
 
@@ -31,10 +38,12 @@ from . import schema
 from .diagnostics import MeasureOptions, Probe, ProbeRecord
 
 TABLES = schema.DIAG_TABLES
-# the few scalars a trainer callback returns for its own metrics table (all of them go to the sink)
-SUMMARY_FIELDS = ("c", "cos", "v2", "h_mm", "lambda_star_taylor", "lambda_star_meas_fit")
-# the options a hook passes to every measurement; the curve objective and the optimizer it sets per call
-MEASURE_OPTIONS = {f.name for f in dataclasses.fields(MeasureOptions)} - {"eval_objective", "eval_batch", "optimizer"}
+KEYS = ("step", "minibatch", "objective")  # every row of every table starts with these
+# the few scalars the trainer also logs per mini-batch (minibatch.csv, and their step means in metrics.csv)
+SUMMARY_FIELDS = ("c", "cos", "v2", "h_mm", "lambda_star_taylor", "lambda_star_precond", "lambda_star_meas",
+                  "delta_trained")
+# the options a hook passes to every measurement
+MEASURE_OPTIONS = {f.name for f in dataclasses.fields(MeasureOptions)}
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -71,16 +80,18 @@ def _as_schedule(schedule) -> Callable[[int], bool]:
 class MemorySink:
     """Keeps the tables in memory; ``frame(name)`` gives a DataFrame.
 
-    Writing step s first drops rows at steps >= s, so a run resumed from an
-    earlier checkpoint rewrites the steps it repeats instead of duplicating them.
+    Writing mini-batch b of step s first drops the rows at (step, minibatch) >= (s, b),
+    so a run resumed from an earlier checkpoint rewrites the steps it repeats instead
+    of duplicating them.
     """
 
     def __init__(self):
         self.rows: dict[str, list[dict]] = {name: [] for name in TABLES}
 
-    def write(self, step: int, tables: dict[str, list[dict]]) -> None:
+    def write(self, step: int, minibatch: int, tables: dict[str, list[dict]]) -> None:
         for name in TABLES:
-            self.rows[name] = [row for row in self.rows[name] if row["step"] < step] + tables.get(name, [])
+            kept = [row for row in self.rows[name] if (row["step"], row["minibatch"]) < (step, minibatch)]
+            self.rows[name] = kept + tables.get(name, [])
         self._persist()
 
     def frame(self, name: str) -> pd.DataFrame:
@@ -151,92 +162,111 @@ class ParquetSink(_FileSink):
 
 
 class DiagnosticsHook:
-    """Measures on scheduled steps and writes the records to ``sink``.
+    """Measures the trained update of every mini-batch of the scheduled steps and writes
+    the records to ``sink``.
 
-    Each scheduled step measures the curve of the gradient's own objective
-    (named ``objective_name``) and, when ``eval_objective`` is set and an eval
-    batch comes with the step, a second curve on it (``eval_name``), e.g. J_true
-    on held-out prompts. ``optimizer_faithful`` adds the optimizer's real-step
-    curve. ``top_curvature_schedule`` picks the steps on which the gradient's own
-    objective also gets its top curvature L (Lanczos: about ten times the cost of
-    a measurement without it). Other keyword options go to :meth:`Probe.measure` (``lambdas``,
-    ``hvp``, ``gg_curvature``, ``line_search``, ``top_curvature``, ``L``,
-    ``per_block``).
+    Each measurement has a curve on the probe's own objective (named
+    ``objective_name``), on each of ``extra_objectives`` (name -> ``loss(out, batch)``
+    on the mini-batch, e.g. ``{"j_unclipped": rl_objective_unclipped}``) and, when
+    ``eval_objective`` is set and an eval batch comes with the call, on it
+    (``eval_name``), e.g. J_true on held-out prompts. ``clip_fraction`` (a
+    ``loss(out, batch)``-like function of the mini-batch) is read at the end of the
+    trained step. ``top_curvature_schedule`` picks the steps on which the probe's own
+    objective also gets its top curvature L (Lanczos: about ten times the cost of a
+    measurement without it). Other keyword options go to
+    :meth:`~mtpdiag.diagnostics.Probe.measure_update` (``grid``, ``hvp``,
+    ``gg_curvature``, ``line_search``, ``top_curvature``, ``L``, ``per_block``, ``crossfit``).
 
-    ``probe`` may be None when the hook is a trainer callback: it is then built
-    at the first call from the context's model and losses, with ``probe_options``
-    (``shared``, ``shared_forward``, ``hvp_mode``).
+    Columns of ``steps``: ``step, minibatch, objective``, then every field of
+    :class:`~mtpdiag.diagnostics.ProbeRecord` (``optimizer``, ``lr``, ``c``, ``cos``,
+    ``v2``, ``h_gm``, ``h_gm_jonly``, ``h_mm``, ``h_gg``, ``kappa_m``, ``kappa_g``, ``a``,
+    ``b``, ``lambda_star_taylor``, ``harm_threshold``, ``L``, ``lambda_star_smooth``,
+    ``a_precond``, ``b_precond``, ``lambda_star_precond``, ``precond_new_share``,
+    ``lambda_trained`` (head 0), ``delta_trained``, ``clip_fraction``, ``c_crossfit``,
+    ``cos_crossfit``, ``note``, ...), its curve's (``lambda_star_meas``,
+    ``delta_jonly``, ``fit_a2, fit_a1, fit_a0, fit_r2, lambda_star_meas_fit``,
+    ``fit_origin_a2, fit_origin_a1, fit_origin_r2, lambda_star_meas_fit_origin``) and
+    ``c_true``: <grad J_true, m>, the eval objective's c_eval, on every row of the
+    mini-batch (None without an eval objective). Columns of ``curves``: the keys,
+    ``lambda, delta_meas, delta_meas_s, delta_jonly, delta_taylor, delta_precond,
+    delta_smooth``.
+
+    ``probe`` may be None for a trainer that builds it on its own losses before the
+    first call (:class:`mtpdiag.integrations.trl.MTPGRPOTrainer`), with ``probe_options``
+    (``shared``, ``shared_forward``, ``hvp_mode``, ``aux_sign_dependent``).
     """
 
     def __init__(
         self,
-        probe: Probe | None = None,
+        probe: Probe | None,
         schedule: int | Callable[[int], bool] = 1,
         sink: MemorySink | None = None,
         *,
         objective_name: str = "j_batch",
         eval_objective: Callable | None = None,
         eval_name: str = "j_true",
-        optimizer_faithful: bool = False,
+        extra_objectives: dict[str, Callable] | None = None,
+        clip_fraction: Callable | None = None,
         top_curvature_schedule: int | Callable[[int], bool] | None = None,
         probe_options: dict | None = None,
         **measure_options,
     ):
+        if probe is not None and not isinstance(probe, Probe):
+            raise ValueError(f"DiagnosticsHook needs a Probe, got {type(probe).__name__}: "
+                             "pass DiagnosticsHook(Probe(model, objective, aux_loss), ...)")
         unknown = sorted(set(measure_options) - MEASURE_OPTIONS)
         if unknown:
             raise ValueError(f"unknown measure options {unknown}: choose from {sorted(MEASURE_OPTIONS)}")
-        if objective_name == eval_name:
-            raise ValueError(f"objective_name and eval_name are both {eval_name!r}: rows could not tell the curves apart")
+        self.extra_objectives = dict(extra_objectives or {})
+        names = [objective_name, eval_name, *self.extra_objectives]
+        if len(set(names)) != len(names):
+            raise ValueError(f"curve objective names {names} repeat: rows could not tell the curves apart")
         self.probe = probe
         self.schedule = _as_schedule(schedule)
         self.sink = sink if sink is not None else MemorySink()
         self.objective_name = objective_name
         self.eval_objective = eval_objective
         self.eval_name = eval_name
-        self.optimizer_faithful = optimizer_faithful
+        self.clip_fraction = clip_fraction
         self.top_curvature_schedule = None if top_curvature_schedule is None else _as_schedule(top_curvature_schedule)
         self.probe_options = probe_options or {}
         self.measure_options = measure_options
 
-    def on_step(
-        self, step: int, batch: dict, lr: float, *, eval_batch: dict | None = None, optimizer=None
+    def on_update(
+        self, step: int, minibatch: int, batch: dict, optimizer, lambdas, *, eval_batch: dict | None = None
     ) -> dict[str, ProbeRecord]:
-        """Measure if ``step`` is scheduled; returns the records by objective name (empty otherwise)."""
+        """Measure the update ``optimizer`` is about to take on mini-batch ``minibatch`` of
+        ``step`` (call it before ``optimizer.step()``) with the trained ``lambdas`` (a scalar
+        or one per head), if ``step`` is scheduled; returns the records by objective name
+        (empty otherwise). ``batch`` is this mini-batch (on several ranks, this rank's rows
+        of it); ``batch["group"]``, the prompt-group id of each row, enables cross-fitting."""
         if not self.schedule(step):
             return {}
         if self.probe is None:
             raise ValueError("DiagnosticsHook has no probe: pass DiagnosticsHook(Probe(model, objective, aux_loss), ...)")
-        if self.optimizer_faithful and optimizer is None:
-            raise ValueError("optimizer_faithful=True needs on_step(..., optimizer=<the training optimizer>)")
-        optimizer = optimizer if self.optimizer_faithful else None
         options = dict(self.measure_options)
         if self.top_curvature_schedule is not None and self.top_curvature_schedule(step):
-            options["top_curvature"] = True
-        measured = {self.objective_name: self.probe.measure(batch, lr, optimizer=optimizer, **options)}
+            options["top_curvature"] = (self.objective_name,)
+        objectives = {self.objective_name: self.probe.objective, **self.extra_objectives}
         if self.eval_objective is not None and eval_batch is not None:
-            measured[self.eval_name] = self.probe.measure(
-                batch, lr, eval_objective=self.eval_objective, eval_batch=eval_batch, optimizer=optimizer, **self.measure_options
-            )
+            objectives[self.eval_name] = (self.eval_objective, eval_batch)
+        measured = self.probe.measure_update(
+            batch, optimizer, lambdas, objectives=objectives, clip_fraction=self.clip_fraction, **options
+        )
+        c_true = measured[self.eval_name].c_eval if self.eval_name in measured else None
         tables = {name: [] for name in TABLES}
         for name, record in measured.items():
-            key = {"step": step, "objective": name}
-            tables["steps"].append({**key, **record.as_row()})
+            key = {"step": step, "minibatch": minibatch, "objective": name}
+            tables["steps"].append({**key, **record.as_row(), "c_true": c_true})
             tables["curves"].extend({**key, **row} for row in record.curve_rows())
             tables["blocks"].extend({**key, **row} for row in record.block_rows())
-        self.sink.write(step, tables)
+        self.sink.write(step, minibatch, tables)
         return measured
 
-    def __call__(self, ctx) -> dict | None:
-        """Trainer callback: measure per the schedule; return a few scalars for the trainer's
-        metrics row (``diag_<objective>_<field>``), or None on unscheduled steps."""
-        if not self.schedule(ctx.step):
-            return None
-        if self.probe is None:
-            losses = getattr(ctx, "losses", ctx)
-            self.probe = Probe(ctx.model, losses.objective, losses.aux_loss, forward=losses.forward, **self.probe_options)
-        measured = self.on_step(
-            ctx.step, ctx.batch, ctx.lr, eval_batch=getattr(ctx, "j_true_batch", None), optimizer=getattr(ctx, "optimizer", None)
-        )
+    @staticmethod
+    def summary(measured: dict[str, ProbeRecord]) -> dict:
+        """A few scalars of the records for a trainer's metrics row: ``diag_<objective>_<field>``."""
         return {
-            schema.hook_column(name, field): record.as_row()[field] for name, record in measured.items() for field in SUMMARY_FIELDS
+            schema.hook_column(name, field): record.as_row()[field] for name, record in measured.items()
+            for field in SUMMARY_FIELDS
         }

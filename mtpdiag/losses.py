@@ -16,6 +16,10 @@ import torch.nn.functional as F
 from .distributed import global_count, global_mean
 from .model import GPTOutput, HeadPrediction
 
+# where the MTP policy loss puts its coefficient lambda (docs/theory.md s.4)
+ADVANTAGES = "advantages"
+LAMBDA_PLACEMENTS = (ADVANTAGES, "objective")
+
 
 class NonFiniteLossError(FloatingPointError):
     """A training loss (SFT or RL) or gradient norm is not finite: training stops before the update."""
@@ -78,7 +82,7 @@ def clipped_surrogate(
     min(r A, clip(r, 1-eps_low, 1+eps_high) A), r = exp(logp - old_logp)."""
     # zero the log-ratio off the mask so that an overflowing exp there cannot turn
     # into NaN in the loss (inf * 0) or in its gradient
-    ratio = torch.exp((logp - old_logp).masked_fill(mask == 0, 0.0))
+    ratio = torch.exp(log_ratio(logp, old_logp, mask))
     adv = advantages.unsqueeze(-1)
     per_token = torch.minimum(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
     return masked_mean(per_token, mask)
@@ -91,32 +95,78 @@ def rl_objective(out: GPTOutput, batch: dict, eps_low: float = 0.2, eps_high: fl
     )
 
 
+def log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log(pi / pi_old) per token, 0 off the mask (so that an overflowing exp there stays finite)."""
+    return (logp - old_logp).masked_fill(mask == 0, 0.0)
+
+
+def rl_objective_unclipped(out: GPTOutput, batch: dict) -> torch.Tensor:
+    """J_batch without the clip: the token-level mean of r A (docs/theory.md s.1)."""
+    mask = batch["response_mask"]
+    ratio = torch.exp(log_ratio(token_logprobs(out.main), batch["old_logprobs"], mask))
+    return masked_mean(ratio * batch["advantages"].unsqueeze(-1), mask)
+
+
+def clip_fraction(out: GPTOutput, batch: dict, eps_low: float = 0.2, eps_high: float = 0.28) -> torch.Tensor:
+    """The share of response tokens whose main-head ratio pi / pi_old lies outside
+    [1 - eps_low, 1 + eps_high] (there the clipped surrogate has a kink, docs/theory.md s.4)."""
+    mask = batch["response_mask"]
+    ratio = torch.exp(log_ratio(token_logprobs(out.main), batch["old_logprobs"], mask))
+    outside = (ratio < 1 - eps_low) | (ratio > 1 + eps_high)
+    return masked_mean(outside.to(mask.dtype), mask)
+
+
+def head_weight_vector(head_weights, num_heads: int, like: torch.Tensor) -> torch.Tensor:
+    """The per-head MTP weights as a [K] tensor like ``like``: None is 1 on every head, a
+    scalar that weight on every head, else one weight per head."""
+    if head_weights is None:
+        return like.new_ones(num_heads)
+    weights = torch.as_tensor(head_weights, dtype=like.dtype, device=like.device)
+    if weights.dim() == 0:
+        return weights.expand(num_heads)
+    if weights.shape != (num_heads,):
+        raise ValueError(f"head_weights of shape {tuple(weights.shape)}: pass a scalar or one weight per head ({num_heads})")
+    return weights
+
+
 def mtp_policy_loss(
-    out: GPTOutput, batch: dict, head_weights=None, eps_low: float = 0.2, eps_high: float = 0.28
+    out: GPTOutput, batch: dict, head_weights=None, eps_low: float = 0.2, eps_high: float = 0.28,
+    placement: str = ADVANTAGES,
 ) -> torch.Tensor:
     """Policy loss on the MTP heads: the main head's clipped loss with ratio
-    exp(log q_k - log pi_old(main)), summed over heads with ``head_weights``
-    (per-head lambda; ones by default)."""
+    exp(log q_k - log pi_old(main)), summed over heads with ``head_weights`` (per-head
+    lambda: a scalar or one per head; ones by default).
+
+    ``placement`` (docs/theory.md s.4): ``"advantages"`` (the reference code) multiplies
+    the advantages by head k's weight inside the clip, so a negative weight clips on the
+    other side; ``"objective"`` multiplies head k's clipped objective by it. The two
+    agree for weights >= 0."""
+    if placement not in LAMBDA_PLACEMENTS:
+        raise ValueError(f"placement={placement!r}: choose one of {LAMBDA_PLACEMENTS}")
     lp = aligned_logprobs(out)
     K = lp.mtp.size(0)
-    weights = torch.ones(K) if head_weights is None else torch.as_tensor(head_weights, dtype=lp.main.dtype)
+    weights = head_weight_vector(head_weights, K, lp.main)
     total = lp.main.new_zeros(())
     for k in range(K):
         mask = batch["response_mask"] * lp.mtp_valid[k]
-        obj = clipped_surrogate(lp.mtp[k], batch["old_logprobs"], batch["advantages"], mask, eps_low, eps_high)
-        total = total - weights[k].to(total) * obj
+        if placement == ADVANTAGES:
+            advantages = weights[k] * batch["advantages"]
+            total = total - clipped_surrogate(lp.mtp[k], batch["old_logprobs"], advantages, mask, eps_low, eps_high)
+        else:
+            obj = clipped_surrogate(lp.mtp[k], batch["old_logprobs"], batch["advantages"], mask, eps_low, eps_high)
+            total = total - weights[k] * obj
     return total
 
 
 def mtp_ce_loss(out: GPTOutput, batch: dict, head_weights=None) -> torch.Tensor:
     """Mean token cross-entropy of the MTP heads on the response tokens, summed
-    over heads with ``head_weights`` (ones by default)."""
+    over heads with ``head_weights`` (a scalar or one per head; ones by default)."""
     lp = aligned_logprobs(out)
     K = lp.mtp.size(0)
-    weights = torch.ones(K) if head_weights is None else torch.as_tensor(head_weights, dtype=lp.main.dtype)
+    weights = head_weight_vector(head_weights, K, lp.main)
     total = lp.main.new_zeros(())
     for k in range(K):
-        total = total - weights[k].to(total) * masked_mean(lp.mtp[k], batch["response_mask"] * lp.mtp_valid[k])
+        total = total - weights[k] * masked_mean(lp.mtp[k], batch["response_mask"] * lp.mtp_valid[k])
     return total
 
 
@@ -183,19 +233,18 @@ def mtp_distillation_loss(out: GPTOutput, batch: dict, distance, head_weights=No
     the MTP heads distilled from the detached main head, whose own distribution
     gets no gradient from it (docs/theory.md s.9)."""
     pairs = aligned_distributions(out)
-    dtype = out.main.logits.dtype
-    weights = torch.ones(len(pairs)) if head_weights is None else torch.as_tensor(head_weights, dtype=dtype)
+    weights = head_weight_vector(head_weights, len(pairs), out.main.logits)
     total = out.main.logits.new_zeros(())
     for k, pair in enumerate(pairs):
         per_token = distance(pair.main.detach(), pair.head)
-        total = total + weights[k].to(total) * masked_mean(per_token, batch["response_mask"][:, pair.shift:])
+        total = total + weights[k] * masked_mean(per_token, batch["response_mask"][:, pair.shift:])
     return total
 
 
 def mtp_kl_loss(out: GPTOutput, batch: dict, head_weights=None) -> torch.Tensor:
     """Forward KL(p_main.detach() || q_k) per response token (SkyRL's soft
     distillation: its gradient in q_k is the soft cross-entropy's), summed over heads
-    with ``head_weights`` (ones by default)."""
+    with ``head_weights`` (a scalar or one per head; ones by default)."""
     return mtp_distillation_loss(out, batch, kl_divergence, head_weights)
 
 

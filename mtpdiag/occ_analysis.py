@@ -3,7 +3,7 @@
 Pure functions over a run's metrics (pandas DataFrames, one row per step or per
 mini-batch). Column names are arguments; the defaults are the trainer's
 (``lambda_0`` per head, ``calib_*`` from the calibrator's info) and the Probe's
-(``lambda_star_taylor``, ``lambda_star_meas_search``, ...). Rows where either value
+(``lambda_star_taylor``, ``lambda_star_meas``, ...). Rows where either value
 is missing or non-finite (steps the diagnostics did not run on, directions with no
 lambda*) are left out, and every result says how many rows it used.
 """

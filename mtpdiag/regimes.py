@@ -25,7 +25,16 @@ from dataclasses import dataclass
 import torch
 
 from .calibrators import CALIBRATORS, DEFAULT_LAMBDA, FixedLambda, make_calibrator
-from .losses import mtp_ce_loss, mtp_kl_loss, mtp_policy_loss, mtp_tv_loss, rl_objective
+from .losses import (
+    ADVANTAGES,
+    clip_fraction,
+    mtp_ce_loss,
+    mtp_kl_loss,
+    mtp_policy_loss,
+    mtp_tv_loss,
+    rl_objective,
+    rl_objective_unclipped,
+)
 
 UNIT, FIXED, CALIBRATED = "unit", "fixed", "calibrated"
 LAMBDA_RULES = (UNIT, FIXED, CALIBRATED)
@@ -42,12 +51,14 @@ def fixed_lambda(lam: float | None) -> float:
 class RegimeLosses:
     """What the trainer optimises on one mini-batch, as pure functions of
     (model output, batch): loss = -objective(out, batch) + aux_loss(out, batch, lambdas).
-    ``aux_loss`` with no head weights is L_MTP summed over heads with weight 1."""
+    ``aux_loss`` with no head weights is L_MTP summed over heads with weight 1;
+    ``lambda_placement`` is where a policy-loss regime puts lambda (docs/theory.md s.4)."""
 
     regime: "Regime"
     mtp_detach: str
     eps_low: float
     eps_high: float
+    lambda_placement: str = ADVANTAGES
 
     def forward(self, model, batch: dict):
         return model(batch["input_ids"], mtp_detach=self.mtp_detach)
@@ -55,8 +66,23 @@ class RegimeLosses:
     def objective(self, out, batch: dict) -> torch.Tensor:
         return rl_objective(out, batch, self.eps_low, self.eps_high)
 
+    def unclipped_objective(self, out, batch: dict) -> torch.Tensor:
+        """J_batch without the clip (the curve objective ``j_unclipped``)."""
+        return rl_objective_unclipped(out, batch)
+
+    def clip_fraction(self, out, batch: dict) -> torch.Tensor:
+        """The share of response tokens whose ratio leaves [1 - eps_low, 1 + eps_high]."""
+        return clip_fraction(out, batch, self.eps_low, self.eps_high)
+
     def aux_loss(self, out, batch: dict, head_weights=None) -> torch.Tensor:
-        return self.regime.aux_loss(out, batch, head_weights, self.eps_low, self.eps_high)
+        placed = {"placement": self.lambda_placement} if self.regime.placement_applies else {}
+        return self.regime.aux_loss(out, batch, head_weights, self.eps_low, self.eps_high, **placed)
+
+    @property
+    def aux_sign_dependent(self) -> bool:
+        """Whether the MTP loss at a negative lambda is not minus the loss at -lambda (lambda
+        on the advantages: the clip acts on the other side), so the Probe measures both sides."""
+        return self.regime.placement_applies and self.lambda_placement == ADVANTAGES
 
 
 class Regime:
@@ -71,6 +97,8 @@ class Regime:
     lambda_rule: str
     display: str  # the report's name of the regime
     family: str  # a matplotlib colormap name: the report shades the regime's arms from it
+    # a policy loss, whose lambda multiplies the advantages or the objective (TrainConfig.lambda_placement)
+    placement_applies: bool = False
 
     def aux_loss(self, out, batch: dict, head_weights=None, eps_low: float = 0.2, eps_high: float = 0.28):
         raise NotImplementedError
@@ -90,7 +118,7 @@ class Regime:
         return self.mtp_detach("full") == "none"
 
     def losses(self, cfg) -> RegimeLosses:
-        return RegimeLosses(self, self.mtp_detach(cfg.detach_mode), cfg.eps_low, cfg.eps_high)
+        return RegimeLosses(self, self.mtp_detach(cfg.detach_mode), cfg.eps_low, cfg.eps_high, cfg.lambda_placement)
 
     def lambdas(self, lam: float | None, num_heads: int, dtype=torch.float32) -> torch.Tensor:
         """The per-head MTP coefficients of a UNIT or FIXED regime."""
@@ -122,6 +150,12 @@ class Regime:
             raise ValueError(f"calibrator applies only to regimes {names(CALIBRATED)}, not {self.name!r}: drop --calibrator")
         if cfg.detach_mode != "full" and self.mtp_detach("full") == "none":
             raise ValueError(f"detach_mode applies only to a detached regime, not {self.name!r}: drop --detach-mode")
+        if cfg.lambda_placement != ADVANTAGES and not self.placement_applies:
+            placed = [name for name, regime in REGIMES.items() if regime.placement_applies]
+            raise ValueError(
+                f"lambda_placement applies only to the policy-loss regimes {placed}, not {self.name!r}: "
+                "drop --lambda-placement"
+            )
 
     def display_name(self, lam: float | None = None, calibrator: str | None = None) -> str:
         if self.lambda_rule == FIXED:
@@ -168,9 +202,10 @@ class Policy(Regime):
     lambda_rule = FIXED
     display = "Policy"
     family = "Blues"
+    placement_applies = True
 
-    def aux_loss(self, out, batch, head_weights=None, eps_low=0.2, eps_high=0.28):
-        return mtp_policy_loss(out, batch, head_weights, eps_low, eps_high)
+    def aux_loss(self, out, batch, head_weights=None, eps_low=0.2, eps_high=0.28, placement=ADVANTAGES):
+        return mtp_policy_loss(out, batch, head_weights, eps_low, eps_high, placement)
 
 
 class KL(Regime):

@@ -38,7 +38,7 @@ def eval_columns(n_mtp: int) -> set[str]:
 
 def rollout(model: nn.Module, task: Task, cfg: TrainConfig, step: int) -> tuple[dict, torch.Tensor]:
     """Sample G completions for each of this step's prompts and build the RL batch
-    (input_ids, response_mask, old_logprobs, advantages). Returns (batch, rewards)."""
+    (input_ids, response_mask, old_logprobs, advantages, and each row's prompt group). Returns (batch, rewards)."""
     batch, rewards, _ = _rollout(model, task, cfg, step, with_acceptance=False)
     return batch, rewards
 
@@ -74,6 +74,7 @@ def _rollout(model, task, cfg, step, with_acceptance: bool) -> tuple[dict, torch
         "response_mask": rollout_mask(task.prompt_len, completions, tok.eos_id).to(old_logprobs.dtype),
         "old_logprobs": old_logprobs,
         "advantages": group_advantages(rewards, cfg.group_size),
+        "group": torch.arange(cfg.prompts_per_step, device=cfg.device).repeat_interleave(cfg.group_size),
     }
     if not with_acceptance:
         return batch, rewards, {}

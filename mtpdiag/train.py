@@ -41,6 +41,7 @@ from .distributed import (all_reduce_gradients, all_reduce_sum, check_shards, gl
                           minibatch_rows, on_main_then_broadcast, process_group_from_env, rank_run_dir, run_on_main,
                           shard, world_size)
 from .evaluation import j_true_batch
+from .hook import DiagnosticsHook
 from .integrations import require_unwrapped
 from .losses import AlignedLogprobs, NonFiniteLossError, aligned_logprobs
 from .model import GPT, GPTOutput
@@ -107,7 +108,9 @@ class Updater:
     mini-batch of the step's rollout ``batch`` on the regime's loss and returns one
     metrics row per mini-batch. On several ranks each computes its share of every
     loss on its rows, the gradients are summed over ranks, and the rows hold the
-    whole mini-batch's numbers."""
+    whole mini-batch's numbers. ``diagnostics`` measures each mini-batch's update
+    just before the optimiser takes it (on the held-out rows ``heldout`` too); its
+    summary and its time (``diag_time_s``) join the mini-batch's row."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -115,6 +118,8 @@ class Updater:
     calibrator: Calibrator | None
     cfg: TrainConfig
     on_nonfinite: Callable[[str], None]
+    diagnostics: DiagnosticsHook | None = None
+    heldout: dict | None = None
 
     def __call__(self, batch: dict, step: int) -> list[dict]:
         self.model.train()
@@ -175,6 +180,11 @@ class Updater:
         row["grad_norm_mtp_heads"] = _grad_norm(model.mtp_heads.parameters())
         if not np.isfinite(row["grad_norm"]):
             self.on_nonfinite(f"step {step}, mini-batch {mb}: the gradient norm {row['grad_norm']} is not finite")
+        if self.diagnostics is not None:
+            started = time.perf_counter()
+            measured = self.diagnostics.on_update(step, mb, mbatch, self.optimizer, lambdas, eval_batch=self.heldout)
+            if measured:
+                row.update({**self.diagnostics.summary(measured), "diag_time_s": time.perf_counter() - started})
         self.optimizer.step()
         return row
 
@@ -254,8 +264,6 @@ def _train(cfg, out, resume, calibrator, callbacks, progress, cache_dir, user_mo
     if user_model is not None:
         check_model(user_model, cfg, task)
     run = rank_run_dir(out)
-    if cfg.diagnostics.every:
-        callbacks = [cfg.diagnostics.hook(cfg.steps, run.path), *callbacks]
     checkpoint = run_on_main(lambda: _open_run(run, cfg, calibrator, resume))
     if checkpoint is not None:
         run.rows = checkpoint["rows"]  # rank 0 read them in run.open; the other ranks take them here
@@ -299,7 +307,8 @@ def _train(cfg, out, resume, calibrator, callbacks, progress, cache_dir, user_mo
         where = f"{run.checkpoint_path} holds the last good state" if run.checkpoint_path.exists() else "no checkpoint yet"
         raise NonFiniteLossError(f"{message}; stopped before the update ({where})")
 
-    update = Updater(model, optimizer, losses, calibrator, cfg, on_nonfinite)
+    diagnostics = cfg.diagnostics.hook(cfg.steps, run.path, model, losses) if cfg.diagnostics.every else None
+    update = Updater(model, optimizer, losses, calibrator, cfg, on_nonfinite, diagnostics, heldout_shard)
     disable = (None if progress is None else not progress) if is_main_process() else True  # None: tqdm decides
     bar = tqdm(total=cfg.steps, initial=start, desc=f"rl {cfg.regime}", disable=disable)
     for step in range(start + 1, cfg.steps + 1):

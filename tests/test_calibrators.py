@@ -537,7 +537,7 @@ def test_oracle_measured_takes_the_probe_curve_argmax_near_the_taylor_value():
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(p, before[n]) and p.grad is None for n, p in model.named_parameters())
     reference = Probe(model, rl_objective, mtp_policy_loss, call_model).measure(batch, 1e-3, gg_curvature=False)
-    measured = reference.curve("sgd").lambda_star_search
+    measured = reference.curve.lambda_star
     assert out.lambdas.item() == pytest.approx(measured, rel=1e-6)
     assert out.info["lambda_star_meas"] == pytest.approx(measured, rel=1e-6)
     # a small step: the exact curve is close to the Taylor quadratic

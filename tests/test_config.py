@@ -3,6 +3,7 @@ model's fields live in GPTConfig alone); what it builds; every bad-input error."
 import pytest
 import torch
 
+from mtpdiag import regimes
 from mtpdiag.config import (
     MODEL_FIELDS,
     DiagnosticsConfig,
@@ -35,7 +36,7 @@ def test_a_config_json_written_before_the_split_reads_into_the_nested_config():
     flat = cfg.to_dict()
     assert {key: flat[key] for key in OLD_CONFIG} == OLD_CONFIG  # every old key, unchanged
     assert sorted(set(flat) - set(OLD_CONFIG)) == ["diag_hvp_mode", "diag_objectives", "diag_per_block",
-                                                    "diag_top_curvature"]  # fmt: skip
+                                                    "diag_top_curvature", "lambda_placement"]  # fmt: skip
 
 
 def test_the_flat_dict_round_trips_and_lists_every_field_once():
@@ -80,7 +81,7 @@ def test_with_values_routes_each_flat_key_to_its_home_and_leaves_the_original_al
         ({"diag_top_curvature": "last"}, r"diag_top_curvature='last': choose one of \['none', 'first_last', 'all'\]"),
         ({"diag_hvp_mode": "fwd_fwd"}, r"diag_hvp_mode='fwd_fwd': choose one of \['fwd_rev', 'rev_rev'\]"),
         ({"diag_objectives": ("j_true",)}, "j_batch included"),
-        ({"diag_objectives": ("j_batch", "loss")}, r"diag_objectives=j_batch,loss: list each of \['j_batch', 'j_true'\]"),
+        ({"diag_objectives": ("j_batch", "loss")}, r"diag_objectives=j_batch,loss: list each of \['j_batch', 'j_true', 'j_unclipped'\]"),
         ({"n_head": 3}, "d_model=32 must be divisible by n_head=3"),
         ({"d_modle": 64}, r"unknown TrainConfig fields \['d_modle'\]"),
     ],
@@ -125,15 +126,22 @@ def test_top_curvature_steps_are_none_the_first_and_last_or_all_measured_steps(e
         assert {s for s in range(steps + 2) if schedule(s)} == chosen
 
 
-def test_the_diagnostics_hook_is_built_from_every_diagnostics_option(tmp_path):
-    default = DiagnosticsConfig(every=3).hook(steps=9, out=tmp_path)
+def test_the_diagnostics_hook_is_built_from_every_diagnostics_option(tiny, tmp_path):
+    cfg = tiny(regime="policy", lam=0.5, dtype="float64")
+    model, losses = build_model(cfg, build_task(cfg)), regimes.get("policy").losses(cfg)
+    default = DiagnosticsConfig(every=3).hook(steps=9, out=tmp_path, model=model, losses=losses)
     assert default.eval_objective is j_true and default.measure_options == {"per_block": True}
-    assert default.probe_options["hvp_mode"] == "fwd_rev"
+    assert default.extra_objectives == {} and default.clip_fraction == losses.clip_fraction
+    assert default.probe.hvp_mode == "fwd_rev" and default.probe.aux_sign_dependent  # lambda on the advantages
+    assert default.probe.objective == losses.objective and default.probe.aux_loss == losses.aux_loss
     assert [s for s in range(10) if default.top_curvature_schedule(s)] == [3, 9]
-    chosen = DiagnosticsConfig(every=3, per_block=False, top_curvature="all", objectives=["j_batch"], hvp_mode="rev_rev")
-    hook = chosen.hook(steps=9, out=tmp_path)
+    chosen = DiagnosticsConfig(every=3, per_block=False, top_curvature="all", objectives=["j_batch", "j_unclipped"],
+                               hvp_mode="rev_rev")  # fmt: skip
+    placed = regimes.get("policy").losses(cfg.with_values(lambda_placement="objective"))
+    hook = chosen.hook(steps=9, out=tmp_path, model=model, losses=placed)
     assert [s for s in range(1, 10) if hook.schedule(s)] == [3, 6, 9]
     assert hook.eval_objective is None and hook.measure_options == {"per_block": False}
-    assert hook.probe_options["hvp_mode"] == "rev_rev"
+    assert hook.extra_objectives == {"j_unclipped": placed.unclipped_objective}
+    assert hook.probe.hvp_mode == "rev_rev" and not hook.probe.aux_sign_dependent  # lambda times the objective
     assert [s for s in range(10) if hook.top_curvature_schedule(s)] == [3, 6, 9]
-    assert chosen.objectives == ("j_batch",)  # config.json's list reads back as the tuple
+    assert chosen.objectives == ("j_batch", "j_unclipped")  # config.json's list reads back as the tuple

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -35,7 +36,7 @@ WORLD = 2
 # acceptance bound is 1e-6, and ABS is for quantities that are 0 up to rounding
 # (e.g. Delta(0), or |delta_RL|^2 on a fresh pi_old)
 RTOL, ABS = 1e-6, 1e-12
-TIMING = ["time_s", "rollout_time_s", "update_time_s", "step_time_s", "callback_time_s"]
+TIMING = ["time_s", "rollout_time_s", "update_time_s", "step_time_s", "callback_time_s", "diag_time_s"]
 REPO = Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------------------- shared set-up
@@ -48,8 +49,8 @@ def tiny_gpt() -> GPT:
 
 def rl_batch(model: GPT) -> dict:
     """7 rollouts with response lengths 1 to 5 tokens, old log-probs a little off the
-    current ones; rows 0-2 go to rank 0 and rows 3-6 to rank 1, so the ranks hold
-    different numbers of rows and of tokens."""
+    current ones, in 4 prompt groups; rows 0-2 go to rank 0 and rows 3-6 to rank 1, so
+    the ranks hold different numbers of rows, tokens and groups (group 1 on both)."""
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(2, 14, (7, 8), generator=gen)
     mask = torch.zeros(7, 7, dtype=torch.float64)
@@ -59,7 +60,8 @@ def rl_batch(model: GPT) -> dict:
         current = losses.token_logprobs(model(ids).main)
     old = current + 0.1 * torch.randn(current.shape, generator=gen, dtype=torch.float64)
     return {"input_ids": ids, "response_mask": mask, "old_logprobs": old,
-            "advantages": torch.randn(7, generator=gen, dtype=torch.float64)}  # fmt: skip
+            "advantages": torch.randn(7, generator=gen, dtype=torch.float64),
+            "group": torch.tensor([0, 0, 1, 1, 2, 2, 3])}  # fmt: skip
 
 
 def j_true_eval_batch() -> dict:
@@ -93,11 +95,14 @@ def measure_everything(rank: int | None) -> dict:
     batch = rows_of(rl_batch(model), rank, 3)
     eval_batch = rows_of(j_true_eval_batch(), rank, 2)
     optimizer = stepped_adamw(model)
-    full = Probe(model, losses.rl_objective, losses.mtp_policy_loss).measure(
-        batch, 0.05, top_curvature=True, per_block=True, eval_objective=losses.j_true, eval_batch=eval_batch,
-        optimizer=optimizer,
-    )
-    own = Probe(model, losses.rl_objective, losses.mtp_policy_loss, hvp_mode="rev_rev").measure(batch, 0.05)
+    # the trained update: AdamW's replay and preconditioner, lambda on the advantages with per-head lambdas of
+    # both signs, cross-fitting, the clip fraction, a held-out objective, L and per-block rows
+    update = Probe(model, losses.rl_objective, losses.mtp_policy_loss, aux_sign_dependent=True).measure_update(
+        batch, optimizer, torch.tensor([0.5, -0.3]), objectives={"j_batch": losses.rl_objective,
+        "j_true": (losses.j_true, eval_batch)}, clip_fraction=losses.clip_fraction, top_curvature=True, per_block=True,
+    )  # fmt: skip
+    records = {**update, "own": Probe(model, losses.rl_objective, losses.mtp_policy_loss, hvp_mode="rev_rev").measure(
+        batch, 0.05)}  # fmt: skip
     with torch.no_grad():
         logprobs = losses.aligned_logprobs(model(batch["input_ids"]))
     inputs = CalibrationInputs(
@@ -119,11 +124,10 @@ def measure_everything(rank: int | None) -> dict:
     calibrations = {name: calibrator(inputs) for name, calibrator in calibrators.items()}
     assert all(p.grad is None for p in model.parameters())
     return {
-        "rows": {"full": full.as_row(), "own": own.as_row()},
-        "grid_widths": {name: {c.kind: float(c.lambdas[-1] - c.lambdas[0]) for c in record.curves}
-                        for name, record in (("full", full), ("own", own))},  # fmt: skip
-        "curves": full.curve_rows(),
-        "blocks": full.block_rows(),
+        "rows": {name: record.as_row() for name, record in records.items()},
+        "searched": {name: search_tolerances(record.curve_rows()) for name, record in records.items()},
+        "curves": {name: record.curve_rows() for name, record in records.items()},
+        "blocks": {name: record.block_rows() for name, record in records.items()},
         "lambdas": {name: c.lambdas.tolist() for name, c in calibrations.items()},
         "info": {name: c.info for name, c in calibrations.items()},
     }
@@ -189,55 +193,74 @@ def two_ranks(tmp_path_factory):
     return single, ranks, tmp
 
 
-# The refined line search (scipy's bounded Brent, Probe._curve) stops within xatol =
-# 1e-6 of the grid width, on a curve Delta(lambda) whose top is flat to float64
+# The refined line search (scipy's bounded Brent, curves.refined_argmax) stops within
+# xatol = 1e-6 of the grid width, on a curve Delta(lambda) whose top is flat to float64
 # rounding over a few xatol; two summation orders stop at different points of that
-# top, so lambda*_search agrees to 1e-5 of the grid width, not to 1e-6 of itself.
-SEARCHES = {"lambda_star_meas_search": "sgd", "opt_lambda_star_meas_search": "optimizer"}
+# top, so lambda_star_meas agrees to 1e-5 of the grid width, not to 1e-6 of itself, and
+# delta_jonly, read at lambda_star_meas, to that times its slope (twice the steepest
+# secant of its grid values, for the curvature within one spacing).
 SEARCH_RESOLUTION = 1e-5
 
 
-def assert_rows_close(got: dict, expected: dict, grid_widths: dict[str, float] | None = None) -> None:
-    """Equal rows up to RTOL; ``grid_widths`` (by curve kind) when the rows hold searched lambda*."""
+def search_tolerances(curve_rows: list[dict]) -> dict[str, float]:
+    """The absolute tolerance of each value read at the searched lambda*, from one curve's rows."""
+    if not curve_rows:
+        return {}
+    lam = np.array([row["lambda"] for row in curve_rows])
+    jonly = np.array([row["delta_jonly"] for row in curve_rows])
+    step = SEARCH_RESOLUTION * (lam[-1] - lam[0])
+    return {"lambda_star_meas": step, "delta_jonly": 2 * np.abs(np.diff(jonly) / np.diff(lam)).max() * step + ABS}
+
+
+def assert_rows_close(got: dict, expected: dict, searched: dict[str, float] | None = None) -> None:
+    """Equal rows up to RTOL; ``searched``: the tolerance of the values read at the searched lambda*."""
     assert got.keys() == expected.keys()
     for key, value in expected.items():
         if key in TIMING:
             continue
-        if key in SEARCHES and value is not None:
-            assert got[key] == pytest.approx(value, abs=SEARCH_RESOLUTION * grid_widths[SEARCHES[key]]), key
+        if searched and key in searched and value is not None:
+            assert got[key] == pytest.approx(value, abs=searched[key]), key
         elif isinstance(value, float):
             assert got[key] == pytest.approx(value, rel=RTOL, abs=ABS, nan_ok=True), key
         else:
             assert got[key] == value, key
 
 
-def assert_frames_close(got: pd.DataFrame, expected: pd.DataFrame, curves: pd.DataFrame | None = None) -> None:
-    """Equal tables up to RTOL; ``curves`` (diag_curves) for the grid widths of diag_steps' searched lambda*."""
+def assert_frames_close(got: pd.DataFrame, expected: pd.DataFrame, curves: pd.DataFrame | None = None,
+                        widest_grid: float = 0.0) -> None:
+    """Equal tables up to RTOL; ``curves`` (diag_curves) for the tolerances of diag_steps' searched values;
+    ``widest_grid`` for the trainer's summary columns of lambda_star_meas (and their step means)."""
     if curves is None:
-        keep = [c for c in expected.columns if c not in TIMING]
+        searched = [c for c in expected.columns if c.endswith("_lambda_star_meas")]
+        keep = [c for c in expected.columns if c not in TIMING and c not in searched]
         pd.testing.assert_frame_equal(got[keep], expected[keep], check_exact=False, rtol=RTOL, atol=ABS)
+        for column in searched:
+            np.testing.assert_allclose(got[column], expected[column], rtol=0, atol=SEARCH_RESOLUTION * widest_grid)
         return
-    widths = curves.groupby(["step", "objective", "kind"])["lambda"].agg(lambda grid: grid.max() - grid.min())
+    keys = ["step", "minibatch", "objective"]
+    searched = {key: search_tolerances(rows.to_dict("records")) for key, rows in curves.groupby(keys)}
     assert len(got) == len(expected)
     for (_, got_row), (_, want_row) in zip(got.iterrows(), expected.iterrows()):
-        key = (want_row["step"], want_row["objective"])
-        grid_widths = {kind: widths.get((*key, kind)) for kind in SEARCHES.values()}
+        tolerances = searched.get(tuple(want_row[keys]), {})
         assert_rows_close(*({k: None if pd.isna(v) else v for k, v in row.items()} for row in (got_row, want_row)),
-                          grid_widths)  # fmt: skip
+                          tolerances)  # fmt: skip
 
 
 def test_probe_record_on_two_ranks_equals_one_process(two_ranks):
     single, ranks, _ = two_ranks
     expected = single["measured"]
-    assert expected["rows"]["full"]["v2"] > 0 and expected["rows"]["full"]["L"] is not None
-    assert expected["curves"] and expected["blocks"]
+    for name in ("j_batch", "j_true"):
+        row = expected["rows"][name]
+        assert row["v2"] > 0 and row["L"] is not None and row["lambda_star_meas"] is not None
+        assert row["c_crossfit"] is not None and row["a_precond"] is not None and row["delta_trained"] is not None
+        assert row["clip_fraction"] is not None and expected["curves"][name] and expected["blocks"][name]
     for rank in ranks:
-        for name in ("full", "own"):
-            assert_rows_close(rank["measured"]["rows"][name], expected["rows"][name], expected["grid_widths"][name])
-        for got, want in zip(rank["measured"]["curves"], expected["curves"], strict=True):
-            assert_rows_close(got, want)
-        for got, want in zip(rank["measured"]["blocks"], expected["blocks"], strict=True):
-            assert_rows_close(got, want)
+        for name, row in expected["rows"].items():
+            assert_rows_close(rank["measured"]["rows"][name], row, expected["searched"][name])
+            for got, want in zip(rank["measured"]["curves"][name], expected["curves"][name], strict=True):
+                assert_rows_close(got, want)
+            for got, want in zip(rank["measured"]["blocks"][name], expected["blocks"][name], strict=True):
+                assert_rows_close(got, want)
 
 
 def test_calibrators_on_two_ranks_give_the_lambda_of_one_process(two_ranks):
@@ -257,11 +280,13 @@ def test_trainer_on_two_ranks_logs_the_rows_of_one_process(two_ranks):
     got, expected = run_files(tmp / "run"), run_files(tmp / "single")
     minibatch = expected["minibatch.csv"]
     assert minibatch["lambda_0"].abs().max() > 1e-3 and minibatch["calib_step_lambda"].abs().max() > 1e-3
+    curves = expected["diag_curves.csv"]
+    widest = curves.groupby(["step", "minibatch", "objective"])["lambda"].agg(lambda grid: grid.max() - grid.min()).max()
+    assert set(expected["diag_steps.csv"]["optimizer"]) == {"adamw"} and curves["delta_precond"].notna().any()
     for name, frame in expected.items():
-        curves = expected["diag_curves.csv"] if name == "diag_steps.csv" else None
-        assert_frames_close(got[name], frame, curves)
+        assert_frames_close(got[name], frame, curves if name == "diag_steps.csv" else None, widest)
     for rank in ranks:  # every rank returns the global rows
-        assert_frames_close(rank["metrics"], single["metrics"])
+        assert_frames_close(rank["metrics"], single["metrics"], widest_grid=widest)
 
 
 def test_only_rank_0_writes_files(two_ranks):
@@ -389,7 +414,8 @@ def test_hf_example_trains_a_tiny_gpt2_with_diagnostics(tmp_path):
     assert config["model_class"] == "MTPCausalLM" and config["sft"]["sft_cache_file"] is None
     assert list(result.metrics["step"]) == [0, 1, 2]
     diag = pd.read_csv(tmp_path / "run" / "diag_steps.csv")
-    assert set(diag["objective"]) == {"j_batch", "j_true"} and diag["v2"].gt(0).all()
+    assert diag[["step", "minibatch"]].drop_duplicates().values.tolist() == [[s, mb] for s in (1, 2) for mb in (0, 1)]
+    assert set(diag["objective"]) == {"j_batch", "j_true"} and diag["v2"].gt(0).any()  # per mini-batch: some have m = 0
     with pytest.raises(ValueError, match="not mtpdiag's GPT"):
         load_run(tmp_path / "run")
 

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from mtpdiag.losses import (
     aligned_logprobs,
+    clip_fraction,
     clipped_surrogate,
     completion_logprob,
     group_advantages,
@@ -18,6 +19,7 @@ from mtpdiag.losses import (
     mtp_policy_loss,
     mtp_tv_loss,
     rl_objective,
+    rl_objective_unclipped,
     sft_loss,
     token_logprobs,
 )
@@ -251,3 +253,73 @@ def test_kl_and_tv_losses_are_zero_when_each_head_is_the_main_head_at_its_aligne
               for pred in out.mtp]
     assert loss(GPTOutput(out.main, copies), batch).abs().item() < 1e-15
     assert loss(out, batch).item() > 0
+
+
+@pytest.mark.parametrize("lam", [0.7, -0.7])
+def test_lambda_on_the_advantages_and_on_the_objective_agree_for_lambda_above_0_and_differ_below(model, batch, lam):
+    """On the advantages, a negative lambda flips the advantages inside the clip, so the min of the
+    clipped surrogate becomes a max: the loss is |lambda| mean max(r A, clip(r) A), which the
+    objective placement (lambda times the clipped objective) is not."""
+    out = model(batch["input_ids"])
+    lp = aligned_logprobs(out)
+    placed = {p: mtp_policy_loss(out, batch, lam, placement=p).item() for p in ("advantages", "objective")}
+    on_objective, on_advantages = 0.0, 0.0
+    for k in range(2):
+        mask = (batch["response_mask"] * lp.mtp_valid[k]).tolist()
+        args = (lp.mtp[k].tolist(), batch["old_logprobs"].tolist())
+        on_objective -= lam * surrogate_oracle(*args, batch["advantages"].tolist(), mask, 0.2, 0.28)
+        on_advantages -= surrogate_oracle(*args, (lam * batch["advantages"]).tolist(), mask, 0.2, 0.28)
+    assert placed["objective"] == pytest.approx(on_objective, rel=1e-12)
+    assert placed["advantages"] == pytest.approx(on_advantages, rel=1e-12)
+    if lam > 0:
+        assert placed["advantages"] == pytest.approx(placed["objective"], rel=1e-12)
+    else:
+        # the test batch's ratios lie far outside the clip, so the two sides differ by a lot
+        assert abs(placed["advantages"] - placed["objective"]) > 0.1 * abs(placed["objective"])
+    with pytest.raises(ValueError, match="placement='logits': choose one of"):
+        mtp_policy_loss(out, batch, lam, placement="logits")
+
+
+def test_head_weights_are_a_scalar_for_every_head_or_one_per_head(model, batch):
+    out = model(batch["input_ids"])
+    for loss in (mtp_policy_loss, mtp_ce_loss, mtp_kl_loss, mtp_tv_loss):
+        assert loss(out, batch, 0.4).item() == loss(out, batch, [0.4, 0.4]).item()
+        assert loss(out, batch).item() == loss(out, batch, 1.0).item()
+    for loss in (mtp_ce_loss, mtp_kl_loss):
+        with pytest.raises(ValueError, match="one weight per head \\(2\\)"):
+            loss(out, batch, [1.0, 2.0, 3.0])
+
+
+def test_the_unclipped_objective_and_the_clip_fraction_token_by_token(model, batch):
+    out = model(batch["input_ids"])
+    logp = token_logprobs(out.main).tolist()
+    total = outside = count = 0.0
+    for b in range(B):
+        for i in range(T - 1):
+            if batch["response_mask"][b, i]:
+                ratio = math.exp(logp[b][i] - batch["old_logprobs"][b, i].item())
+                total += ratio * batch["advantages"][b].item()
+                outside += not (0.8 <= ratio <= 1.28)
+                count += 1
+    assert rl_objective_unclipped(out, batch).item() == pytest.approx(total / count, rel=1e-12)
+    assert clip_fraction(out, batch).item() == pytest.approx(outside / count, rel=1e-12)
+    assert 0 < outside < count  # the batch has ratios on both sides of the clip boundary
+    on_policy = dict(batch, old_logprobs=token_logprobs(out.main).detach())
+    assert clip_fraction(out, on_policy).item() == 0.0
+
+
+def test_the_configs_lambda_placement_reaches_the_policy_loss_regimes_only(tiny, model, batch):
+    from mtpdiag import regimes
+
+    out = model(batch["input_ids"])
+    for placement, sign_dependent in (("advantages", True), ("objective", False)):
+        cfg = tiny(regime="policy", lam=0.5, lambda_placement=placement)
+        regime_losses = regimes.get("policy").losses(cfg)
+        assert regime_losses.lambda_placement == placement and regime_losses.aux_sign_dependent is sign_dependent
+        expected = mtp_policy_loss(out, batch, -0.5, placement=placement)
+        assert regime_losses.aux_loss(out, batch, -0.5).item() == expected.item()
+    assert not regimes.get("ce").losses(tiny(regime="ce", lam=0.5)).aux_sign_dependent  # lambda times the CE: linear
+    with pytest.raises(ValueError, match="lambda_placement applies only to the policy-loss regimes .*'policy', 'occ'"):
+        tiny(regime="ce", lam=0.5, lambda_placement="objective")
+    with pytest.raises(ValueError, match="unknown lambda_placement 'logits'"):
+        tiny(lambda_placement="logits")

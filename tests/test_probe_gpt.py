@@ -67,14 +67,20 @@ def materialised_hessian(J, x0):
 
 @pytest.mark.parametrize("wiring", ["parallel", "sequential"])
 def test_gradients_and_hvps_match_autograd_and_a_materialised_hessian(wiring):
+    """c, v^2, h_mm, h_gg on S; h_gm on every parameter J reads (S and the J-only final norm),
+    against a Hessian materialised over those."""
     model = tiny_gpt(wiring)
     batch = rl_batch(model)
     g, m = reference_gradients(model, batch)
     shared = [n for n in g if n in m and (g[n] != 0).any() and (m[n] != 0).any()]
-    J, x0 = flat_objective(model, shared, batch)
+    read = [n for n in g if (g[n] != 0).any()]  # S and the J-only parameters
+    assert set(shared) < set(read) and "ln_f.weight" in read
+    J, x0 = flat_objective(model, read, batch)
     H = materialised_hessian(J, x0)
-    g_flat = torch.cat([g[n].reshape(-1) for n in shared])
-    m_flat = torch.cat([m[n].reshape(-1) for n in shared])
+    g_flat = torch.cat([g[n].reshape(-1) for n in read])
+    m_flat = torch.cat([(m[n] if n in m else torch.zeros_like(g[n])).reshape(-1) for n in read])
+    on_S = torch.cat([torch.full((g[n].numel(),), n in shared) for n in read])
+    g_S = torch.where(on_S, g_flat, 0.0)
 
     for mode in ("fwd_rev", "rev_rev"):
         probe = Probe(model, losses.rl_objective, losses.mtp_policy_loss, hvp_mode=mode)
@@ -83,15 +89,19 @@ def test_gradients_and_hvps_match_autograd_and_a_materialised_hessian(wiring):
         assert record.hvp_mode == mode
         assert record.c == pytest.approx((g_flat @ m_flat).item(), rel=1e-12)
         assert record.v2 == pytest.approx((m_flat @ m_flat).item(), rel=1e-12)
-        assert record.g_norm == pytest.approx(g_flat.norm().item(), rel=1e-12)
-        for key, exact in (("h_gm", g_flat @ H @ m_flat), ("h_mm", m_flat @ H @ m_flat), ("h_gg", g_flat @ H @ g_flat)):
-            assert getattr(record, key) == pytest.approx(exact.item(), rel=1e-8)
+        assert record.g_norm == pytest.approx(g_S.norm().item(), rel=1e-12)
+        for key, exact in (("h_gm", g_flat @ H @ m_flat), ("h_gm_jonly", torch.where(on_S, 0.0, g_flat) @ H @ m_flat),
+                           ("h_mm", m_flat @ H @ m_flat), ("h_gg", g_S @ H @ g_S)):
+            assert getattr(record, key) == pytest.approx(exact.item(), rel=1e-8), key
+        assert record.h_gm_jonly != 0
 
-        # and vector by vector, on a random direction
+        # and vector by vector, on a random direction in S
         f, theta = probe.function_of_shared(losses.rl_objective, batch)
-        v = torch.randn_like(x0)
+        J_S, x_S = flat_objective(model, shared, batch)
+        H_S = materialised_hessian(J_S, x_S)
+        v = torch.randn_like(x_S)
         product = HessianAt(f, theta, mode)({n: t.view_as(theta[n]) for n, t in zip(theta, v.split([t.numel() for t in theta.values()]))})
-        expected = H @ v
+        expected = H_S @ v
         torch.testing.assert_close(torch.cat([t.reshape(-1) for t in product.values()]), expected, rtol=1e-8, atol=1e-8 * expected.abs().max().item())
 
 
@@ -142,7 +152,7 @@ def test_taylor_residual_scales_like_eta_cubed(wiring):
     etas = np.geomspace(1e-4, 10**-2.5, 6)  # 1.5 decades, below the PPO clip boundaries
     residuals = []
     for eta in etas:
-        record = probe.measure(batch, eta, lambdas=[-1.0, 0.0, 1.0], gg_curvature=False)
+        record = probe.measure(batch, eta, grid=[-1.0, 0.0, 1.0], gg_curvature=False)
         residuals.append(max(abs(row["delta_meas"] - row["delta_taylor"]) for row in record.curve_rows()))
     slope = np.polyfit(np.log(etas), np.log(residuals), 1)[0]
     assert 2.7 <= slope <= 3.3
@@ -174,9 +184,12 @@ def assert_identical(a, b):
         assert a == b
 
 
-def test_measure_mutates_nothing_including_the_optimizer_path():
+def test_measuring_the_update_mutates_nothing():
+    """Every path of measure_update at once: AdamW's replay and preconditioner, both signs of a
+    sign-dependent aux loss, per-head trained lambdas, the clip fraction, cross-fitting,
+    L, per-block rows, a held-out objective; and measure's plain SGD step."""
     model = tiny_gpt("sequential", dropout=0.1)  # train mode with dropout: any stray forward would draw random masks
-    batch = rl_batch(model)
+    batch = {**rl_batch(model), "group": torch.tensor([0, 0, 1, 1])}
     jtrue_batch = {"input_ids": batch["input_ids"], "response_mask": batch["response_mask"]}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()
@@ -184,12 +197,13 @@ def test_measure_mutates_nothing_including_the_optimizer_path():
     optimizer.step()
     (-losses.rl_objective(model(batch["input_ids"]), batch)).backward()  # leave a .grad in place
     before = snapshot(model, optimizer)
-    probe = Probe(model, losses.rl_objective, losses.mtp_policy_loss)
-    for eval_objective in (None, losses.j_true):
-        probe.measure(
-            batch, 0.05, top_curvature=True, per_block=True, optimizer=optimizer,
-            eval_objective=eval_objective, eval_batch=jtrue_batch if eval_objective else None,
-        )
+    probe = Probe(model, losses.rl_objective, losses.mtp_policy_loss, aux_sign_dependent=True)
+    records = probe.measure_update(
+        batch, optimizer, torch.tensor([0.5, -0.5]), objectives={"j_batch": losses.rl_objective, "j_true": (losses.j_true, jtrue_batch)},
+        clip_fraction=losses.clip_fraction, top_curvature=True, per_block=True,
+    )
+    assert all(r.curve is not None and r.a_precond is not None and r.c_crossfit is not None for r in records.values())
+    probe.measure(batch, 0.05, eval_objective=losses.j_true, eval_batch=jtrue_batch)
     assert_identical(before, snapshot(model, optimizer))
 
 
@@ -246,7 +260,7 @@ def test_float32_runs_and_records_its_dtype():
     # float32 rounding (eps ~ 1e-7) accumulated through the network: 1e-4 of the terms' size
     assert r32.c == pytest.approx(r64.c, abs=1e-4 * r64.g_norm * r64.m_norm)
     assert r32.h_mm == pytest.approx(r64.h_mm, abs=1e-3 * abs(r64.h_mm) + 1e-4 * r64.v2)
-    assert len(r32.curve("sgd").delta) == len(r64.curve("sgd").delta)
+    assert len(r32.curve.delta) == len(r64.curve.delta)
 
 
 class OldStyleSquare(torch.autograd.Function):
@@ -359,9 +373,9 @@ def test_bad_inputs_get_messages_that_name_the_fix():
     with pytest.raises(ValueError, match="positive finite"):
         probe.measure(batch, 0.0)
     with pytest.raises(ValueError, match="at least 3 distinct"):
-        probe.measure(batch, 0.1, lambdas=[0.0, 1.0, 1.0])
+        probe.measure(batch, 0.1, grid=[0.0, 1.0, 1.0])
     with pytest.raises(ValueError, match="scalar tensor"):
         Probe(model, lambda out, b: losses.token_logprobs(out.main), losses.mtp_policy_loss).measure(batch, 0.1)
     other = tiny_gpt("parallel")
     with pytest.raises(ValueError, match="that model's optimizer"):
-        probe.measure(batch, 0.1, optimizer=torch.optim.SGD(other.parameters(), lr=0.1))
+        probe.measure_update(batch, torch.optim.SGD(other.parameters(), lr=0.1), 1.0)

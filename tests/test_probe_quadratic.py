@@ -1,9 +1,10 @@
-"""Probe against closed forms on quadratic problems (float64).
+"""Probe.measure (one plain SGD step) against closed forms on quadratic problems (float64).
 
 J(theta) = b.theta + theta^T A theta / 2 with A negative definite; the auxiliary
 loss is d.theta + phi.theta (+ theta^T C theta / 2), where phi is an "MTP-only"
 parameter the objective never reads. Then g = b + A theta, m = -(d + phi + C theta),
-H = A, and Delta(lambda) is exactly the Taylor quadratic.
+H = A, and Delta(lambda) is exactly the Taylor quadratic. The trained update
+(optimizer replay, J-only parameters, Adam, cross-fitting) is in test_probe_update.py.
 """
 import copy
 
@@ -109,7 +110,8 @@ def test_decomposition_is_exact_on_quadratics(draw):
     assert record.lambda_star_taylor == pytest.approx(lambda_star, rel=1e-10, abs=1e-10 * numerator_scale / (eta * -h_mm))
     assert record.harm_threshold == pytest.approx(2 * record.lambda_star_taylor, rel=1e-15)
 
-    # the measured curve is the Taylor quadratic up to the rounding of J's evaluation
+    # the measured curve is the Taylor quadratic up to the rounding of J's evaluation; phi, the only
+    # parameter outside S, moves too, but J does not read it: Delta_S is Delta exactly
     n = len(g)
     base_theta = p["theta"] + eta * g
     tolerances = []
@@ -120,26 +122,31 @@ def test_decomposition_is_exact_on_quadratics(draw):
         )
         assert abs(row["delta_meas"] - row["delta_taylor"]) <= tolerance
         assert row["delta_meas"] == pytest.approx(J_np(p, moved) - J_np(p, base_theta), abs=tolerance)
+        assert row["delta_meas_s"] == row["delta_meas"] and row["delta_jonly"] == 0.0
         tolerances.append(tolerance)
     check_fit(record, record.a, record.b, np.array(tolerances))
 
 
 def check_fit(record, a, b, tolerances):
-    """The quadratic fit recovers (-b, a, 0) to within what the curve's rounding
+    """Both quadratic fits recover (-b, a, 0) and (-b, a) to within what the curve's rounding
     (|error| <= tolerances pointwise) can move a least-squares fit."""
-    curve = record.curve("sgd")
-    vandermonde = np.vander(curve.lambdas, 3)
-    coefficient_error = np.linalg.norm(np.linalg.pinv(vandermonde), 2) * np.linalg.norm(tolerances) + 1e3 * EPS * np.abs(curve.fit).sum()
-    np.testing.assert_allclose(curve.fit, [-b, a, 0.0], rtol=0, atol=coefficient_error)
-    total = ((curve.delta - curve.delta.mean()) ** 2).sum()
-    assert 1 - (tolerances**2).sum() / total <= curve.r2 <= 1 + 1e-12
+    curve = record.curve
     lambda_star = a / (2 * b)
-    # lambda* = -a1 / (2 a2) moves by at most this when both coefficients move by coefficient_error
-    fit_error = coefficient_error * (1 + 2 * abs(lambda_star)) / (2 * (b - coefficient_error))
-    assert curve.lambda_star_fit == pytest.approx(lambda_star, abs=fit_error)
+    total = ((curve.delta - curve.delta.mean()) ** 2).sum()
+    for fit, basis, exact in ((curve.fit, np.vander(curve.lambdas, 3), [-b, a, 0.0]),
+                              (curve.fit_origin, np.vander(curve.lambdas, 3)[:, :2], [-b, a])):
+        coefficient_error = (np.linalg.norm(np.linalg.pinv(basis), 2) * np.linalg.norm(tolerances)
+                             + 1e3 * EPS * np.abs(fit.coefficients).sum())
+        np.testing.assert_allclose(fit.coefficients, exact, rtol=0, atol=coefficient_error)
+        assert 1 - (tolerances**2).sum() / total <= fit.r2 <= 1 + 1e-12
+        # lambda* = -a1 / (2 a2) moves by at most this when both coefficients move by coefficient_error
+        fit_error = coefficient_error * (1 + 2 * abs(lambda_star)) / (2 * (b - coefficient_error))
+        assert fit.vertex == pytest.approx(lambda_star, abs=fit_error)
     # the search stops within xatol; near the top the exact curve is flat to within its rounding
     flat = np.sqrt(2 * tolerances.max() / b)
-    assert curve.lambda_star_search == pytest.approx(lambda_star, abs=1e-5 * np.ptp(curve.lambdas) + flat)
+    assert curve.lambda_star == pytest.approx(lambda_star, abs=1e-5 * np.ptp(curve.lambdas) + flat)
+    row = record.as_row()
+    assert (row["lambda_star_meas"], row["fit_origin_r2"]) == (curve.lambda_star, curve.fit_origin.r2)
 
 
 @settings(max_examples=25, deadline=None)
@@ -231,7 +238,7 @@ def test_the_paper_expression_is_not_a_lower_bound_of_delta_in_general():
     p = {"A": A, "b": np.array([1.0, 1.0]), "theta": np.zeros(2), "phi": np.array([1.0, -2.0]), "d": np.zeros(2), "C": np.zeros((2, 2))}
     batch = {k: torch.as_tensor(p[k]) for k in ("A", "b", "C", "d")}
     record = Probe(QuadraticModel(p["theta"], p["phi"]), quadratic_objective, quadratic_aux_loss, parameters_of).measure(
-        batch, 0.01, top_curvature=True, lambdas=[0.0, 0.5, 1.0, 1.5]
+        batch, 0.01, top_curvature=True, grid=[0.0, 0.5, 1.0, 1.5]
     )
     assert record.c > 0 and record.L == pytest.approx(10.0)
     # g^T M m = -9, m^T M m = 9: the expression overshoots the exact Delta on (0, 2)
@@ -248,7 +255,7 @@ def test_non_concave_direction_is_flagged_without_lambda_star():
     assert record.h_mm == pytest.approx(3.0) and record.concave is False
     assert record.lambda_star_taylor is None and record.harm_threshold is None and record.best_gain_taylor is None
     assert NOT_CONCAVE in record.note
-    assert record.curve("sgd").lambda_star_fit is None  # the measured curve is convex too
+    assert record.curve.fit.vertex is None and record.curve.fit_origin.vertex is None  # the measured curve is convex too
 
 
 def test_no_mtp_signal_on_shared_parameters_is_reported_not_divided():
@@ -260,56 +267,7 @@ def test_no_mtp_signal_on_shared_parameters_is_reported_not_divided():
     assert record.v2 == 0.0 and record.c == 0.0
     assert NO_MTP_SIGNAL in record.note
     assert record.cos is None and record.kappa_m is None and record.lambda_star_taylor is None and record.lambda_star_smooth is None
-    assert record.curves == []
-
-
-@pytest.mark.parametrize(
-    "make_optimizer",
-    [
-        lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
-        lambda params: torch.optim.Adam(params, lr=0.05),
-        lambda params: torch.optim.AdamW(
-            [{"params": [params[0]], "lr": 0.05}, {"params": [params[1]], "lr": 0.01, "weight_decay": 0.3}]
-        ),
-    ],
-    ids=["sgd-momentum", "adam", "adamw-two-groups"],
-)
-def test_optimizer_faithful_curve_replays_the_real_step(make_optimizer):
-    p, batch = draw_problem(7, [0.5, 1.0, 4.0], aux_quadratic=True)
-    model = QuadraticModel(p["theta"], p["phi"])
-    optimizer = make_optimizer([model.theta, model.phi])
-    for _ in range(2):  # build up optimizer state
-        optimizer.zero_grad()
-        (-quadratic_objective(parameters_of(model, batch), batch) + 0.3 * quadratic_aux_loss(parameters_of(model, batch), batch)).backward()
-        optimizer.step()
-    lambdas = [-0.5, 0.0, 0.5, 1.0]
-    record = Probe(model, quadratic_objective, quadratic_aux_loss, parameters_of).measure(batch, 0.1, lambdas=lambdas, optimizer=optimizer)
-
-    def replay(lam):
-        twin = QuadraticModel(model.theta.detach(), model.phi.detach())
-        twin_optimizer = make_optimizer([twin.theta, twin.phi])
-        twin_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
-        loss = -quadratic_objective(parameters_of(twin, batch), batch) + lam * quadratic_aux_loss(parameters_of(twin, batch), batch)
-        loss.backward()
-        twin_optimizer.step()
-        return quadratic_objective(parameters_of(twin, batch), batch).item()
-
-    rows = [r for r in record.curve_rows() if r["kind"] == "optimizer"]
-    assert [r["lambda"] for r in rows] == lambdas
-    for row in rows:
-        assert row["delta_meas"] == pytest.approx(replay(row["lambda"]) - replay(0.0), rel=1e-12, abs=1e-14)
-
-
-def test_optimizer_faithful_plain_sgd_equals_the_sgd_curve():
-    p, batch = draw_problem(3, [0.3, 2.0, 6.0, 1.0], aux_quadratic=False)
-    model = QuadraticModel(p["theta"], p["phi"])
-    eta = 0.07
-    record = Probe(model, quadratic_objective, quadratic_aux_loss, parameters_of).measure(
-        batch, eta, optimizer=torch.optim.SGD(model.parameters(), lr=eta)
-    )
-    sgd, opt = record.curve("sgd"), record.curve("optimizer")
-    np.testing.assert_array_equal(sgd.lambdas, opt.lambdas)
-    np.testing.assert_allclose(opt.delta, sgd.delta, rtol=1e-12, atol=1e-14)
+    assert record.curve is None and record.curve_rows() == []
 
 
 def test_per_block_rows_sum_to_the_totals():
@@ -341,39 +299,6 @@ def test_per_block_rows_sum_to_the_totals():
         assert sum(row[key] for row in blocks.values()) == pytest.approx(total, rel=1e-12, abs=1e-15)
 
 
-def test_optimizer_over_a_model_with_a_frozen_parameter_is_accepted_and_skips_it():
-    """The usual optimizer over model.parameters() was rejected ("pass that model's optimizer")
-    when one parameter had requires_grad=False; PyTorch optimizers skip such parameters."""
-    p, batch = draw_problem(5, [0.5, 2.0, 3.0], aux_quadratic=True)
-    model = QuadraticModel(p["theta"], p["phi"])
-    model.phi.requires_grad_(False)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    optimizer.zero_grad()
-    (-quadratic_objective(parameters_of(model, batch), batch)).backward()
-    optimizer.step()  # momentum state for theta only
-    before = (model.theta.detach().clone(), model.phi.detach().clone(), copy.deepcopy(optimizer.state_dict()))
-    record = Probe(model, quadratic_objective, quadratic_aux_loss, parameters_of).measure(
-        batch, 0.1, lambdas=[-1, 0, 1], optimizer=optimizer
-    )
-
-    def replay(lam):
-        twin = QuadraticModel(model.theta.detach(), model.phi.detach())
-        twin.phi.requires_grad_(False)
-        twin_optimizer = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
-        twin_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
-        (-quadratic_objective(parameters_of(twin, batch), batch) + lam * quadratic_aux_loss(parameters_of(twin, batch), batch)).backward()
-        twin_optimizer.step()
-        assert torch.equal(twin.phi, model.phi)  # skipped
-        return quadratic_objective(parameters_of(twin, batch), batch).item()
-
-    rows = [r for r in record.curve_rows() if r["kind"] == "optimizer"]
-    assert [r["lambda"] for r in rows] == [-1.0, 0.0, 1.0]
-    for row in rows:
-        assert row["delta_meas"] == pytest.approx(replay(row["lambda"]) - replay(0.0), rel=1e-12, abs=1e-14)
-    assert torch.equal(model.theta, before[0]) and torch.equal(model.phi, before[1])
-    assert str(optimizer.state_dict()) == str(before[2])
-
-
 def test_bad_measure_options_fail_before_any_forward():
     p, batch = draw_problem(2, [1.0, 2.0], aux_quadratic=False)
     model = QuadraticModel(p["theta"], p["phi"])
@@ -386,14 +311,23 @@ def test_bad_measure_options_fail_before_any_forward():
     probe = Probe(model, quadratic_objective, quadratic_aux_loss, forward=counting_forward)
     stranger = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
     for options, fix in (
-        ({"lambdas": [0.0, 1.0, 1.0], "line_search": False}, "at least 3 distinct"),
+        ({"grid": [0.0, 1.0, 1.0], "line_search": False}, "at least 3 distinct"),
         ({"eval_batch": batch}, "pass eval_objective"),
-        ({"optimizer": stranger}, "pass that model's optimizer"),
     ):
         with pytest.raises(ValueError, match=fix):
             probe.measure(batch, 0.1, **options)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for call, fix in (
+        (lambda: probe.measure_update(batch, stranger, 1.0), "pass that model's optimizer"),
+        (lambda: probe.measure_update(batch, optimizer, float("nan")), "finite scalar or one per head"),
+        (lambda: probe.measure_update(batch, optimizer, 1.0, objectives={}), "at least one curve objective"),
+        (lambda: probe.measure_update(batch, optimizer, 1.0, objectives={"e": (quadratic_objective, 3)}), "pair"),
+        (lambda: probe.measure_update(batch, optimizer, 1.0, top_curvature=["j_true"]), "not measured"),
+    ):
+        with pytest.raises(ValueError, match=fix):
+            call()
     assert calls == []
-    options = MeasureOptions(lambdas=[2, 0, 1], hvp=False, line_search=False)
-    np.testing.assert_array_equal(options.lambdas, [0.0, 1.0, 2.0])
-    assert not options.needs_hessian and not options.needs_grid
-    assert MeasureOptions(hvp=False, top_curvature=True).needs_hessian and MeasureOptions(line_search=False, optimizer=stranger).needs_grid
+    options = MeasureOptions(grid=[2, 0, 1], top_curvature=["objective"])
+    np.testing.assert_array_equal(options.grid, [0.0, 1.0, 2.0])
+    assert options.top_curvature_of("objective") and not options.top_curvature_of("j_true")
+    assert MeasureOptions(top_curvature=True).top_curvature_of("j_true")

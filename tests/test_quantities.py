@@ -27,6 +27,7 @@ def test_hand_values():
     assert q.lambda_star_smooth(0.1, 2.0, 3.0, 5.0, 4.0) == pytest.approx((3.0 - 0.5 * 2.0) / (0.5 * 4.0))
     assert q.lambda_star_smooth(0.1, 2.0, None, 0.0, 4.0) is None and q.lambda_star_smooth(0.1, 2.0, None, 1.0, 0.0) is None
     assert q.smooth_delta(0.1, 2.0, None, None, 4.0, 1.0) is None
+    assert q.precond_a(0.3, -0.1) == pytest.approx(0.2) and q.precond_b(-0.8) == pytest.approx(0.4)
 
 
 @settings(max_examples=50, deadline=None)
@@ -56,6 +57,9 @@ def test_derive_fills_every_field_and_propagates_what_was_not_measured():
     assert full["kappa_g"] == 2.0 and full["concave"] is True
     assert full["lambda_star_taylor"] == pytest.approx(0.75) and full["harm_threshold"] == pytest.approx(1.5)
     assert full["lambda_star_smooth"] == pytest.approx((2.0 - 0.5 * 2.0) / (0.5 * 9.0))
+    assert all(full[k] is None for k in ("a_precond", "b_precond", "lambda_star_precond"))  # not an Adam step
+    adam = q.derive({"lr": 0.1, "c": 2.0, "g2": 4.0, "v2": 9.0, "c_e": 2.0, "c_eq": 0.3, "h_uq": -0.1, "h_qq": -0.8})
+    assert adam["lambda_star_precond"] == pytest.approx(0.2 / (2 * 0.4))
     gradients_only = q.derive({"lr": 0.1, "c": 2.0, "g2": 4.0, "v2": 9.0, "c_e": 2.0})
     assert gradients_only["cos"] == full["cos"]
     assert all(gradients_only[k] is None for k in gradients_only if k != "cos")

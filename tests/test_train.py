@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+from mtpdiag.cli import main as cli_main
 from mtpdiag.calibrators import OCC, Calibration, Calibrator, FixedLambda, WithShadows
 from mtpdiag.evaluation import exact_j_true
 from mtpdiag.diagnostics import GRID_MULTIPLIERS
@@ -199,36 +200,94 @@ def test_diag_every_on_detach_measures_zero_mtp_signal_on_the_joint_shared_set(t
 
 
 def test_diag_every_writes_the_decomposition_tables_and_metrics(tiny, tmp_path, cache):
-    cfg = tiny(regime="policy", lam=0.5, steps=2, diag_every=2)
+    cfg = tiny(regime="policy", lam=0.5, steps=2, diag_every=2, optimizer="sgd")
     result = train(cfg, tmp_path / "run", progress=False, cache_dir=cache)
-    steps = pd.read_csv(tmp_path / "run" / "diag_steps.csv").set_index("objective")
-    assert sorted(steps.index) == ["j_batch", "j_true"]
-    assert (steps["step"] == 2).all() and (steps["v2"] > 0).all()
+    steps = pd.read_csv(tmp_path / "run" / "diag_steps.csv")
+    assert steps[["step", "minibatch", "objective"]].values.tolist() == [
+        [2, mb, o] for mb in range(cfg.minibatches) for o in ("j_batch", "j_true")
+    ]
+    assert (steps["optimizer"] == "sgd").all() and (steps["lambda_trained"] == 0.5).all()
+    # a mini-batch whose groups all have uniform rewards has zero advantages, so m = 0 and no curve
+    assert (steps["v2"] > 0).any() and set(pd.read_csv(tmp_path / "run" / "diag_curves.csv")["minibatch"]) == set(
+        steps.loc[steps["v2"] > 0, "minibatch"])
     assert {"wte", "blocks.0"} <= set(pd.read_csv(tmp_path / "run" / "diag_blocks.csv")["block"])
     # the top curvature L on the only (so the first and the last) measured step, of J_batch's curve
-    assert steps.loc["j_batch", "L"] > 0 and steps.loc["j_batch", "L_source"] == "measured"
+    batch_rows = steps[steps["objective"] == "j_batch"]
+    assert (batch_rows["L"] >= 0).all() and (batch_rows["L_source"] == "measured").all()
     curves = pd.read_csv(tmp_path / "run" / "diag_curves.csv")
-    for objective, curve in curves.groupby("objective"):
-        record = steps.loc[objective]
+    for (mb, objective), curve in curves.groupby(["minibatch", "objective"]):
+        record = steps.set_index(["minibatch", "objective"]).loc[(mb, objective)]
         lam = curve["lambda"].to_numpy()
-        assert (curve["step"] == 2).all() and (curve["kind"] == "sgd").all() and len(curve) == len(GRID_MULTIPLIERS)
+        assert (curve["step"] == 2).all() and len(curve) == len(GRID_MULTIPLIERS)
         scale = lam[list(GRID_MULTIPLIERS).index(1.0)]
         assert scale > 0 and np.allclose(lam, GRID_MULTIPLIERS * scale, rtol=1e-12, atol=0)  # the grid, scaled
         assert curve.loc[lam == 0, "delta_meas"].tolist() == [0.0]  # Delta(0): the detached step itself
-        # the Taylor parabola a lambda - b lambda^2 of this step's own record (docs/theory.md s.2)
+        # the Taylor parabola a lambda - b lambda^2 of this mini-batch's own record (docs/theory.md s.2)
         np.testing.assert_allclose(curve["delta_taylor"], record["a"] * lam - record["b"] * lam**2, rtol=1e-12)
+        assert curve["delta_precond"].isna().all()  # an SGD step has no frozen-preconditioner reading
         # the refined search starts at the best grid point and stays within one grid spacing of it
         best = lam[curve["delta_meas"].to_numpy().argmax()]
-        assert abs(record["lambda_star_meas_search"] - best) <= scale * (GRID_MULTIPLIERS[1] - GRID_MULTIPLIERS[0])
-    batch_curve, lr = curves[curves["objective"] == "j_batch"], cfg.lr
-    c, v2, L = (steps.loc["j_batch", key] for key in ("c", "v2", "L"))
+        assert abs(record["lambda_star_meas"] - best) <= scale * (GRID_MULTIPLIERS[1] - GRID_MULTIPLIERS[0])
+    mb = curves["minibatch"].iloc[0]
+    batch_curve, lr = curves[(curves["objective"] == "j_batch") & (curves["minibatch"] == mb)], cfg.lr
+    c, v2, L = (batch_rows.set_index("minibatch").loc[mb, key] for key in ("c", "v2", "L"))
     # the L-smooth form on the gradient's own objective (c_e = c, docs/theory.md s.3); none on J_true, which has no L
     expected = lr * batch_curve["lambda"] * (c - L * lr * c) - L * lr**2 * batch_curve["lambda"] ** 2 * v2 / 2
     np.testing.assert_allclose(batch_curve["delta_smooth"], expected, rtol=1e-9)
     assert curves.loc[curves["objective"] == "j_true", "delta_smooth"].isna().all()
-    row = result.metrics.set_index("step").loc[2]
-    assert row["diag_j_batch_v2"] == pytest.approx(steps.loc["j_batch", "v2"])
-    assert pd.isna(result.metrics.set_index("step").loc[1].get("diag_j_batch_v2"))
+    # each mini-batch's row carries its summary; metrics.csv their mean over the step's mini-batches
+    minibatches = pd.read_csv(tmp_path / "run" / "minibatch.csv").set_index(["step", "minibatch"])
+    for row in batch_rows.itertuples():
+        assert minibatches.loc[(2, row.minibatch), "diag_j_batch_v2"] == pytest.approx(row.v2, rel=1e-12)
+    metrics = result.metrics.set_index("step")
+    assert metrics.loc[2, "diag_j_batch_v2"] == pytest.approx(batch_rows["v2"].mean(), rel=1e-12)
+    assert metrics.loc[2, "diag_time_s"] > 0 and pd.isna(metrics.loc[1, "diag_j_batch_v2"])
+
+
+def test_the_trainer_measures_every_mini_batch_with_its_real_lambda_and_leaves_the_run_alone(tiny, tmp_path, cache):
+    """The hook sees the calibrator's lambda of each mini-batch, at the parameters it starts
+    from; measuring changes no trainer number."""
+    cfg = tiny(regime="occ", steps=2, minibatches=2)
+    plain = train(cfg, tmp_path / "plain", calibrator=CountingCalibrator(), cache_dir=cache, progress=False)
+    measured = train(cfg.with_values(diag_every=1, diag_top_curvature="none"), tmp_path / "measured",
+                     calibrator=CountingCalibrator(), cache_dir=cache, progress=False)  # fmt: skip
+    steps = pd.read_csv(tmp_path / "measured" / "diag_steps.csv")
+    minibatches = pd.read_csv(tmp_path / "measured" / "minibatch.csv")
+    trained = steps[steps["objective"] == "j_batch"][["step", "minibatch", "lambda_trained"]]
+    assert trained.values.tolist() == minibatches[["step", "minibatch", "lambda_0"]].values.tolist()
+    assert sorted(set(trained["lambda_trained"].round(6))) == [0.1, 0.2, 0.3, 0.4]  # one per mini-batch
+    diag = [c for c in minibatches.columns if c.startswith("diag_")]
+    pd.testing.assert_frame_equal(minibatches.drop(columns=diag), pd.read_csv(tmp_path / "plain" / "minibatch.csv"),
+                                  check_exact=True)  # fmt: skip
+    metrics = trainer_columns(measured.metrics).drop(columns=[c for c in measured.metrics.columns if c.startswith("diag_")])
+    pd.testing.assert_frame_equal(metrics, trainer_columns(plain.metrics), check_exact=True)
+
+
+def test_the_cli_trainer_writes_the_trained_step_columns_for_every_mini_batch(tmp_path, cache):
+    """`mtpdiag train ... --optimizer adamw --minibatches 4 --diag-every 1` on a tiny config."""
+    flags = ["--task-option", "digits=1", "--block-size", "8", "--d-model", "32", "--n-layer", "1", "--n-head", "2",
+             "--sft-steps", "100", "--sft-target", "none", "--sft-batch-size", "32", "--sft-lr", "3e-3",
+             "--steps", "2", "--prompts-per-step", "16", "--group-size", "4",
+             "--eval-prompts", "8", "--eval-samples", "1", "--regime", "policy", "--lam", "0.5", "--optimizer", "adamw",
+             "--lr", "1e-3", "--minibatches", "4", "--diag-every", "1", "--diag-top-curvature", "none",
+             "--diag-objectives", "j_batch,j_true,j_unclipped", "--no-progress"]  # fmt: skip
+    cli_main(["train", *flags, "--out", str(tmp_path / "run"), "--sft-cache", str(cache)])
+    steps = pd.read_csv(tmp_path / "run" / "diag_steps.csv")
+    keys = [[s, mb, o] for s in (1, 2) for mb in range(4) for o in ("j_batch", "j_unclipped", "j_true")]
+    assert steps[["step", "minibatch", "objective"]].values.tolist() == keys
+    for column in ("minibatch", "optimizer", "lambda_trained", "clip_fraction", "c_crossfit", "c_true"):
+        assert steps[column].notna().all(), column  # 4 prompt groups per mini-batch: both halves have two
+    assert (steps["optimizer"] == "adamw").all() and (steps["lambda_trained"] == 0.5).all()
+    assert steps["clip_fraction"].between(0, 1).all() and steps["cos_crossfit"].dropna().between(-1, 1).all()
+    assert steps["cos_crossfit"].notna().any()  # None where a half's groups all have uniform rewards (g = 0 there)
+    signal = steps[steps["v2"] > 0]  # a mini-batch whose groups all have uniform rewards has m = 0 and no curve
+    assert len(signal) > 0
+    for column in ("delta_trained", "lambda_star_meas", "delta_jonly", "fit_r2", "fit_origin_r2", "fit_origin_a2"):
+        assert signal[column].notna().all(), column
+    assert signal["precond_new_share"].between(0, 1).all() and signal["a_precond"].notna().all()
+    concave = signal[signal["b_precond"] > 0]
+    np.testing.assert_allclose(concave["lambda_star_precond"], concave["a_precond"] / (2 * concave["b_precond"]), rtol=1e-12)
+    assert (steps[steps["v2"] == 0]["note"].str.contains("no MTP signal")).all()
 
 
 def test_the_diagnostics_flags_reach_the_run(tiny, tmp_path, cache):
@@ -236,7 +295,7 @@ def test_the_diagnostics_flags_reach_the_run(tiny, tmp_path, cache):
                diag_objectives=("j_batch",))  # fmt: skip
     result = train(cfg, tmp_path / "run", progress=False, cache_dir=cache)
     steps = pd.read_csv(tmp_path / "run" / "diag_steps.csv")
-    assert steps["objective"].tolist() == ["j_batch", "j_batch"] and steps["step"].tolist() == [1, 2]
+    assert steps[["step", "minibatch", "objective"]].values.tolist() == [[s, mb, "j_batch"] for s in (1, 2) for mb in (0, 1)]
     assert steps["L"].isna().all()  # no top curvature on any step
     assert not (tmp_path / "run" / "diag_blocks.csv").exists()
     assert "diag_j_true_v2" not in result.metrics.columns

@@ -9,18 +9,19 @@
   curvature on it;
 * :mod:`.quantities`: the decomposition's formulas as pure functions, and the
   table of derived record fields (adding a quantity: see there);
-* :mod:`.curves`: the measured curve Delta(lambda): grid, quadratic fit,
-  refined search, the SGD and the optimizer-faithful step;
+* :mod:`.curves`: the measured curve Delta(lambda) of the trained update: the
+  replay of the optimizer's step, the grid, both quadratic fits, the refined search;
+* :mod:`.precond`: Adam's step through a frozen diagonal preconditioner;
 * :mod:`.probe`: the :class:`Probe` (orchestration), its :class:`MeasureOptions`
   and its :class:`ProbeRecord`.
 """
-from .curves import GRID_MULTIPLIERS, Curve
+from .curves import GRID_MULTIPLIERS, Curve, Fit, Replay
 from .functional import FunctionalModel, default_forward, find_shared, isolated, values_and_gradients
 from .hvp import HVP_MODES, HessianAt, HessianOperator, top_curvature, tree_dot
 from .probe import NO_MTP_SIGNAL, NOT_CONCAVE, MeasureOptions, Probe, ProbeRecord, block_of
 
 __all__ = [
-    "GRID_MULTIPLIERS", "HVP_MODES", "NOT_CONCAVE", "NO_MTP_SIGNAL", "Curve", "FunctionalModel", "HessianAt",
-    "HessianOperator", "MeasureOptions", "Probe", "ProbeRecord", "block_of", "default_forward", "find_shared",
+    "GRID_MULTIPLIERS", "HVP_MODES", "NOT_CONCAVE", "NO_MTP_SIGNAL", "Curve", "Fit", "FunctionalModel", "HessianAt",
+    "HessianOperator", "MeasureOptions", "Probe", "ProbeRecord", "Replay", "block_of", "default_forward", "find_shared",
     "isolated", "top_curvature", "tree_dot", "values_and_gradients",
 ]

@@ -1,16 +1,16 @@
-"""The measured curve Delta(lambda) (docs/theory.md s.4): its lambda grid, quadratic
-fit and refined argmax, for the SGD step and for the optimizer's real step.
+"""The measured curve Delta(lambda) of the trained update (docs/theory.md s.4): the replay
+of the optimizer's real step, the lambda grid, the two quadratic fits and the refined argmax.
 
-A curve is ``delta(lambda) -> float`` evaluated on a grid (:func:`measure_curve`);
-:func:`sgd_curve` and :func:`optimizer_curve` build that function from parameters,
-gradients and an objective, and neither touches a model or an optimizer.
+A curve is ``delta(lambda) -> float`` evaluated on a grid (:func:`measure_curve`), with
+``delta_s``, the same update with only S moved, beside it. :class:`Replay` takes the
+optimizer's step on clones of the parameters; nothing here touches a model or an optimizer.
 """
 from __future__ import annotations
 
 import copy
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -18,27 +18,41 @@ from scipy.optimize import minimize_scalar
 
 from .functional import Params
 
-# Default lambda grid in units of |lambda*_taylor|: both sides of 0, lambda*, and past the harm threshold 2 lambda*.
+# Default lambda grid in units of |lambda*|: both sides of 0, lambda*, and past the harm threshold 2 lambda*.
 GRID_MULTIPLIERS = np.linspace(-1.0, 3.0, 9)
 
 
 @dataclass
+class Fit:
+    """A least-squares parabola through the measured points: ``coefficients`` highest power
+    first ((a2, a1, a0) for the free fit, (a2, a1) for the fit through the origin), its R^2
+    (None on a constant curve) and its vertex, the argmax (None unless concave)."""
+
+    coefficients: np.ndarray
+    r2: float | None
+    vertex: float | None
+
+
+@dataclass
 class Curve:
-    """Delta(lambda) measured on a grid, its quadratic fit and the refined argmax.
+    """Delta(lambda) measured on a grid: ``delta`` with every parameter the update moves,
+    ``delta_s`` with only S moved (the rest kept at theta), the free quadratic fit and the
+    one through the origin (Delta(0) = 0 exactly), the refined argmax ``lambda_star``
+    (``lambda_star_meas``) and ``delta_jonly_star`` = Delta - Delta_S there."""
 
-    ``kind`` is ``sgd`` (the SGD step of docs/theory.md s.2) or ``optimizer`` (the real
-    optimizer step from a clone of its state). ``fit`` holds the coefficients
-    (a2, a1, a0) of a2 lambda^2 + a1 lambda + a0.
-    """
-
-    kind: str
     lambdas: np.ndarray
     delta: np.ndarray
-    fit: np.ndarray
-    r2: float | None
-    lambda_star_fit: float | None
-    lambda_star_search: float | None
+    delta_s: np.ndarray
+    fit: Fit
+    fit_origin: Fit
+    lambda_star: float
+    delta_jonly_star: float
     n_evaluations: int
+
+    @property
+    def delta_jonly(self) -> np.ndarray:
+        """Delta - Delta_S per grid point: what moving the parameters outside S adds."""
+        return self.delta - self.delta_s
 
 
 # ----------------------------------------------------------------------------- grid
@@ -49,7 +63,7 @@ def given_grid(lambdas: Iterable[float]) -> np.ndarray:
     values = list(lambdas)
     grid = np.unique(np.asarray(values, dtype=np.float64))
     if grid.size < 3:
-        raise ValueError(f"lambdas={values}: a quadratic fit needs at least 3 distinct lambda values")
+        raise ValueError(f"grid={values}: a quadratic fit needs at least 3 distinct lambda values")
     return grid
 
 
@@ -58,11 +72,11 @@ def default_grid(
 ) -> np.ndarray:
     """``GRID_MULTIPLIERS`` times a scale.
 
-    The scale is |lambda*_taylor|, but at least the lambda where the curvature term
-    b lambda^2 stands 1e4 times above the rounding of the objective (``eps``: the
-    dtype's machine epsilon), so a lambda* at 0 still gives a measurable curve;
-    without lambda* it is |g| / |m|, where the MTP step is as long as the RL step
-    (1 if either is 0)."""
+    The scale is |lambda*| (the Probe passes lambda*_precond with its b on an Adam step,
+    else lambda*_taylor), but at least the lambda where the curvature term b lambda^2
+    stands 1e4 times above the rounding of the objective (``eps``: the dtype's machine
+    epsilon), so a lambda* at 0 still gives a measurable curve; without lambda* it is
+    |g| / |m|, where the MTP step is as long as the RL step (1 if either is 0)."""
     if lambda_star is None:
         balanced = g_norm > 0 and m_norm > 0
         return (g_norm / m_norm if balanced else 1.0) * GRID_MULTIPLIERS
@@ -70,17 +84,30 @@ def default_grid(
     return max(abs(lambda_star), resolvable) * GRID_MULTIPLIERS
 
 
-# ----------------------------------------------------------------------------- fit and search
+# ----------------------------------------------------------------------------- fits and search
 
 
-def quadratic_fit(grid: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, float | None, float | None]:
-    """(coefficients (a2, a1, a0), R^2, argmax -a1 / (2 a2)) of the least-squares parabola;
-    R^2 is None on a constant curve, the argmax None unless the parabola is concave."""
-    fit = np.polyfit(grid, values, 2)
+def _r2(values: np.ndarray, fitted: np.ndarray) -> float | None:
+    """1 - residual / total sum of squares (about the mean, for both fits, so they compare)."""
     total = ((values - values.mean()) ** 2).sum()
-    r2 = 1 - ((values - np.polyval(fit, grid)) ** 2).sum() / total if total > 0 else None
-    argmax = -fit[1] / (2 * fit[0]) if fit[0] < 0 else None
-    return fit, r2, argmax
+    return float(1 - ((values - fitted) ** 2).sum() / total) if total > 0 else None
+
+
+def _vertex(a2: float, a1: float) -> float | None:
+    return float(-a1 / (2 * a2)) if a2 < 0 else None
+
+
+def quadratic_fit(grid: np.ndarray, values: np.ndarray) -> Fit:
+    """The free least-squares parabola a2 lambda^2 + a1 lambda + a0."""
+    coefficients = np.polyfit(grid, values, 2)
+    return Fit(coefficients, _r2(values, np.polyval(coefficients, grid)), _vertex(*coefficients[:2]))
+
+
+def origin_fit(grid: np.ndarray, values: np.ndarray) -> Fit:
+    """The least-squares parabola through the origin a2 lambda^2 + a1 lambda (Delta(0) = 0 exactly)."""
+    basis = np.stack([grid**2, grid], axis=1)
+    coefficients = np.linalg.lstsq(basis, values, rcond=None)[0]
+    return Fit(coefficients, _r2(values, basis @ coefficients), _vertex(*coefficients))
 
 
 def refined_argmax(delta: Callable[[float], float], grid: np.ndarray, values: np.ndarray) -> tuple[float, int]:
@@ -93,29 +120,18 @@ def refined_argmax(delta: Callable[[float], float], grid: np.ndarray, values: np
     return float(search.x), int(search.nfev)
 
 
-def measure_curve(kind: str, delta: Callable[[float], float], grid: np.ndarray) -> Curve:
-    """``delta`` on ``grid``, its quadratic fit and its refined argmax."""
+def measure_curve(delta: Callable[[float], float], delta_s: Callable[[float], float], grid: np.ndarray) -> Curve:
+    """``delta`` and ``delta_s`` on ``grid``, both fits and the refined argmax of ``delta``
+    (with ``delta_s`` there too)."""
     values = np.array([delta(lam) for lam in grid])
-    fit, r2, lambda_fit = quadratic_fit(grid, values)
-    lambda_search, n_search = refined_argmax(delta, grid, values)
-    return Curve(kind, grid, values, fit, r2, lambda_fit, lambda_search, grid.size + n_search)
+    values_s = np.array([delta_s(lam) for lam in grid])
+    lambda_star, n_search = refined_argmax(delta, grid, values)
+    jonly_star = delta(lambda_star) - delta_s(lambda_star)
+    return Curve(grid, values, values_s, quadratic_fit(grid, values), origin_fit(grid, values), lambda_star,
+                 jonly_star, 2 * grid.size + n_search + 2)
 
 
-# ----------------------------------------------------------------------------- the two steps
-
-
-def sgd_curve(
-    objective: Callable[[Params], torch.Tensor], theta: Params, g: Params, m: Params, lr: float, grid: np.ndarray
-) -> Curve:
-    """Delta(lambda) = E(theta + eta (g + lambda m)) - E(theta + eta g) for ``objective`` E
-    (the whole-batch value) as a function of S."""
-    base = objective({k: t + lr * g[k] for k, t in theta.items()})
-
-    def delta(lam: float) -> float:
-        moved = {k: t + lr * (g[k] + lam * m[k]) for k, t in theta.items()}
-        return (objective(moved) - base).item()
-
-    return measure_curve("sgd", delta, grid)
+# ----------------------------------------------------------------------------- the update
 
 
 def check_optimizer(optimizer: torch.optim.Optimizer, parameters: dict[str, torch.Tensor]) -> None:
@@ -128,43 +144,36 @@ def check_optimizer(optimizer: torch.optim.Optimizer, parameters: dict[str, torc
         )
 
 
-def optimizer_curve(
-    optimizer: torch.optim.Optimizer,
-    parameters: dict[str, torch.Tensor],
-    step_grad: Callable[[str, float], torch.Tensor | None],
-    objective: Callable[[Params], torch.Tensor],
-    grid: np.ndarray,
-) -> Curve:
-    """Delta(lambda) for the optimizer's real step, each lambda from a fresh clone of its
-    state; the optimizer itself is never stepped.
+class Replay:
+    """The optimizer's real step, taken by a fresh clone of it (its state deep-copied) on
+    clones of the parameters; the optimizer and the parameters are never written.
 
-    ``parameters``: the model's parameters by name (read, never written);
-    ``step_grad(name, lambda)``: the ``.grad`` the trainer's backward of -objective +
-    lambda aux_loss would leave on that parameter (None where no loss reaches it:
-    the optimizer then skips it, as it skips frozen parameters); ``objective``: the
-    whole-batch curve objective as a function of all parameters.
+    ``parameters``: the model's parameters by name. ``replay(grads)`` returns every
+    parameter after one step with ``.grad = grads[name]`` (None or absent: no gradient,
+    so the optimizer skips the parameter, as it skips one no loss reaches in training);
+    parameters the optimizer does not hold keep their values.
     """
-    check_optimizer(optimizer, parameters)
-    name_of = {id(p): n for n, p in parameters.items()}
-    start = {n: p.detach() for n, p in parameters.items()}
-    state = optimizer.state_dict()
 
-    def stepped(lam: float) -> Params:
+    def __init__(self, optimizer: torch.optim.Optimizer, parameters: dict[str, torch.Tensor]):
+        check_optimizer(optimizer, parameters)
+        self.optimizer = optimizer
+        self.name_of = {id(p): n for n, p in parameters.items()}
+        self.start = {n: p.detach() for n, p in parameters.items()}
+        self.state = optimizer.state_dict()
+
+    def __call__(self, grads: Mapping[str, torch.Tensor | None]) -> Params:
         copies, groups = {}, []
-        for group in optimizer.param_groups:
+        for group in self.optimizer.param_groups:
             tensors = []
             for p in group["params"]:
-                n = name_of[id(p)]
-                copy_ = start[n].clone()
-                copy_.grad = step_grad(n, lam)
-                copies[n] = copy_
+                name = self.name_of[id(p)]
+                copy_ = self.start[name].clone()
+                copy_.grad = grads.get(name)
+                copies[name] = copy_
                 tensors.append(copy_)
             groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": tensors})
-        clone = type(optimizer)(groups)
-        clone.load_state_dict(copy.deepcopy(state))  # deep copy: load_state_dict would alias the live moments
+        clone = type(self.optimizer)(groups)
+        clone.load_state_dict(copy.deepcopy(self.state))  # deep copy: load_state_dict would alias the live moments
         with torch.no_grad():
             clone.step()
-        return {n: copies.get(n, t) for n, t in start.items()}
-
-    base = objective(stepped(0.0))
-    return measure_curve("optimizer", lambda lam: (objective(stepped(lam)) - base).item(), grid)
+        return {n: copies.get(n, t) for n, t in self.start.items()}

@@ -1,53 +1,65 @@
-"""The exact per-step decomposition of an MTP loss's effect on an RL objective.
+"""The exact decomposition of an MTP loss's effect on an RL objective, for the update that is trained.
 
-:class:`Probe` measures, at the current parameters and for one batch, every
-quantity of docs/theory.md sections 2-4 (c, v^2, h_gm, h_mm, lambda*, the L-smooth
-form, the measured curve Delta(lambda)) as pure functions of (parameters,
-batch): it calls the model through :class:`~.functional.FunctionalModel` and
-never touches the model's parameters, ``.grad``, buffers, the optimizer or the RNG.
+:class:`Probe` measures, at the current parameters and for one (mini-)batch, every
+quantity of docs/theory.md sections 2-4, 6 and 8 (c, v^2, h_gm, h_mm, lambda*, the
+L-smooth form, the frozen-preconditioner lambda*, the cross-fitted correlations and
+the measured curve Delta(lambda) of the optimizer's real step) as pure functions of
+(parameters, batch): it calls the model through :class:`~.functional.FunctionalModel`
+and never touches the model's parameters, ``.grad``, buffers, the optimizer or the RNG.
 
-It is orchestration: S and the losses as functions of S come from
+:meth:`Probe.measure_update` measures the update a trainer is about to take: the
+trainer's optimizer (replayed from a clone of its state), the trained lambda, every
+parameter the update moves (S, J-only, MTP-only) and one curve per objective.
+:meth:`Probe.measure` is the same measurement for one plain SGD step of a given size.
+
+It is orchestration: S and the losses as functions of the parameters come from
 :mod:`.functional`, Hessian-vector products and L from :mod:`.hvp`, every derived
-scalar from :mod:`.quantities` (adding one: see there), the curves from
-:mod:`.curves`. A :class:`MeasureOptions` says what one measurement includes.
+scalar from :mod:`.quantities` (adding one: see there), the curves and the replay of the
+step from :mod:`.curves`, Adam's frozen preconditioner from :mod:`.precond`.
 
 It works with any ``nn.Module``: ``forward(model, batch)`` produces outputs,
-``objective(outputs, batch)`` is the scalar to maximise, ``aux_loss(outputs,
-batch)`` the MTP loss to minimise. Sign conventions: g = grad_S objective,
-m = -grad_S aux_loss, one SGD step with coefficient lambda moves S by
-lr * (g + lambda m); parameters outside S stay fixed. Parameters are named as
-in ``model.named_parameters()`` everywhere.
+``objective(outputs, batch)`` is the scalar to maximise, ``aux_loss(outputs, batch)``
+the MTP loss to minimise (called with ``head_weights=`` where the measurement needs the
+loss at other head weights: see :class:`Probe`). Sign conventions: g = grad objective,
+m = -grad aux_loss; the trainer's loss at coefficient lambda is
+-objective + aux_loss(lambda), so one SGD step moves the parameters by lr (g + lambda m).
+Parameters are named as in ``model.named_parameters()`` everywhere.
 
-Under ``torch.distributed`` (more than one rank) each rank passes its shard of
-the batch and every rank gets the numbers of the whole batch: each loss is
-evaluated as this rank's share of the whole-batch loss (mtpdiag's losses do so
-inside :func:`mtpdiag.distributed.global_means`, which the probe enters), and
-values, gradients and Hessian-vector products are summed over ranks. Every
-rank calls ``measure`` with the same arguments, on the raw (unwrapped) module.
+Under ``torch.distributed`` (more than one rank) each rank passes its shard of the
+batch and every rank gets the numbers of the whole batch: each loss is evaluated as
+this rank's share of the whole-batch loss (mtpdiag's losses do so inside
+:func:`mtpdiag.distributed.global_means`, which the probe enters), and values,
+gradients and Hessian-vector products are summed over ranks. Every rank calls the
+Probe with the same arguments, on the raw (unwrapped) module.
 """
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from functools import partial
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
+from ..distributed import all_reduce_sum
 from ..integrations import require_unwrapped
 from . import curves, quantities
-from .curves import Curve
+from .curves import Curve, Replay
 from .functional import (
-    FunctionalModel, Loss, Params, check_finite, checkpointing_enabled, checkpointing_error, find_shared, function_of, isolated, reached_by,
-    values_and_gradients,
+    FunctionalModel, Loss, Params, check_finite, checked_value, checkpointing_enabled, checkpointing_error, find_shared,
+    function_of, isolated, reached_by, values_and_gradients,
 )
 from .hvp import HVP_MODES, HessianAt, top_curvature, tree_dot
+from .precond import frozen_preconditioner, unsupported
 
 NO_MTP_SIGNAL = "no MTP signal on shared parameters"
 NOT_CONCAVE = "direction not concave (h_mm >= 0): no lambda*"
 NO_SMOOTH_OPTIMUM = "L <= 0 (no negative curvature): no lambda*_smooth"
 NO_CURVE_WITHOUT_M = "curve not measured: Delta(lambda) = 0 when m = 0"
+NO_CROSSFIT_HALF = "one half of the prompt groups (even or odd group id) is empty: no cross-fit"
+GROUPS_DIFFER_IN_LR = "the optimizer's parameter groups differ in lr: the Taylor quantities use the first group's"
 
 
 def block_of(name: str) -> str:
@@ -63,21 +75,26 @@ def block_of(name: str) -> str:
 
 @dataclass
 class ProbeRecord:
-    """One measurement. ``as_row`` flattens the scalars; ``curve_rows`` and
-    ``block_rows`` give the long tables. ``None`` means "not measured" or
-    "undefined here" (``note`` says which).
+    """One measurement of one curve objective. ``as_row`` flattens the scalars (and the
+    curve's fits); ``curve_rows`` and ``block_rows`` give the long tables. ``None``
+    means "not measured" or "undefined here" (``note`` says which).
 
-    ``hvp_mode`` is the Hessian-vector path that ran (``fwd_rev`` or ``rev_rev``;
-    None without products); ``hvp_fallback`` is why ``rev_rev`` ran although the
-    Probe was configured for ``fwd_rev`` (the forward-mode error), else None.
+    ``optimizer`` is the update's optimizer class, lower case (``sgd``, ``adamw``,
+    ``adam``); ``lr`` its (first group's) learning rate, the eta of the Taylor
+    quantities. ``hvp_mode`` is the Hessian-vector path that ran (``fwd_rev`` or
+    ``rev_rev``; None without products); ``hvp_fallback`` is why ``rev_rev`` ran
+    although the Probe was configured for ``fwd_rev`` (the forward-mode error), else None.
     ``gradient_checkpointing`` is ``"suspended"`` when the model had Hugging Face
-    gradient checkpointing on and the measurement ran with it off (restored after), else None."""
+    gradient checkpointing on and the measurement ran with it off (restored after), else None.
+    ``time_s`` is the time of the whole measurement, every objective included."""
 
+    optimizer: str
     lr: float
     dtype: str
     hvp_mode: str | None
     n_shared: int
     n_shared_tensors: int
+    n_moved: int
     objective_value: float
     c: float
     g_norm: float
@@ -87,6 +104,7 @@ class ProbeRecord:
     c_eval: float | None = None
     eval_grad_norm: float | None = None
     h_gm: float | None = None
+    h_gm_jonly: float | None = None
     h_mm: float | None = None
     h_gg: float | None = None
     kappa_m: float | None = None
@@ -100,56 +118,78 @@ class ProbeRecord:
     L: float | None = None
     L_source: str | None = None
     lambda_star_smooth: float | None = None
+    a_precond: float | None = None
+    b_precond: float | None = None
+    lambda_star_precond: float | None = None
+    precond_new_share: float | None = None
+    lambda_trained: float | None = None
+    delta_trained: float | None = None
+    clip_fraction: float | None = None
+    c_crossfit: float | None = None
+    cos_crossfit: float | None = None
     hvp_fallback: str | None = None
     gradient_checkpointing: str | None = None
     note: str = ""
     time_s: float = 0.0
-    curves: list[Curve] = field(default_factory=list)
+    curve: Curve | None = None
     blocks: list[dict] = field(default_factory=list)
 
-    def curve(self, kind: str) -> Curve | None:
-        return next((c for c in self.curves if c.kind == kind), None)
-
     def as_row(self) -> dict:
-        row = {k: v for k, v in self.__dict__.items() if k not in ("curves", "blocks")}
-        for kind, prefix in (("sgd", ""), ("optimizer", "opt_")):
-            curve = self.curve(kind)
-            fit = curve.fit if curve is not None else (None, None, None)
-            row.update(
-                {
-                    f"{prefix}fit_a2": _float(fit[0]),
-                    f"{prefix}fit_a1": _float(fit[1]),
-                    f"{prefix}fit_a0": _float(fit[2]),
-                    f"{prefix}fit_r2": curve.r2 if curve else None,
-                    f"{prefix}lambda_star_meas_fit": curve.lambda_star_fit if curve else None,
-                    f"{prefix}lambda_star_meas_search": curve.lambda_star_search if curve else None,
-                }
-            )
+        """Every scalar field, then the curve's: ``lambda_star_meas`` (its refined argmax),
+        ``delta_jonly`` (Delta - Delta_S there), the free fit ``fit_a2, fit_a1, fit_a0,
+        fit_r2, lambda_star_meas_fit`` and the fit through the origin ``fit_origin_a2,
+        fit_origin_a1, fit_origin_r2, lambda_star_meas_fit_origin`` (None without a curve)."""
+        row = {k: v for k, v in self.__dict__.items() if k not in ("curve", "blocks")}
+        curve = self.curve
+        free = curve.fit.coefficients if curve else (None, None, None)
+        origin = curve.fit_origin.coefficients if curve else (None, None)
+        row.update(
+            {
+                "lambda_star_meas": curve.lambda_star if curve else None,
+                "delta_jonly": curve.delta_jonly_star if curve else None,
+                "fit_a2": _float(free[0]),
+                "fit_a1": _float(free[1]),
+                "fit_a0": _float(free[2]),
+                "fit_r2": curve.fit.r2 if curve else None,
+                "lambda_star_meas_fit": curve.fit.vertex if curve else None,
+                "fit_origin_a2": _float(origin[0]),
+                "fit_origin_a1": _float(origin[1]),
+                "fit_origin_r2": curve.fit_origin.r2 if curve else None,
+                "lambda_star_meas_fit_origin": curve.fit_origin.vertex if curve else None,
+            }
+        )
         return row
 
     def taylor_delta(self, lam: float) -> float | None:
         """The Taylor quadratic a lambda - b lambda^2 (docs/theory.md s.2)."""
         return quantities.taylor_delta(self.a, self.b, lam)
 
+    def precond_delta(self, lam: float) -> float | None:
+        """The frozen-preconditioner quadratic a_P lambda - b_P lambda^2 (docs/theory.md s.6)."""
+        return quantities.taylor_delta(self.a_precond, self.b_precond, lam)
+
     def smooth_delta(self, lam: float) -> float | None:
         """The L-smooth expression of docs/theory.md s.3 (see :func:`.quantities.smooth_delta`)."""
         return quantities.smooth_delta(self.lr, self.c, self.c_eval, self.L, self.v2, lam)
 
     def curve_rows(self) -> list[dict]:
-        rows = []
-        for curve in self.curves:
-            for lam, delta in zip(curve.lambdas.tolist(), curve.delta.tolist()):
-                sgd = curve.kind == "sgd"
-                rows.append(
-                    {
-                        "kind": curve.kind,
-                        "lambda": lam,
-                        "delta_meas": delta,
-                        "delta_taylor": self.taylor_delta(lam) if sgd else None,
-                        "delta_smooth": self.smooth_delta(lam) if sgd else None,
-                    }
-                )
-        return rows
+        """One row per grid point: ``delta_meas`` (every moved parameter), ``delta_meas_s``
+        (S only), ``delta_jonly`` (their difference) and the three model curves."""
+        if self.curve is None:
+            return []
+        curve = self.curve
+        return [
+            {
+                "lambda": lam,
+                "delta_meas": delta,
+                "delta_meas_s": delta_s,
+                "delta_jonly": delta - delta_s,
+                "delta_taylor": self.taylor_delta(lam),
+                "delta_precond": self.precond_delta(lam),
+                "delta_smooth": self.smooth_delta(lam),
+            }
+            for lam, delta, delta_s in zip(curve.lambdas.tolist(), curve.delta.tolist(), curve.delta_s.tolist())
+        ]
 
     def block_rows(self) -> list[dict]:
         return list(self.blocks)
@@ -161,44 +201,27 @@ def _float(x) -> float | None:
 
 @dataclass(frozen=True, eq=False)
 class MeasureOptions:
-    """What one :meth:`Probe.measure` includes (see there for each option).
-    Validated on construction, before any work; ``lambdas`` becomes the sorted grid."""
+    """What one measurement includes (see :meth:`Probe.measure_update` for each option).
+    Validated on construction, before any work; ``grid`` becomes the sorted grid."""
 
-    lambdas: Iterable[float] | None = None
+    grid: Iterable[float] | None = None
     hvp: bool = True
     gg_curvature: bool = True
     line_search: bool = True
-    top_curvature: bool = False
+    top_curvature: bool | tuple[str, ...] = False
     L: float | None = None
     per_block: bool = False
-    eval_objective: Loss | None = None
-    eval_batch: dict | None = None
-    optimizer: torch.optim.Optimizer | None = None
+    crossfit: bool = True
 
     def __post_init__(self):
-        if self.lambdas is not None:
-            object.__setattr__(self, "lambdas", curves.given_grid(self.lambdas))
-        if self.eval_batch is not None and self.eval_objective is None:
-            raise ValueError("eval_batch is the batch of eval_objective: pass eval_objective=<the curve objective> too")
+        if self.grid is not None:
+            object.__setattr__(self, "grid", curves.given_grid(self.grid))
+        if not isinstance(self.top_curvature, bool):
+            object.__setattr__(self, "top_curvature", tuple(self.top_curvature))
 
-    @property
-    def needs_hessian(self) -> bool:
-        return self.hvp or self.top_curvature
-
-    @property
-    def needs_grid(self) -> bool:
-        return self.line_search or self.optimizer is not None
-
-
-@dataclass
-class _Derivatives:
-    """First and second derivatives of one measurement, on S."""
-
-    g: Params  # grad of the objective
-    m: Params  # minus grad of the aux loss
-    e: Params  # grad of the curve objective (g without an eval objective)
-    value: torch.Tensor  # the curve objective's value
-    Hm: Params | None  # the curve objective's Hessian times m (None without hvp)
+    def top_curvature_of(self, objective: str) -> bool:
+        """Whether this measurement takes L on ``objective``'s Hessian."""
+        return self.top_curvature if isinstance(self.top_curvature, bool) else objective in self.top_curvature
 
 
 def per_block(g: Params, m: Params, Hm: Params | None) -> list[dict]:
@@ -209,22 +232,87 @@ def per_block(g: Params, m: Params, Hm: Params | None) -> list[dict]:
         groups.setdefault(block_of(name), []).append(name)
     rows = []
     for block, names in groups.items():
-        sub = lambda tree: {n: tree[n] for n in names}  # noqa: E731
         rows.append(
             {
                 "block": block,
                 "n_params": sum(g[n].numel() for n in names),
-                "c": tree_dot(sub(g), sub(m)).item(),
-                "v2": tree_dot(sub(m), sub(m)).item(),
-                "g_norm2": tree_dot(sub(g), sub(g)).item(),
-                "h_mm": tree_dot(sub(m), sub(Hm)).item() if Hm is not None else None,
+                "c": tree_dot(_sub(g, names), _sub(m, names)).item(),
+                "v2": tree_dot(_sub(m, names), _sub(m, names)).item(),
+                "g_norm2": tree_dot(_sub(g, names), _sub(g, names)).item(),
+                "h_mm": tree_dot(_sub(m, names), _sub(Hm, names)).item() if Hm is not None else None,
             }
         )
     return rows
 
 
+def _sub(tree: Params, names: Iterable[str]) -> Params:
+    return {n: tree[n] for n in names}
+
+
+def _trained_weights(lambdas) -> torch.Tensor | None:
+    """The trained lambda (a scalar or one per head) as a 1-D float64 tensor."""
+    if lambdas is None:
+        return None
+    weights = torch.as_tensor(lambdas, dtype=torch.float64).detach().cpu().reshape(-1)
+    if weights.numel() == 0 or not torch.isfinite(weights).all():
+        raise ValueError(f"lambdas={lambdas!r}: pass the trained MTP coefficient, a finite scalar or one per head")
+    return weights
+
+
+@dataclass
+class _Gradients:
+    """The first derivatives one update measurement shares across its objectives, on the
+    parameters it takes them on (every moved parameter and S)."""
+
+    g: Params  # grad of the objective (J_batch)
+    aux: Params  # grad of the aux loss at head weight +1 (G+ = -m)
+    aux_minus: Params | None  # at head weight -1 (G-), where the aux loss depends on the sign
+    aux_trained: Params | None  # at the trained head weights, where they differ by head
+
+    @property
+    def m(self) -> Params:
+        return {n: -t for n, t in self.aux.items()}
+
+
+class _Step:
+    """The trained update at coefficient lambda, replayed: the gradient the trainer's
+    backward of -objective + aux_loss(lambda) leaves on each parameter (None where no
+    loss reaches it), and the parameters after the optimizer's step, kept for lambda = 0
+    and the trained lambda (which every objective reads)."""
+
+    def __init__(self, replay: Replay, grads: _Gradients, moved: Sequence[str], trained: torch.Tensor | None):
+        self.replay, self.grads, self.moved, self.trained = replay, grads, list(moved), trained
+        self._kept: dict = {}
+
+    def gradient(self, lam: float) -> dict[str, torch.Tensor]:
+        # aux(lambda) is positively homogeneous in lambda: lambda G+ above 0, |lambda| G- below
+        if lam < 0 and self.grads.aux_minus is not None:
+            aux, weight = self.grads.aux_minus, -lam
+        else:
+            aux, weight = self.grads.aux, lam
+        return {n: weight * aux[n] - self.grads.g[n] for n in self.moved}
+
+    def at(self, lam: float) -> Params:
+        if lam == 0.0:
+            return self._keep(0.0, lambda: self.replay(self.gradient(0.0)))
+        return self.replay(self.gradient(lam))
+
+    def at_trained(self) -> Params:
+        def step():
+            if self.grads.aux_trained is None:
+                return self.replay(self.gradient(self.trained[0].item()))
+            return self.replay({n: self.grads.aux_trained[n] - self.grads.g[n] for n in self.moved})
+
+        return self._keep("trained", step)
+
+    def _keep(self, key, compute) -> Params:
+        if key not in self._kept:
+            self._kept[key] = compute()
+        return self._kept[key]
+
+
 class Probe:
-    """Measures the MTP decomposition of one batch for any ``nn.Module``.
+    """Measures the MTP decomposition of an update for any ``nn.Module``.
 
     ``shared`` picks S: ``"auto"`` (the default) takes the trainable parameters
     that both losses reach in the autograd graph, found on the first batch and
@@ -236,6 +324,13 @@ class Probe:
     ``shared_forward`` is the forward that ``"auto"`` finds S with (default:
     ``forward``): pass the joint forward to measure a detached regime on the S
     of the joint model.
+
+    ``aux_sign_dependent``: the aux loss at negative head weights is not minus the
+    loss at positive ones (mtpdiag's policy loss with lambda on the advantages, whose
+    clip acts on the other side for lambda < 0). Then the curve's lambda < 0 side uses
+    the gradient of ``aux_loss(out, batch, head_weights=-1.0)``; otherwise
+    aux_loss(lambda) = lambda aux_loss. ``aux_loss`` is also called with
+    ``head_weights=`` the trained lambdas where they differ by head.
 
     ``hvp_mode`` is ``fwd_rev`` (default) or ``rev_rev``; see :mod:`mtpdiag.diagnostics.hvp`.
     It is the configuration and never changes. When ``fwd_rev`` fails on an
@@ -264,6 +359,7 @@ class Probe:
         shared: str | Sequence[str] | Callable[[str], bool] = "auto",
         hvp_mode: str = "fwd_rev",
         shared_forward: Callable | None = None,
+        aux_sign_dependent: bool = False,
     ):
         if hvp_mode not in HVP_MODES:
             raise ValueError(f"hvp_mode={hvp_mode!r}: choose one of {HVP_MODES}")
@@ -272,15 +368,16 @@ class Probe:
         self.model = require_unwrapped(model)
         self.objective = objective
         self.aux_loss = aux_loss
+        self.aux_sign_dependent = bool(aux_sign_dependent)
         self.functional = FunctionalModel(model, forward)
         self._shared_functional = FunctionalModel(model, shared_forward) if shared_forward else self.functional
         self._shared_spec = shared
         self.hvp_mode = hvp_mode
         self.hvp_fallback: str | None = None
         self.shared_names: list[str] | None = None
-        self._reached: set[str] | None = None  # what either loss reaches through ``forward`` (the optimizer curve's .grad)
+        self._moved: set[str] | None = None  # what either loss reaches through ``forward``: what the update moves
 
-    # ----------------------------------------------------------------- S
+    # ----------------------------------------------------------------- S and the moved parameters
 
     def find_shared(self, batch: dict) -> list[str]:
         """S from the autograd graph: names of the parameters both the objective and the aux loss reach."""
@@ -305,6 +402,14 @@ class Probe:
         self.shared_names = chosen
         return chosen
 
+    def moved_names(self, batch: dict) -> list[str]:
+        """The parameters the update moves: those the objective or the aux loss reaches through
+        ``forward`` (the others get no ``.grad`` in training), in ``named_parameters()`` order."""
+        if self._moved is None:
+            fm = self.functional
+            self._moved = reached_by(fm, self.objective, batch) | reached_by(fm, self.aux_loss, batch)
+        return [n for n in self.functional.trainable() if n in self._moved]
+
     def function_of_shared(self, loss: Callable, batch: dict) -> tuple[Callable[[Params], torch.Tensor], Params]:
         """``loss`` on ``batch`` as a pure function of S (the rest held at its current
         values), and S's current values, keyed by the model's parameter names; e.g. for
@@ -318,125 +423,313 @@ class Probe:
     # ----------------------------------------------------------------- measure
 
     def measure(
+        self, batch: dict, lr: float, *, eval_objective: Callable | None = None, eval_batch: dict | None = None,
+        **options,
+    ) -> ProbeRecord:
+        """:meth:`measure_update` for one plain SGD step of size ``lr`` (eta), no weight
+        decay or momentum, and no trained lambda, on one curve objective: ``eval_objective``
+        (on ``eval_batch``, default ``batch``) while g still comes from ``objective``, or
+        ``objective`` itself. The other options are :meth:`measure_update`'s."""
+        if not (lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"lr={lr}: the step size must be a positive finite number")
+        if eval_batch is not None and eval_objective is None:
+            raise ValueError("eval_batch is the batch of eval_objective: pass eval_objective=<the curve objective> too")
+        sgd = torch.optim.SGD(list(self.functional.trainable().values()), lr=float(lr))
+        name = "objective" if eval_objective is None else "eval_objective"
+        objective = self.objective if eval_objective is None else (eval_objective, eval_batch)
+        return self.measure_update(batch, sgd, None, objectives={name: objective}, **options)[name]
+
+    def measure_update(
         self,
         batch: dict,
-        lr: float,
+        optimizer: torch.optim.Optimizer,
+        lambdas=None,
         *,
-        lambdas: Iterable[float] | None = None,
+        objectives: Mapping[str, Loss | tuple[Loss, dict | None]] | None = None,
+        clip_fraction: Loss | None = None,
+        grid: Iterable[float] | None = None,
         hvp: bool = True,
         gg_curvature: bool = True,
         line_search: bool = True,
-        top_curvature: bool = False,
+        top_curvature: bool | Iterable[str] = False,
         L: float | None = None,
         per_block: bool = False,
-        eval_objective: Callable | None = None,
-        eval_batch: dict | None = None,
-        optimizer: torch.optim.Optimizer | None = None,
-    ) -> ProbeRecord:
-        """Measure one step at learning rate ``lr`` (eta).
+        crossfit: bool = True,
+    ) -> dict[str, ProbeRecord]:
+        """Measure the update the trainer is about to take on ``batch``: one step of
+        ``optimizer`` (replayed by a clone of it; its own state, learning rates and weight
+        decay apply; it is never stepped) on the gradient of -objective + aux_loss(lambda),
+        over every parameter either loss reaches; ``lambdas`` is the coefficient the
+        trainer uses (a scalar or one per head; None: not known). One record per
+        curve objective E in ``objectives``, by name: a ``loss(out, batch)`` on ``batch``,
+        or a ``(loss, its batch)`` pair (default ``{"objective": objective}``).
 
-        ``hvp``: h_gm and h_mm (one Hessian-vector product), and with
-        ``gg_curvature`` also h_gg / kappa_g (a second one). ``line_search``:
-        Delta(lambda) on ``lambdas`` (default: ``GRID_MULTIPLIERS`` times
-        |lambda*_taylor|, floored where the curve is resolvable, else times
-        |g|/|m|), a quadratic fit and a bounded scalar search around the best
-        grid point. ``top_curvature``: L by
-        Lanczos; ``L`` given instead is used as is; either gives lambda*_smooth.
-        ``per_block``: c, v^2, |g|^2 and h_mm per parameter group (h_mm of a
-        group is m_b . (H m)_b, so the groups sum to h_mm).
+        Per record: g = grad objective and m = -grad aux_loss on the moved parameters
+        (c, v^2, cos and h_mm on S, where every term E reads lives); with ``hvp`` one
+        Hessian-vector product of E's Hessian gives h_gm (its part outside S:
+        ``h_gm_jonly``), h_mm and lambda*_taylor (docs/theory.md s.2), ``gg_curvature``
+        adds h_gg (a second product, on S); on an Adam/AdamW step one more product gives
+        lambda*_precond through the frozen preconditioner (s.6). ``top_curvature``
+        (True, or the names of the objectives to take it on): L by Lanczos on S; ``L``
+        given instead is used as is; either gives lambda*_smooth. ``per_block``: c, v^2,
+        |g|^2 and h_mm per parameter group.
 
-        ``eval_objective`` (on ``eval_batch``, default ``batch``) is the
-        objective E whose curve is measured while g still comes from
-        ``objective``: then Delta(lambda) = E(theta + eta(g + lambda m)) -
-        E(theta + eta g), the Hessians are E's, c_eval = <grad E, m> and
-        a = eta (c_eval + eta g^T H_E m). ``optimizer``: also the curve for the
-        optimizer's real step on -objective + lambda * aux_loss over all its
-        parameters, from a clone of its state (its own learning rate applies;
-        frozen parameters are skipped, as the optimizer skips them).
+        ``line_search``: Delta(lambda) = E(step(lambda)) - E(step(0)) on ``grid``
+        (default: ``GRID_MULTIPLIERS`` times |lambda*_precond| on an Adam step, else
+        |lambda*_taylor|, floored where the curve is resolvable, else times |g|/|m|),
+        with every moved parameter and with only S moved, both quadratic fits, and
+        ``lambda_star_meas``, a bounded scalar search around the best grid point; with
+        ``lambdas``, ``delta_trained`` = Delta at the trained lambda, and ``clip_fraction``
+        (a ``loss(out, batch)``-like function, e.g. the share of tokens past the PPO clip)
+        on ``batch`` at the end of the trained step.
+
+        ``crossfit`` (when ``batch["group"]`` holds each row's prompt-group id, every
+        tensor of the batch having its rows first): g and m on the rows of the even and of
+        the odd group ids, each half its own mean, and c_crossfit, cos_crossfit (s.8).
         """
-        if lr <= 0 or not math.isfinite(lr):
-            raise ValueError(f"lr={lr}: the step size must be a positive finite number")
         options = MeasureOptions(
-            lambdas=lambdas, hvp=hvp, gg_curvature=gg_curvature, line_search=line_search,
-            top_curvature=top_curvature, L=L, per_block=per_block, eval_objective=eval_objective,
-            eval_batch=eval_batch, optimizer=optimizer,
+            grid=grid, hvp=hvp, gg_curvature=gg_curvature, line_search=line_search, top_curvature=top_curvature,
+            L=L, per_block=per_block, crossfit=crossfit,
         )
-        if optimizer is not None:
-            curves.check_optimizer(optimizer, dict(self.model.named_parameters()))
+        specs = self._objective_specs(objectives)
+        if not isinstance(options.top_curvature, bool):
+            unknown = sorted(set(options.top_curvature) - set(specs))
+            if unknown:
+                raise ValueError(f"top_curvature names objectives {unknown} that are not measured: {sorted(specs)}")
+        trained = _trained_weights(lambdas)
+        parameters = dict(self.model.named_parameters())
+        curves.check_optimizer(optimizer, parameters)
         started = time.perf_counter()
         suspended = checkpointing_enabled(self.model)
         with isolated(self.model), torch.enable_grad():
             try:
-                record = self._measure(batch, float(lr), options)
+                records = self._measure_update(batch, optimizer, trained, specs, clip_fraction, options)
             except RuntimeError as err:
                 if checkpointing_error(err) is None:
                     raise
                 raise checkpointing_error(err) from err
-        record.gradient_checkpointing = "suspended" if suspended else None
-        record.time_s = time.perf_counter() - started
-        return record
+        elapsed = time.perf_counter() - started
+        for record in records.values():
+            record.gradient_checkpointing = "suspended" if suspended else None
+            record.time_s = elapsed
+        return records
 
-    def _measure(self, batch: dict, lr: float, options: MeasureOptions) -> ProbeRecord:
-        theta, fixed = self.functional.split(self._resolve_shared(batch))
-        eval_batch = batch if options.eval_batch is None else options.eval_batch
-        evaluated = options.eval_objective or self.objective
-        hessian = None
-        if options.needs_hessian:
-            E = function_of(self.functional, evaluated, eval_batch, fixed)
-            # a fallback remembered from an earlier measurement skips the failing forward-mode attempt
-            mode = "rev_rev" if self.hvp_fallback else self.hvp_mode
-            hessian = HessianAt(E, theta, mode, across_ranks=True)
-        d = self._derivatives(batch, theta, fixed, options, eval_batch, hessian)
+    def _objective_specs(self, objectives) -> dict[str, tuple[Loss, dict | None]]:
+        if objectives is None:
+            return {"objective": (self.objective, None)}
+        specs = {}
+        for name, spec in objectives.items():
+            loss, batch = spec if isinstance(spec, tuple) else (spec, None)
+            if not callable(loss) or not (batch is None or isinstance(batch, dict)):
+                raise ValueError(f"objectives[{name!r}]: pass a loss(out, batch), or a (loss, batch) pair")
+            specs[name] = (loss, batch)
+        if not specs:
+            raise ValueError("objectives is empty: name at least one curve objective")
+        return specs
 
-        measured = {
+    def _measure_update(self, batch, optimizer, trained, specs, clip_fraction, options) -> dict[str, ProbeRecord]:
+        fm = self.functional
+        shared = self._resolve_shared(batch)
+        moved = self.moved_names(batch)
+        theta = {n: p.detach() for n, p in fm.trainable().items()}
+        # gradients and products on every moved parameter and on S (a hand-picked S may hold an unmoved one)
+        params = {n: t for n, t in theta.items() if n in set(moved) | set(shared)}
+        rest = {n: t for n, t in theta.items() if n not in params}
+        own = next((name for name, (loss, b) in specs.items() if loss is self.objective and b is None), None)
+        mode = "rev_rev" if self.hvp_fallback else self.hvp_mode  # a remembered fallback skips the failing attempt
+        hessians = {
+            name: HessianAt(function_of(fm, loss, batch if b is None else b, rest), params, mode, across_ranks=True)
+            for name, (loss, b) in specs.items()
+        } if options.hvp else {}
+
+        grads, own_value, own_Hm = self._gradients(batch, params, rest, trained, options, hessians.get(own))
+        g, m = grads.g, grads.m
+        step = _Step(Replay(optimizer, dict(self.model.named_parameters())), grads, moved, trained)
+        precond = self._precond(optimizer, m, shared, theta, step)
+        crossfit = self._crossfit(batch, shared, rest | {n: t for n, t in params.items() if n not in shared}, options)
+        clipped = self._clip_fraction(clip_fraction, batch, step) if clip_fraction and trained is not None else None
+
+        lrs = {float(group["lr"]) for group in optimizer.param_groups}
+        lr = float(optimizer.param_groups[0]["lr"])
+        g_S, m_S = _sub(g, shared), _sub(m, shared)
+        common = {
+            "optimizer": type(optimizer).__name__.lower(),
             "lr": lr,
-            "c": tree_dot(d.g, d.m).item(),
-            "g2": tree_dot(d.g, d.g).item(),
-            "v2": tree_dot(d.m, d.m).item(),
-            "c_e": tree_dot(d.e, d.m).item(),
+            "dtype": str(next(iter(theta.values())).dtype).removeprefix("torch."),
+            "n_shared": sum(theta[n].numel() for n in shared),
+            "n_shared_tensors": len(shared),
+            "n_moved": sum(theta[n].numel() for n in moved),
+            "lambda_trained": None if trained is None else trained[0].item(),
+            "clip_fraction": clipped,
+            "c_crossfit": crossfit[0] if crossfit else None,
+            "cos_crossfit": crossfit[1] if crossfit else None,
+            "precond_new_share": precond[0].new_share if precond else None,
         }
-        if options.hvp:
-            measured["h_gm"] = tree_dot(d.g, d.Hm).item()
-            measured["h_mm"] = tree_dot(d.m, d.Hm).item()
-            if options.gg_curvature:
-                measured["h_gg"] = tree_dot(d.g, hessian(d.g)).item()
-        L_source = None
-        if options.L is not None:
-            measured["L"], L_source = float(options.L), "given"
-        elif options.top_curvature:
-            measured["L"], L_source = top_curvature(hessian), "measured"
-        if hessian is not None and hessian.fallback is not None:
-            self.hvp_fallback = hessian.fallback
+        notes = []
+        if len(lrs) > 1:
+            notes.append(GROUPS_DIFFER_IN_LR)
+        if precond is None and not isinstance(optimizer, torch.optim.SGD):
+            notes.append(unsupported(optimizer))
+        if options.crossfit and "group" in batch and crossfit is None:
+            notes.append(NO_CROSSFIT_HALF)
 
-        v2 = measured["v2"]
-        some = next(iter(theta.values()))
-        record = ProbeRecord(
-            lr=lr,
-            dtype=str(some.dtype).removeprefix("torch."),
-            hvp_mode=hessian.mode if hessian is not None else None,
-            hvp_fallback=self.hvp_fallback if hessian is not None else None,
-            n_shared=sum(t.numel() for t in theta.values()),
-            n_shared_tensors=len(theta),
-            objective_value=d.value.item(),
-            c=measured["c"],
-            g_norm=math.sqrt(measured["g2"]),
-            m_norm=math.sqrt(v2),
-            v2=v2,
-            h_gm=measured.get("h_gm"),
-            h_mm=measured.get("h_mm"),
-            h_gg=measured.get("h_gg"),
-            L=measured.get("L"),
-            L_source=L_source,
-            **quantities.derive(measured),
+        records = {}
+        for name, (loss, b) in specs.items():
+            ebatch = batch if b is None else b
+            hessian = hessians.get(name)
+            if name == own:
+                e, value, Hm = g, own_value, own_Hm
+            elif hessian is not None:
+                Hm = hessian(m)
+                e, value = hessian.grad, hessian.value
+            else:
+                (value,), (e,) = values_and_gradients(fm, [loss], ebatch, params, rest)
+                Hm = None
+            check_finite(e, "eval objective" if name != own else "objective", loss)
+            e_S = _sub(e, shared)
+            measured = {"lr": lr, "c": tree_dot(g_S, m_S).item(), "g2": tree_dot(g_S, g_S).item(),
+                        "v2": tree_dot(m_S, m_S).item(), "c_e": tree_dot(e_S, m_S).item()}
+            extra = {}
+            if Hm is not None:
+                measured["h_gm"] = tree_dot(g, Hm).item()
+                extra["h_gm_jonly"] = measured["h_gm"] - tree_dot(g_S, _sub(Hm, shared)).item()
+                measured["h_mm"] = tree_dot(m_S, _sub(Hm, shared)).item()
+                if options.gg_curvature:
+                    along_g = {n: g[n] if n in g_S else torch.zeros_like(t) for n, t in params.items()}
+                    measured["h_gg"] = tree_dot(g_S, _sub(hessian(along_g), shared)).item()
+                if precond is not None:
+                    Q, Qm, u0 = precond
+                    HQm = hessian(Qm)
+                    measured.update(c_eq=tree_dot(e, Qm).item(), h_uq=tree_dot(u0, HQm).item(),
+                                    h_qq=tree_dot(Qm, HQm).item())
+            L_source, ran = None, [hessian] if hessian is not None else []
+            if options.L is not None:
+                measured["L"], L_source = float(options.L), "given"
+            elif options.top_curvature_of(name):
+                theta_S, fixed_S = fm.split(shared)
+                ran.append(HessianAt(function_of(fm, loss, ebatch, fixed_S), theta_S, mode, across_ranks=True))
+                measured["L"], L_source = top_curvature(ran[-1]), "measured"
+            for products in ran:
+                if products.fallback is not None:
+                    self.hvp_fallback = products.fallback
+            record = ProbeRecord(
+                **common,
+                hvp_mode=ran[0].mode if ran else None,
+                hvp_fallback=self.hvp_fallback if ran else None,
+                objective_value=value.item(),
+                c=measured["c"],
+                g_norm=math.sqrt(measured["g2"]),
+                m_norm=math.sqrt(measured["v2"]),
+                v2=measured["v2"],
+                h_gm=measured.get("h_gm"),
+                h_mm=measured.get("h_mm"),
+                h_gg=measured.get("h_gg"),
+                L=measured.get("L"),
+                L_source=L_source,
+                **extra,
+                **quantities.derive(measured),
+            )
+            if name != own:
+                record.c_eval, record.eval_grad_norm = measured["c_e"], math.sqrt(tree_dot(e_S, e_S).item())
+            if options.per_block:
+                record.blocks = per_block(g_S, m_S, _sub(Hm, shared) if Hm is not None else None)
+            if record.v2 > 0 and (options.line_search or trained is not None):
+                self._curve(record, loss, ebatch, shared, theta, step, options)
+            record.note = "; ".join(self._notes(record, options) + notes)
+            records[name] = record
+        return records
+
+    def _gradients(self, batch, params, rest, trained, options, own_hessian):
+        """(g and the aux gradients, the objective's value, H m of the objective or None):
+        one forward for the aux gradients, and g and the value from the objective's own
+        Hessian with its first product H m where that is measured (else from the same forward)."""
+        fm = self.functional
+        varied = trained is not None and trained.numel() > 1 and not bool((trained == trained[0]).all())
+        below_zero = (options.line_search and (options.grid is None or options.grid[0] < 0)) or (
+            trained is not None and not varied and trained[0] < 0
         )
-        if options.eval_objective is not None:
-            record.c_eval, record.eval_grad_norm = measured["c_e"], math.sqrt(tree_dot(d.e, d.e).item())
-        if options.per_block:
-            record.blocks = per_block(d.g, d.m, d.Hm)
-        if options.needs_grid:
-            record.curves = self._curves(batch, eval_batch, evaluated, theta, fixed, d, record, options)
-        record.note = "; ".join(self._notes(record, options))
-        return record
+        aux_losses = {"aux": self.aux_loss}
+        if self.aux_sign_dependent and below_zero:
+            aux_losses["aux_minus"] = partial(self.aux_loss, head_weights=-1.0)
+        if varied:
+            aux_losses["aux_trained"] = partial(self.aux_loss, head_weights=trained)
+        losses = list(aux_losses.values()) if own_hessian is not None else [self.objective, *aux_losses.values()]
+        values, found = values_and_gradients(fm, losses, batch, params, rest)
+        if own_hessian is None:
+            value, g = values[0], found[0]
+            found = found[1:]
+        aux = dict(zip(aux_losses, found))
+        for key, grad in aux.items():
+            check_finite(grad, "aux_loss", aux_losses[key])
+        Hm = None
+        if own_hessian is not None:
+            Hm = own_hessian({n: -t for n, t in aux["aux"].items()})  # forward over reverse yields g and the value too
+            g, value = own_hessian.grad, own_hessian.value
+        check_finite(g, "objective", self.objective)
+        return _Gradients(g, aux["aux"], aux.get("aux_minus"), aux.get("aux_trained")), value, Hm
+
+    def _precond(self, optimizer, m, shared, theta, step: _Step):
+        """(Q, Q m, u0) of an Adam step (docs/theory.md s.6), None for another optimizer."""
+        if unsupported(optimizer) is not None:
+            return None
+        Q = frozen_preconditioner(optimizer, dict(self.model.named_parameters()), step.gradient(0.0), shared)
+        Qm = {n: Q.scale[n] * m[n] if n in Q.scale else torch.zeros_like(t) for n, t in m.items()}
+        stepped = step.at(0.0)
+        u0 = {n: stepped[n] - theta[n] for n in m}
+        return Q, Qm, u0
+
+    def _crossfit(self, batch, shared, fixed, options) -> tuple[float | None, float | None] | None:
+        """(c_crossfit, cos_crossfit) from the rows of the even and of the odd prompt-group
+        ids, each half's losses their own means; None without groups or with an empty half."""
+        if not options.crossfit or "group" not in batch:
+            return None
+        fm, theta_S = self.functional, {n: p.detach() for n, p in self.functional.trainable().items() if n in shared}
+        halves = [batch["group"] % 2 == parity for parity in (0, 1)]
+        counts = all_reduce_sum(torch.stack([half.sum() for half in halves]).to(torch.float64))
+        if (counts == 0).any():
+            return None
+        g, m = [], []
+        for half in halves:
+            rows = {key: value[half] for key, value in batch.items()}
+            _, (g_half, aux_half) = values_and_gradients(fm, [self.objective, self.aux_loss], rows, theta_S, fixed)
+            g.append(g_half)
+            m.append({n: -t for n, t in aux_half.items()})
+        c = (tree_dot(g[0], m[1]).item() + tree_dot(g[1], m[0]).item()) / 2
+        cosines = [quantities.cosine(tree_dot(a, b).item(), tree_dot(a, a).item(), tree_dot(b, b).item())
+                   for a, b in ((g[0], m[1]), (g[1], m[0]))]
+        return c, None if None in cosines else sum(cosines) / 2
+
+    def _clip_fraction(self, clip_fraction, batch, step: _Step) -> float:
+        """``clip_fraction`` on ``batch`` at the end of the trained step (one forward)."""
+        with torch.no_grad():
+            outputs = self.functional(step.at_trained(), batch)
+            return all_reduce_sum(checked_value(clip_fraction, outputs, batch)).item()
+
+    def _curve(self, record: ProbeRecord, loss, ebatch, shared, theta, step: _Step, options) -> None:
+        """The measured curve of ``record``'s objective and Delta at the trained lambda."""
+        E = function_of(self.functional, loss, ebatch, {}, summed=True)
+
+        def only_S(stepped: Params) -> Params:
+            return {**theta, **{n: stepped[n] for n in shared}}
+
+        with torch.no_grad():
+            base, base_S = E(step.at(0.0)), E(only_S(step.at(0.0)))
+            if step.trained is not None:
+                record.delta_trained = (E(step.at_trained()) - base).item()
+            if not options.line_search:
+                return
+            if options.grid is not None:
+                grid = options.grid
+            else:
+                adam = record.lambda_star_precond is not None
+                grid = curves.default_grid(
+                    record.lambda_star_precond if adam else record.lambda_star_taylor,
+                    record.b_precond if adam else record.b, record.g_norm, record.m_norm, record.objective_value,
+                    torch.finfo(next(iter(theta.values())).dtype).eps,
+                )
+            record.curve = curves.measure_curve(
+                lambda lam: (E(step.at(lam)) - base).item(), lambda lam: (E(only_S(step.at(lam))) - base_S).item(), grid
+            )
 
     @staticmethod
     def _notes(record: ProbeRecord, options: MeasureOptions) -> list[str]:
@@ -449,62 +742,3 @@ class Probe:
         if record.v2 == 0 and options.line_search:
             notes.append(NO_CURVE_WITHOUT_M)
         return notes
-
-    def _derivatives(self, batch, theta, fixed, options: MeasureOptions, eval_batch, hessian) -> _Derivatives:
-        """g, m, the value and gradient e of the curve objective and H m."""
-        fm, eval_objective = self.functional, options.eval_objective
-        if eval_objective is None and hessian is not None:
-            _, (aux_grad,) = values_and_gradients(fm, [self.aux_loss], batch, theta, fixed)
-            check_finite(aux_grad, "aux_loss", self.aux_loss)
-            m = {k: -t for k, t in aux_grad.items()}
-            # H m first: forward-over-reverse yields the objective's value and gradient with it, so g is free
-            Hm = hessian(m) if options.hvp else None
-            g = e = hessian.grad
-            value = hessian.value
-        else:
-            (value, _), (g, aux_grad) = values_and_gradients(fm, [self.objective, self.aux_loss], batch, theta, fixed)
-            check_finite(aux_grad, "aux_loss", self.aux_loss)
-            m = {k: -t for k, t in aux_grad.items()}
-            Hm = hessian(m) if options.hvp else None
-            e = g
-            if eval_objective is not None and hessian is not None:
-                e, value = hessian.grad, hessian.value
-            elif eval_objective is not None:
-                (value,), (e,) = values_and_gradients(fm, [eval_objective], eval_batch, theta, fixed)
-            if eval_objective is not None:
-                check_finite(e, "eval_objective", eval_objective)
-        check_finite(g, "objective", self.objective)
-        return _Derivatives(g, m, e, value, Hm)
-
-    def _curves(self, batch, eval_batch, evaluated, theta, fixed, d: _Derivatives, record, options) -> list[Curve]:
-        if options.lambdas is not None:
-            grid = options.lambdas
-        else:
-            grid = curves.default_grid(
-                record.lambda_star_taylor, record.b, record.g_norm, record.m_norm, record.objective_value,
-                torch.finfo(next(iter(theta.values())).dtype).eps,
-            )
-        measured = []
-        if options.line_search and record.v2 > 0:
-            whole_batch = function_of(self.functional, evaluated, eval_batch, fixed, summed=True)
-            measured.append(curves.sgd_curve(whole_batch, theta, d.g, d.m, record.lr, grid))
-        if options.optimizer is not None:
-            measured.append(self._optimizer_curve(options.optimizer, batch, evaluated, eval_batch, grid))
-        return measured
-
-    def _optimizer_curve(self, optimizer, batch, evaluated, eval_batch, grid) -> Curve:
-        """The optimizer's real step on -objective + lambda aux_loss over all the model's
-        parameters; a parameter no loss reaches through ``forward`` gets no .grad,
-        as in the trainer's backward."""
-        fm = self.functional
-        if self._reached is None:
-            self._reached = reached_by(fm, self.objective, batch) | reached_by(fm, self.aux_loss, batch)
-        params = {n: p.detach() for n, p in fm.trainable().items()}
-        _, (g_all, aux_all) = values_and_gradients(fm, [self.objective, self.aux_loss], batch, params, {})
-        reached = self._reached
-
-        def step_grad(name: str, lam: float) -> torch.Tensor | None:
-            return (-g_all[name] + lam * aux_all[name]) if name in reached else None
-
-        objective = function_of(fm, evaluated, eval_batch, {}, summed=True)
-        return curves.optimizer_curve(optimizer, dict(self.model.named_parameters()), step_grad, objective, grid)

@@ -1,4 +1,4 @@
-"""The decomposition's formulas as pure functions of measured scalars (docs/theory.md, sections 2-3).
+"""The decomposition's formulas as pure functions of measured scalars (docs/theory.md, sections 2, 3 and 6).
 
 The Probe measures a few raw scalars per step (:data:`MEASURED`: inner products,
 curvatures, L) and fills every other field of its record with the formulas here,
@@ -25,8 +25,10 @@ from typing import Callable
 
 # What the Probe measures directly, by name: the step size eta, <g, m>, |g|^2,
 # |m|^2, <grad E, m> of the curve objective E (= c without an eval objective),
-# g^T H m, m^T H m, g^T H g (H: E's Hessian on S) and the top curvature L.
-MEASURED = ("lr", "c", "g2", "v2", "c_e", "h_gm", "h_mm", "h_gg", "L")
+# g^T H m (g on every moved parameter), m^T H m, g^T H g (H: E's Hessian), the
+# top curvature L and, through Adam's frozen preconditioner Q = eta_A P (s.6),
+# <grad E, Q m>, u0^T H Q m (u0: the update at lambda = 0) and (Q m)^T H (Q m).
+MEASURED = ("lr", "c", "g2", "v2", "c_e", "h_gm", "h_mm", "h_gg", "L", "c_eq", "h_uq", "h_qq")
 
 
 def cosine(c: float, g2: float, v2: float) -> float | None:
@@ -97,6 +99,16 @@ def lambda_star_smooth(lr: float, c: float, c_eval: float | None, L: float | Non
     return (c_e - L * lr * c) / (L * lr * v2)
 
 
+def precond_a(c_eq: float, h_uq: float) -> float:
+    """a_P = <grad E, Q m> + u0^T H Q m, the linear coefficient through the frozen preconditioner."""
+    return c_eq + h_uq
+
+
+def precond_b(h_qq: float) -> float:
+    """b_P = -(Q m)^T H (Q m) / 2, its quadratic one (positive on a concave direction)."""
+    return -h_qq / 2
+
+
 @dataclass(frozen=True)
 class Quantity:
     """A record field and its formula: ``field = formula(*inputs)``, the inputs named after
@@ -120,6 +132,9 @@ QUANTITIES: tuple[Quantity, ...] = (
     Quantity("harm_threshold", harm_threshold, ("lambda_star_taylor",)),
     Quantity("best_gain_taylor", best_gain, ("a", "b")),
     Quantity("lambda_star_smooth", lambda_star_smooth, ("lr", "c", "c_e", "L", "v2")),
+    Quantity("a_precond", precond_a, ("c_eq", "h_uq")),
+    Quantity("b_precond", precond_b, ("h_qq",)),
+    Quantity("lambda_star_precond", lambda_star_taylor, ("a_precond", "b_precond")),
 )
 
 

@@ -32,12 +32,14 @@ How each TRL concern is met:
   chosen on every micro-batch (each micro-batch of an accumulation window gets
   its own lambda_t);
 * **metrics**: ``mtp/loss``, ``mtp/lambda``, ``mtp/calib/<key>`` (the calibrator's
-  readings) and ``mtp/diag/<field>`` (c, cos, v2, h_mm, lambda_star_taylor,
-  lambda_star_meas_fit) go through ``self._metrics``, so every TRL logger gets them;
+  readings) and ``mtp/diag/<field>`` (:data:`mtpdiag.hook.SUMMARY_FIELDS`) go through
+  ``self._metrics``, so every TRL logger gets them;
 * **diagnostics**: a :class:`~mtpdiag.hook.DiagnosticsHook` measures the first
-  micro-batch of every scheduled optimiser step, before its backward
-  (:func:`measure_micro_batch`); gradient checkpointing is suspended inside every
-  measurement (the record's ``gradient_checkpointing`` column says so).
+  micro-batch of every scheduled optimiser step, before its backward, as the update
+  of TRL's optimizer with that micro-batch's lambda (:func:`measure_micro_batch`;
+  with gradient accumulation the real step also adds the later micro-batches'
+  gradients); gradient checkpointing is suspended inside every measurement (the
+  record's ``gradient_checkpointing`` column says so).
 
 TRL's defaults (``num_iterations=1``, ``steps_per_generation`` =
 ``gradient_accumulation_steps``) train every batch with the policy that sampled
@@ -68,7 +70,7 @@ from ..diagnostics import Probe
 from ..diagnostics.hvp import HVP_MODES
 from ..distributed import global_count, is_main_process, world_size
 from ..hook import SUMMARY_FIELDS, CSVSink, DiagnosticsHook, MemorySink, every
-from ..losses import AlignedLogprobs, aligned_logprobs, rl_objective
+from ..losses import ADVANTAGES, LAMBDA_PLACEMENTS, AlignedLogprobs, aligned_logprobs, head_weight_vector, rl_objective
 from ..model import GPTOutput, HeadPrediction
 from ..regimes import CALIBRATED, UNIT
 from ..tasks import Task
@@ -112,6 +114,9 @@ class MTPGRPOConfig(GRPOConfig):
         default=None, metadata={"help": "keyword options of the calibrator, e.g. {'proxy': 'step'}"}
     )
     detach_mode: str = field(default="full", metadata={"help": "regime detach: full or trunk_only"})
+    lambda_placement: str = field(
+        default=ADVANTAGES, metadata={"help": f"a policy loss's lambda on the advantages or the objective: {LAMBDA_PLACEMENTS}"}
+    )
     diag_every: int = field(
         default=0, metadata={"help": "measure the MTP decomposition every n optimiser steps (0: off)"}
     )
@@ -143,6 +148,8 @@ class MTPGRPOConfig(GRPOConfig):
                 f"{', '.join(changed)} reweights TRL's per-token policy term, which the MTP policy loss and the "
                 "diagnostics do not mirror: leave it at its default"
             )
+        if self.lambda_placement not in LAMBDA_PLACEMENTS:
+            raise ValueError(f"lambda_placement={self.lambda_placement!r}: choose one of {LAMBDA_PLACEMENTS}")
         regime = regimes.get(self.regime)
         regime.validate(self)
         if self.calibrator_options and not self.calibrator:
@@ -274,6 +281,12 @@ class TRLLosses:
     eps_low: float
     eps_high: float
     temperature: float
+    lambda_placement: str = ADVANTAGES
+
+    @property
+    def aux_sign_dependent(self) -> bool:
+        """As :attr:`mtpdiag.regimes.RegimeLosses.aux_sign_dependent`."""
+        return self.regime.placement_applies and self.lambda_placement == ADVANTAGES
 
     def forward(self, model, batch: dict) -> GPTOutput:
         return tempered(model(batch["input_ids"], attention_mask=batch["attention_mask"], mtp_detach=self.mtp_detach),
@@ -294,29 +307,35 @@ class TRLLosses:
         return self._normalised(mean, weights, batch)
 
     def aux_loss(self, out: GPTOutput, batch: dict, head_weights=None) -> torch.Tensor:
-        """The regime's MTP loss summed over heads with ``head_weights`` (ones by default),
-        each head on the tokens it can score, normalised like the loss type."""
+        """The regime's MTP loss summed over heads with ``head_weights`` (a scalar or one per
+        head; ones by default, placed as ``lambda_placement`` says for a policy loss), each
+        head on the tokens it can score, normalised like the loss type."""
         total = batch["loss_weights"].new_zeros(())
+        weights_of = head_weight_vector(head_weights, len(out.mtp), total)
+        placed = {"placement": self.lambda_placement} if self.regime.placement_applies else {}
         for k, pred in enumerate(out.mtp, start=1):
-            weight = 1.0 if head_weights is None else head_weights[k - 1]
             weights = batch["loss_weights"] * source_valid(batch["attention_mask"], k)
             head = GPTOutput(out.main, [pred], out.last_logits)
-            mean = self.regime.aux_loss(head, {**batch, "response_mask": weights}, None, self.eps_low, self.eps_high)
-            total = total + weight * self._normalised(mean, weights, batch)
+            mean = self.regime.aux_loss(head, {**batch, "response_mask": weights}, weights_of[k - 1], self.eps_low,
+                                        self.eps_high, **placed)  # fmt: skip
+            total = total + self._normalised(mean, weights, batch)
         return total
 
 
 # ----------------------------------------------------------------------------- diagnostics
 
 
-def measure_micro_batch(hook: DiagnosticsHook, step: int, batch: dict, lr: float, optimizer) -> dict[str, float]:
-    """The trainer's one call into the diagnostics: the hook measures ``batch`` (one
-    micro-batch, in mtpdiag's layout, at the parameters the update starts from) if
-    ``step`` is scheduled; returns the summary fields of J's record for TRL's metrics.
-    A step at learning rate 0 (a warm-up's first) moves nothing and is not measured."""
-    if lr <= 0:
+def measure_micro_batch(hook: DiagnosticsHook, step: int, batch: dict, optimizer, lambdas) -> dict[str, float]:
+    """The trainer's one call into the diagnostics: the hook measures the update of
+    ``optimizer`` (a torch optimizer, or accelerate's wrapper of one) on ``batch`` (one
+    micro-batch, in mtpdiag's layout, at the parameters the update starts from) with the
+    trained ``lambdas`` if ``step`` is scheduled; returns the summary fields of J's record
+    for TRL's metrics. A step at learning rate 0 (a warm-up's first) moves nothing and is
+    not measured."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer holds the real one
+    if optimizer.param_groups[0]["lr"] <= 0:
         return {}
-    records = hook.on_step(step, batch, lr, optimizer=optimizer)
+    records = hook.on_update(step, 0, batch, optimizer, lambdas)
     if hook.objective_name not in records:
         return {}
     row = records[hook.objective_name].as_row()
@@ -329,6 +348,7 @@ def default_hook(args: MTPGRPOConfig) -> DiagnosticsHook | None:
         return None
     directory = Path(args.diag_dir or Path(args.output_dir) / "mtpdiag")
     return DiagnosticsHook(
+        None,
         schedule=every(args.diag_every),
         sink=CSVSink(directory) if is_main_process() else MemorySink(),
         per_block=args.diag_per_block,
@@ -395,14 +415,16 @@ class MTPGRPOTrainer(GRPOTrainer):
             raise ValueError("diagnostics: pass a DiagnosticsHook without a probe; the trainer builds it on its own losses")
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
         self.mtp_losses = TRLLosses(
-            regime, regime.mtp_detach(args.detach_mode), self.epsilon_low, self.epsilon_high, self.temperature
+            regime, regime.mtp_detach(args.detach_mode), self.epsilon_low, self.epsilon_high, self.temperature,
+            args.lambda_placement,
         )
         self.mtp_hook = diagnostics if diagnostics is not None else default_hook(args)
         if self.mtp_hook is not None:
             options = self.mtp_hook.probe_options
             self.mtp_hook.probe = Probe(
                 require_unwrapped(model), self.mtp_losses.objective, self.mtp_losses.aux_loss,
-                forward=self.mtp_losses.forward, shared_forward=self.mtp_losses.joint_forward, **options,
+                forward=self.mtp_losses.forward, shared_forward=self.mtp_losses.joint_forward,
+                aux_sign_dependent=self.mtp_losses.aux_sign_dependent, **options,
             )  # fmt: skip
         self._mtp_last_lambdas: torch.Tensor | None = None
         self._mtp_warned_ratio = False
@@ -434,8 +456,7 @@ class MTPGRPOTrainer(GRPOTrainer):
         if self.mtp_losses.regime.lambda_rule != UNIT:
             metrics.update({self._head_key("lambda", k): lam for k, lam in enumerate(lambdas.tolist())})
         if train and self.mtp_hook is not None and self._step % self.current_gradient_accumulation_steps == 0:
-            lr = self.optimizer.param_groups[0]["lr"]
-            metrics.update(measure_micro_batch(self.mtp_hook, self.state.global_step + 1, share, lr, self.optimizer))
+            metrics.update(measure_micro_batch(self.mtp_hook, self.state.global_step + 1, share, self.optimizer, lambdas))
         for name, value in metrics.items():
             name = name if name.startswith(METRIC_PREFIX) else METRIC_PREFIX + name
             self._metrics[mode][name].append(self._gathered(value))

@@ -8,16 +8,24 @@ from .. import regimes, schema
 from .load import Job, JobError
 
 OBJECTIVE = "j_batch"  # the curve of the gradient's own objective (docs/theory.md s.2); "j_true" is the held-out one
-STAR_COLUMNS = ("lambda_star_taylor", "lambda_star_meas_search")
+STAR_COLUMNS = ("lambda_star_taylor", "lambda_star_meas")
+# the diagnostics measure every mini-batch's update; the report reads each measured step's first,
+# whose update starts from the step's own parameters
+FIRST_MINIBATCH = 0
 # the calibrators the report singles out by name: the paper's OCC reading (claim C6, Table 1) and the oracle,
 # which measures lambda*_Taylor on every mini-batch (the per-mini-batch tables of C5)
 PAPER_CALIBRATOR, ORACLE_CALIBRATOR = "occ-paper", "oracle"
 CALIBRATED_READING_PREFIX = "occ-"  # occ-paper and a shadow shadow_paper are the same reading, "paper"
 
 
+def first_minibatch(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a diagnostics table that are about each step's first mini-batch."""
+    return frame[frame["minibatch"] == FIRST_MINIBATCH]
+
+
 def diag_steps(job: Job, needed_for: str, columns=(), arms=None, objective: str = OBJECTIVE) -> pd.DataFrame:
-    """The diagnostics rows of one curve objective."""
-    steps = job.table("diag_steps", columns=columns, needed_for=needed_for, arms=arms)
+    """The diagnostics rows of one curve objective, on each measured step's first mini-batch."""
+    steps = first_minibatch(job.table("diag_steps", columns=columns, needed_for=needed_for, arms=arms))
     rows = steps[steps["objective"] == objective]
     if rows.empty:
         raise JobError(
@@ -50,7 +58,7 @@ def tracking_frame(job: Job, needed_for: str = "OCC tracking") -> pd.DataFrame:
     lambda_plus`` and ``STAR_COLUMNS`` (NaN on steps without diagnostics).
 
     lambda_t is the step's mean over mini-batches (metrics.csv); lambda*_t is measured
-    on the whole step batch before the update. The arm's own ``lambda_0`` is named
+    on the step's first mini-batch, for its update. The arm's own ``lambda_0`` is named
     after its calibrator; shadows after their label. Where an arm logs a shadow of its
     own reading, its own column is kept.
     """

@@ -17,7 +17,7 @@ from ..diagnostics import quantities
 from ..occ_analysis import correlation_ci
 from ..schema import ETA_SWEEP, ETA_SWEEP_SERIES, FIGURE_FILES, atomic_write, figure_data_file
 from . import acceptance, stats, style
-from .data import OBJECTIVE, STAR_COLUMNS, checkpoints, diag_steps, tracking_frame
+from .data import OBJECTIVE, STAR_COLUMNS, checkpoints, diag_steps, first_minibatch, tracking_frame
 from .load import Job, JobError
 from .stats import loglog_slope, seed_bands
 
@@ -67,9 +67,10 @@ def concave_curves(job: Job, out_dir, arms=None, objective: str = OBJECTIVE) -> 
                                              "lambda_star_smooth", "fit_a2", "fit_a1", "fit_a0", "fit_r2", "note"),
                        arms=chosen, objective=objective)
     curves = job.table("diag_curves", columns=("delta_taylor", "delta_smooth"), needed_for=needed, arms=chosen)
-    curves = curves[(curves["objective"] == objective) & (curves["kind"] == "sgd")]
+    curves = first_minibatch(curves)
+    curves = curves[curves["objective"] == objective]
     if curves.empty:
-        raise JobError(f"{needed}: no measured SGD curve of objective {objective!r} in {job.path}")
+        raise JobError(f"{needed}: no measured curve of objective {objective!r} in {job.path}")
     n_cols = max(len(checkpoints(group["step"])) for _, group in steps.groupby("arm"))
     colors = style.arm_colors(job.arms)
     used = []
@@ -150,7 +151,7 @@ def _curve_panel(ax, points: pd.DataFrame, record: pd.Series, color) -> str:
 
 
 TITLE_WIDTH = 60  # characters per line of a panel's numbers
-STAR_MARKERS = (("lambda_star_taylor", "--", "λ*_Taylor"), ("lambda_star_meas_search", "-", "λ*_meas"),
+STAR_MARKERS = (("lambda_star_taylor", "--", "λ*_Taylor"), ("lambda_star_meas", "-", "λ*_meas"),
                 ("lambda_star_smooth", ":", "λ*_smooth"))
 
 
@@ -207,7 +208,7 @@ def decomposition(job: Job, out_dir, objective: str = OBJECTIVE) -> list[Path]:
 
 # ----------------------------------------------------------------------------- F3
 
-STAR_LINES = (("lambda_star_taylor", "-", "λ*_Taylor"), ("lambda_star_meas_search", ":", "λ*_meas"))
+STAR_LINES = (("lambda_star_taylor", "-", "λ*_Taylor"), ("lambda_star_meas", ":", "λ*_meas"))
 
 
 def occ_tracking(job: Job, out_dir) -> list[Path]:
@@ -356,7 +357,7 @@ def per_block(job: Job, out_dir, objective: str = OBJECTIVE) -> list[Path]:
             fig, axes = style.new_figure(1, 1)
             style.note(axes[0, 0], f"no policy arm in this job (arms: {[a.label for a in job.arms]})")
             return _finish(fig, out_dir, "F6", pd.DataFrame(columns=["arm", "block", "step"]))
-        blocks = job.table("diag_blocks", needed_for="F6 (per-block c and v²)", arms=arms)
+        blocks = first_minibatch(job.table("diag_blocks", needed_for="F6 (per-block c and v²)", arms=arms))
         blocks = blocks[blocks["objective"] == objective]
         if blocks.empty:
             raise JobError(f"F6 (per-block c and v²): no per-block rows of objective {objective!r} "

@@ -21,9 +21,9 @@ RUN_FILES = (CONFIG, METRICS)
 TABLES = {
     "metrics": (METRICS, ("step", "j_true", "pass1")),
     "minibatch": (schema.MINIBATCH, ("step", "minibatch")),
-    "diag_steps": (schema.diag_file("steps"), ("step", "objective", "lr")),
-    "diag_curves": (schema.diag_file("curves"), ("step", "objective", "kind", "lambda", "delta_meas")),
-    "diag_blocks": (schema.diag_file("blocks"), ("step", "objective", "block", "c", "v2")),
+    "diag_steps": (schema.diag_file("steps"), ("step", "minibatch", "objective", "lr")),
+    "diag_curves": (schema.diag_file("curves"), ("step", "minibatch", "objective", "lambda", "delta_meas")),
+    "diag_blocks": (schema.diag_file("blocks"), ("step", "minibatch", "objective", "block", "c", "v2")),
 }
 # columns load_job adds to every row, naming where it came from
 KEYS = ("arm", "regime", "lam", "calibrator", "seed")

@@ -11,8 +11,7 @@ import torch
 
 from mtpdiag import __version__, regimes, schema
 from mtpdiag.calibrators import WithShadows, make_calibrator
-from mtpdiag.diagnostics import Curve, Probe, ProbeRecord, default_forward
-from mtpdiag.hook import CSVSink, DiagnosticsHook, every
+from mtpdiag.diagnostics import Curve, Fit, Probe, ProbeRecord
 from mtpdiag.report import load_job
 from mtpdiag.config import TrainConfig
 from mtpdiag.rollout import rollout
@@ -42,9 +41,9 @@ def job_json(root: Path, arms, seeds=SEEDS, version=__version__) -> None:
 def build_micro_job(root: Path) -> Path:
     """A real job in the layout of `mtpdiag run`, built from the trainer, the hook and the
     Probe directly (fast and independent of the orchestration): 4 arms x 2 seeds of 6 RL
-    steps on a tiny model, diagnostics every 2 steps with per-block rows (and the top
-    curvature L, which costs most, on the policy arm only), shadows of the OCC readings,
-    and an eta sweep on the final ce/policy models."""
+    steps on a tiny model, diagnostics of every mini-batch every 2 steps with per-block
+    rows (and the top curvature L, which costs most, on the policy arm only), shadows of
+    the OCC readings, and an eta sweep on the final ce/policy models."""
     torch.set_num_threads(1)
     for arm in ARMS:
         for seed in SEEDS:
@@ -55,9 +54,9 @@ def build_micro_job(root: Path) -> Path:
                 shadows = {schema.shadow_label("paper"): make_calibrator("occ-paper"),
                            schema.shadow_label("reference"): make_calibrator("occ-reference")}
                 calibrator = WithShadows(make_calibrator(arm["calibrator"]), shadows)
-            hook = DiagnosticsHook(schedule=every(2), sink=CSVSink(run), per_block=True,
-                                   top_curvature=arm is POLICY, probe_options={"shared_forward": default_forward})
-            train(cfg, run, calibrator=calibrator, callbacks=[hook], progress=False, cache_dir=root / "cache")
+            cfg = cfg.with_values(diag_every=2, diag_per_block=True, diag_objectives=("j_batch",),
+                                  diag_top_curvature="all" if arm is POLICY else "none")  # fmt: skip
+            train(cfg, run, calibrator=calibrator, progress=False, cache_dir=root / "cache")
     rows = []
     for arm in (CE, POLICY):
         for seed in SEEDS:
@@ -66,7 +65,7 @@ def build_micro_job(root: Path) -> Path:
             losses = regimes.get(cfg.regime).losses(cfg)
             probe = Probe(model, losses.objective, losses.aux_loss, forward=losses.forward)
             for eta in SWEEP_ETAS:
-                record = probe.measure(batch, eta, lambdas=[0.5, 1.0, 2.0], gg_curvature=False)
+                record = probe.measure(batch, eta, grid=[0.5, 1.0, 2.0], gg_curvature=False, crossfit=False)
                 rows += [{"arm": arm["label"], "seed": seed, "step": cfg.steps, "eta": eta, "lambda": r["lambda"],
                           "delta_meas": r["delta_meas"], "delta_taylor": r["delta_taylor"],
                           "residual": abs(r["delta_meas"] - r["delta_taylor"])} for r in record.curve_rows()]
@@ -80,13 +79,12 @@ def copy_job(source: Path, target: Path) -> Path:
     return target
 
 
-RECORD = dict(lr=1e-3, dtype="float64", hvp_mode="fwd_rev", n_shared=1, n_shared_tensors=1, objective_value=0.0,
-              c=0.0, g_norm=1.0, m_norm=1.0, v2=1.0, cos=0.0)
-STEP_COLUMNS = list(ProbeRecord(**RECORD).as_row())
-CURVE = Curve("sgd", np.zeros(1), np.zeros(1), np.zeros(3), None, None, None, 1)
-CURVE_COLUMNS = ["step", "objective", *ProbeRecord(**RECORD, curves=[CURVE]).curve_rows()[0]]
-# columns the claims read that a record without curves does not write
-FIT_COLUMNS = ("fit_r2", "fit_a2", "lambda_star_meas_search")
+RECORD = dict(optimizer="sgd", lr=1e-3, dtype="float64", hvp_mode="fwd_rev", n_shared=1, n_shared_tensors=1,
+              n_moved=1, objective_value=0.0, c=0.0, g_norm=1.0, m_norm=1.0, v2=1.0, cos=0.0)
+STEP_COLUMNS = ["step", "minibatch", "objective", *ProbeRecord(**RECORD).as_row()]
+FIT = Fit(np.zeros(3), None, None)
+CURVE = Curve(np.zeros(1), np.zeros(1), np.zeros(1), FIT, FIT, 0.0, 0.0, 1)
+CURVE_COLUMNS = ["step", "minibatch", "objective", *ProbeRecord(**RECORD, curve=CURVE).curve_rows()[0]]
 
 
 def write_run(run: Path, metrics, diag=None, curves=None) -> None:
@@ -94,11 +92,12 @@ def write_run(run: Path, metrics, diag=None, curves=None) -> None:
     run.mkdir(parents=True)
     pd.DataFrame(metrics).to_csv(run / schema.METRICS, index=False)
     if diag:
-        frame = pd.DataFrame([{**dict.fromkeys(STEP_COLUMNS), **dict.fromkeys(FIT_COLUMNS), "objective": "j_batch",
-                               **row} for row in diag])
+        frame = pd.DataFrame([{**dict.fromkeys(STEP_COLUMNS), "minibatch": 0, "objective": "j_batch", **row}
+                              for row in diag])  # fmt: skip
         frame.to_csv(run / schema.diag_file("steps"), index=False)
     if curves:
-        pd.DataFrame(curves, columns=CURVE_COLUMNS).to_csv(run / schema.diag_file("curves"), index=False)
+        rows = [{"minibatch": 0, **row} for row in curves]
+        pd.DataFrame(rows, columns=CURVE_COLUMNS).to_csv(run / schema.diag_file("curves"), index=False)
 
 
 def hand_built_job(root: Path, arms, seeds, diag=None, final_j_true=None, curves=None, sweep=None, metrics=None):

@@ -44,12 +44,12 @@ def policy_rows(v2_late, c_slope, noise):
 
 def smooth_rows(steps):
     return [{"step": s, "L": 10.0, "kappa_m": 1.0, "kappa_g": 2.0, "lambda_star_smooth": 0.5,
-             "lambda_star_meas_search": 1.0, "a": 1.0, "b": 0.5, "lr": 0.1, "c": 10.0, "v2": 1.0} for s in steps]
+             "lambda_star_meas": 1.0, "a": 1.0, "b": 0.5, "lr": 0.1, "c": 10.0, "v2": 1.0} for s in steps]
 
 
 def smooth_curves(steps, offset):
-    return [[s, "j_batch", "sgd", x, x - x**2 / 2, x - x**2 / 2, x - x**2 / 2 + offset]
-            for s in steps for x in np.linspace(-1, 3, 9)]
+    return [{"step": s, "objective": "j_batch", "lambda": x, "delta_meas": x - x**2 / 2, "delta_taylor": x - x**2 / 2,
+             "delta_smooth": x - x**2 / 2 + offset} for s in steps for x in np.linspace(-1, 3, 9)]
 
 
 STARS = np.random.default_rng(2).uniform(1, 100, 30)
@@ -62,7 +62,7 @@ def occ_metrics(sign, final=0.5):
 
 
 def star_rows():
-    return [{"step": s, "lambda_star_taylor": STARS[s], "lambda_star_meas_search": STARS[s]} for s in range(1, 30)]
+    return [{"step": s, "lambda_star_taylor": STARS[s], "lambda_star_meas": STARS[s]} for s in range(1, 30)]
 
 
 # ----------------------------------------------------------------------------- one claim at a time
@@ -127,7 +127,8 @@ def test_c2_smooth_bound(tmp_path, smooth_offset, expected):
 
 def test_c2_without_l_says_how_to_measure_it(tmp_path):
     job = hand_built_job(tmp_path / "j", [POLICY], (0,), diag=lambda arm, seed: [{"step": 2}],
-                         curves=lambda arm, seed: [[2, "j_batch", "sgd", 1.0, 0.0, 0.0, np.nan]])
+                         curves=lambda arm, seed: [{"step": 2, "objective": "j_batch", "lambda": 1.0, "delta_meas": 0.0, "delta_taylor": 0.0,
+                                                   "delta_smooth": np.nan}])
     result, _ = SmoothBound().evaluate(job)
     assert result.verdict == INCONCLUSIVE and "top_curvature=True" in result.reason
     assert result.statistic == "fraction of curves above the L-smooth bound" and result.n == 0
@@ -139,7 +140,7 @@ def test_c5_occ_tracking(tmp_path, sign, expected):
                          diag=lambda arm, seed: star_rows())
     result, details = OCCTracking().evaluate(job)
     assert result.verdict == expected and result.n == 29
-    assert set(details["c5_tracking"]["star_col"]) == {"lambda_star_taylor", "lambda_star_meas_search"}
+    assert set(details["c5_tracking"]["star_col"]) == {"lambda_star_taylor", "lambda_star_meas"}
     assert details["c5_minibatch_tracking"].empty  # no oracle arm
 
 

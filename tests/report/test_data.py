@@ -28,7 +28,7 @@ def occ_metrics(arm, seed):
 
 
 def diag(arm, seed):
-    return [{"step": s, "lambda_star_taylor": 0.1 * s, "lambda_star_meas_search": 0.2 * s} for s in (2, 3)]
+    return [{"step": s, "lambda_star_taylor": 0.1 * s, "lambda_star_meas": 0.2 * s} for s in (2, 3)]
 
 
 @pytest.fixture

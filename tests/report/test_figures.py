@@ -16,7 +16,7 @@ from .jobs import CE, DETACH, OCC_PAPER, POLICY, hand_built_job
 ORACLE = {"label": "oracle", "regime": "occ", "lam": None, "calibrator": "oracle"}
 ROW = {"a": 0.4, "b": 0.1, "lr": 0.1, "c": 2.0, "c_eval": 3.0, "L": 5.0, "v2": 0.5, "fit_a2": -0.1, "fit_a1": 0.4,
        "fit_a0": 0.0, "fit_r2": 0.99, "harm_threshold": 4.0, "lambda_star_taylor": 2.0,
-       "lambda_star_meas_search": 1.9, "lambda_star_smooth": 1.0}
+       "lambda_star_meas": 1.9, "lambda_star_smooth": 1.0}
 
 
 def panel(row):
@@ -71,8 +71,8 @@ def test_f1_draws_one_row_per_regime_with_the_measured_l(tmp_path):
         tmp_path / "j", arms, (0,),
         diag=lambda arm, seed: [{"step": s, "L": 10.0, "a": 1.0, "b": 0.5, "lr": 0.1, "c": 10.0, "v2": 1.0,
                                  "fit_r2": 0.9, "fit_a2": -0.5, "fit_a1": 1.0, "fit_a0": 0.0} for s in (2, 4, 6)],
-        curves=lambda arm, seed: [[s, "j_batch", "sgd", x, x - x**2 / 2, x - x**2 / 2, x - x**2]
-                                  for s in (2, 4, 6) for x in lam])
+        curves=lambda arm, seed: [{"step": s, "objective": "j_batch", "lambda": x, "delta_meas": x - x**2 / 2,
+                                   "delta_taylor": x - x**2 / 2, "delta_smooth": x - x**2} for s in (2, 4, 6) for x in lam])
     paths = figures.concave_curves(job, tmp_path)
     assert [p.name for p in paths] == ["F1_concave_curves.png", "F1_concave_curves.pdf", "F1_concave_curves_data.csv"]
     plotted = pd.read_csv(paths[-1])

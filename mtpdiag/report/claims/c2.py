@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from ...schema import FIGURE_FILES
-from ..data import STAR_COLUMNS, diag_steps
+from ..data import STAR_COLUMNS, diag_steps, first_minibatch
 from ..stats import bootstrap_ci, proportion_ci
 from .base import INCONCLUSIVE, Claim, InsufficientData, Part, Threshold, at_least, ci, numeric
 
@@ -27,8 +27,9 @@ class SmoothBound(Claim):
         steps = diag_steps(job, "claim C2", columns=("L", "kappa_m", "kappa_g", "lambda_star_smooth", *STAR_COLUMNS))
         curves = job.table("diag_curves", columns=("delta_smooth",), needed_for="claim C2")
         keys = ["arm", "seed", "step", "objective"]
-        sgd = curves[(curves["kind"] == "sgd") & np.isfinite(numeric(curves, "delta_smooth"))]
-        merged = sgd.merge(steps[[*keys, "L", "kappa_m", "kappa_g"]], on=keys)
+        curves = first_minibatch(curves)
+        smooth = curves[np.isfinite(numeric(curves, "delta_smooth"))]
+        merged = smooth.merge(steps[[*keys, "L", "kappa_m", "kappa_g"]], on=keys)
         if merged.empty:
             raise InsufficientData("L was not measured (run the diagnostics with top_curvature=True)")
         met = merged[["kappa_m", "kappa_g"]].apply(pd.to_numeric, errors="coerce").max(axis=1)
@@ -45,7 +46,7 @@ class SmoothBound(Claim):
         else:
             parts.append(Part(f"curves above the bound {sum(bounded)}/{len(bounded)} = {ci(frac, low, high)} vs "
                               f"{self.MIN_BOUNDED_FRACTION}", at_least(low, high, self.MIN_BOUNDED_FRACTION)))
-        ratio = numeric(steps, "lambda_star_smooth") / numeric(steps, "lambda_star_meas_search")
+        ratio = numeric(steps, "lambda_star_smooth") / numeric(steps, "lambda_star_meas")
         median, r_low, r_high, r_n = bootstrap_ci(ratio, np.median)
         distance = f"median λ*_smooth/λ*_meas {ci(median, r_low, r_high)} over {r_n} steps"
         return self.result(parts, frac, low, high, len(bounded), f"{self.statistic}; {distance}")
