@@ -1,5 +1,6 @@
 """`mtpdiag train`: flags map onto TrainConfig, --resume, and clear errors."""
 import json
+import re
 
 import pytest
 
@@ -23,6 +24,19 @@ def run_cli(*args):
     main(["train", *args])
 
 
+def cli_error(capsys, *argv) -> str:
+    """The one line `mtpdiag` prints on stderr when it refuses ``argv`` (exit status 2, no
+    traceback; only one-line warnings and progress lines before it)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    *before, error = err.strip().splitlines()
+    assert "Traceback" not in err and all(line.startswith(("mtpdiag: warning: ", "sft ")) for line in before), err
+    return error
+
+
 def test_train_writes_a_run_directory_from_the_flags(tmp_path, cache, capsys):
     out = tmp_path / "run"
     run_cli(*TINY, "--regime", "policy", "--lam", "0.5", "--steps", "3", "--seed", "1", "--out", str(out),
@@ -38,14 +52,14 @@ def test_train_writes_a_run_directory_from_the_flags(tmp_path, cache, capsys):
     assert "policy: step 3, J_true" in capsys.readouterr().out
 
 
-def test_resume_continues_from_the_saved_config(tmp_path, cache):
+def test_resume_continues_from_the_saved_config(tmp_path, cache, capsys):
     out = str(tmp_path / "run")
     run_cli(*TINY, "--regime", "ce", "--lam", "0.2", "--steps", "2", "--out", out, "--sft-cache", cache)
     main(["train", "--out", out, "--resume", "--steps", "4", "--sft-cache", cache, "--no-progress"])
     assert read_metrics(out)["step"].tolist() == [0, 1, 2, 3, 4]
     assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["lam"] == 0.2
-    with pytest.raises(SystemExit, match=r"cannot resume .* lr: 0.001 -> 0.5"):
-        main(["train", "--out", out, "--resume", "--lr", "0.5", "--sft-cache", cache])
+    assert re.search(r"cannot resume .* lr: 0.001 -> 0.5",
+                     cli_error(capsys, "train", "--out", out, "--resume", "--lr", "0.5", "--sft-cache", cache))
 
 
 def test_model_and_diagnostics_flags_land_in_their_configs(tmp_path):
@@ -88,22 +102,28 @@ def test_malformed_flags_are_usage_errors(tmp_path, capsys, args, message):
         (["--diag-objectives", "j_true"], "diag_objectives=j_true: .*j_batch included"),
     ],
 )
-def test_inconsistent_flags_are_clear_errors(tmp_path, cache, args, message):
-    with pytest.raises(SystemExit, match=f"mtpdiag train: error: {message}"):
-        run_cli(*TINY, *args, "--out", str(tmp_path / "run"), "--sft-cache", cache)
+def test_inconsistent_flags_are_clear_errors(tmp_path, cache, capsys, args, message):
+    error = cli_error(capsys, "train", *TINY, *args, "--out", str(tmp_path / "run"), "--sft-cache", cache)
+    assert re.match(f"mtpdiag train: error: {message}", error), error
+    assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
-def test_existing_run_directory_needs_resume_or_a_new_out(tmp_path, cache):
+def test_existing_run_directory_needs_resume_or_a_new_out(tmp_path, cache, capsys):
     out = str(tmp_path / "run")
     run_cli(*TINY, "--steps", "1", "--out", out, "--sft-cache", cache)
-    with pytest.raises(SystemExit, match="is not empty: pass --resume to continue that run, or choose a new --out"):
-        run_cli(*TINY, "--steps", "1", "--out", out, "--sft-cache", cache)
+    assert "is not empty: pass --resume to continue that run, or choose a new --out" in cli_error(
+        capsys, "train", *TINY, "--steps", "1", "--out", out, "--sft-cache", cache)
 
 
-def test_diverging_training_stops_naming_the_step_and_the_loss(tmp_path, cache):
+def test_diverging_training_stops_naming_the_step_and_the_loss(tmp_path, cache, capsys):
     # AdamW moves every weight by about lr, so lr=1e30 overflows the logits at once
-    with pytest.raises(SystemExit, match=r"step 1, mini-batch 1: \w+ = nan is not finite; stopped before the update"):
-        run_cli(*TINY, "--lr", "1e30", "--out", str(tmp_path / "run"), "--sft-cache", cache)
+    main_out = ["train", *TINY, "--lr", "1e30", "--out", str(tmp_path / "run"), "--sft-cache", cache]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(main_out)
+    err = capsys.readouterr().err
+    assert "mtpdiag: warning: lr=1e+30 is far above what adamw trains with (above 0.1)" in err
+    assert re.search(r"step 1, mini-batch 1: \w+ = nan is not finite; stopped before the update", err), err
 
 
 def test_run_quick_micro_writes_every_figure_and_claim(tmp_path, capsys):
