@@ -135,7 +135,7 @@ HELP = {
     "diag_hvp_mode": "Hessian-vector products: forward-over-reverse or reverse-over-reverse",
     "seed": "seed of the initialisation, SFT and every RL step (same seed: same SFT start)",
     "device": "torch device, e.g. cpu or cuda (may change on --resume)",
-    "dtype": "parameter dtype",
+    "dtype": "floating-point type of the parameters and all computation",
     "threads": "CPU threads of torch (>= 1; 'none': torch's default here); part of the SFT cache key",
 }
 

@@ -51,3 +51,19 @@ def test_sft_cache_key_holds_the_thread_count(tiny):
     assert sft_hash(tiny(threads=1)) == "2a6e04307ff38db7"
     # no thread count: the one torch uses now
     assert sft_hash(tiny()) == sft_hash(tiny(threads=torch.get_num_threads()))
+
+
+def test_a_read_only_sft_cache_keeps_the_weights_in_the_run_and_warns(tiny, tmp_path):
+    import json
+
+    from mtpdiag.train import train
+
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")  # a cache folder under a file cannot be created, even by root
+    cfg = tiny(steps=1)
+    with pytest.warns(UserWarning, match=f"the SFT cache {blocker / 'cache' / 'sft'} cannot be written .*kept in "
+                                         f"{tmp_path / 'run' / 'sft'} instead"):
+        train(cfg, tmp_path / "run", cache_dir=blocker / "cache", progress=False)
+    kept = tmp_path / "run" / "sft" / f"{sft_hash(cfg.with_values(threads=torch.get_num_threads()))}.pt"
+    assert kept.exists()
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["sft"]["sft_cache_file"] == str(kept)

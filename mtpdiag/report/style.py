@@ -106,7 +106,9 @@ def note(ax, text: str) -> None:
 
 def corner_note(ax, text: str) -> None:
     """A short remark in a panel's lower left corner, over the data (e.g. a run drawn off the axis)."""
-    ax.text(0.02, 0.02, textwrap.fill(text, NOTE_WIDTH), transform=ax.transAxes, ha="left", va="bottom",
+    # arm labels hold hyphens (occ-paper): wrap between words only
+    ax.text(0.02, 0.02, textwrap.fill(text, NOTE_WIDTH, break_on_hyphens=False), transform=ax.transAxes,
+            ha="left", va="bottom",
             fontsize=6, bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "0.7", "alpha": 0.8})
 
 
