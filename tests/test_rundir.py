@@ -128,3 +128,12 @@ def test_a_lock_refuses_a_live_writer_and_takes_over_a_dead_ones(tmp_path):
         assert json.loads(lock_file.read_text())["pid"] == os.getpid() == lock.owner()["pid"]
         assert RunDir(tmp_path / "run").open(resume=False) is None  # the lock alone does not make it non-empty
     assert not lock_file.exists()  # released
+
+
+def test_a_damaged_diag_steps_csv_is_named_on_resume(tmp_path):
+    from mtpdiag import schema
+    from mtpdiag.hook import CSVSink
+
+    (tmp_path / schema.diag_file("steps")).write_bytes(b'step,c\n1,"0.5\n')  # cut off inside a quoted field
+    with pytest.raises(ValueError, match=f"{tmp_path / schema.diag_file('steps')} is damaged .*delete it"):
+        CSVSink(tmp_path)
