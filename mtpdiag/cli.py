@@ -24,6 +24,7 @@ from .distributed import is_main_process
 from .experiment import PRESETS, micro, run_job
 from .losses import NonFiniteLossError
 from .model import ATTENTION_IMPLS, WIRINGS
+from .progress import one_line_warning
 from .rundir import RunDir
 from .tasks import TASKS
 from .train import COLLAPSE_FRACTION, LAMBDA_RANGE, train
@@ -231,15 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"mtpdiag: warning: {message}", file=sys.stderr if file is None else file)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     with warnings.catch_warnings():
-        warnings.showwarning = _one_line_warning  # catch_warnings restores it
+        warnings.showwarning = one_line_warning  # catch_warnings restores it
         try:
             args.func(args)
         except (ValueError, NonFiniteLossError, OSError) as err:

@@ -30,6 +30,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -160,10 +161,13 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="mtpdiag-parent-watchdog", daemon=True).start()
 
 
-def _worker_init(parent: int, updates) -> None:
-    """Every worker of a job: it dies with the job, and its progress bars go to the job's."""
+def _worker_init(parent: int, updates, one_line_warnings: bool) -> None:
+    """Every worker of a job: it dies with the job, its progress bars go to the job's, and
+    its warnings look like the job's."""
     _die_with_parent(parent)
     progress.forward_to(updates.put)
+    if one_line_warnings:
+        warnings.showwarning = progress.one_line_warning
 
 
 class _Workers:
@@ -177,7 +181,8 @@ class _Workers:
         self.updates = context.Queue()
         self.on_update = on_update
         self.pool = ProcessPoolExecutor(count, mp_context=context, initializer=_worker_init,
-                                        initargs=(os.getpid(), self.updates))
+                                        initargs=(os.getpid(), self.updates,
+                                                  warnings.showwarning is progress.one_line_warning))
 
     def run(self, calls: dict, on_done) -> None:
         """Submit ``calls`` ({key: (fn, *args)}); ``on_done(key)`` as each finishes."""
@@ -283,6 +288,7 @@ def _runs_phase(preset: Preset, job_dir: Path, units: list, cache_dir: str, work
 
         def on_done(unit) -> None:
             todo.remove(unit)
+            bar.set_postfix(runs=f"{len(units) - len(todo)}/{len(units)} done")
 
         calls = {(arm, seed): (run_unit, str(job_dir), preset.to_dict(), asdict(arm), seed, cache_dir)
                  for arm, seed in todo}

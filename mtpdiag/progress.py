@@ -43,6 +43,11 @@ def forward_to(send: Callable[[Update], None] | None) -> None:
     _forward = send
 
 
+def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A ``warnings.showwarning`` for the console: ``mtpdiag: warning: <message>``, one line."""
+    print(f"mtpdiag: warning: {message}", file=sys.stderr if file is None else file)
+
+
 def duration(seconds: float) -> str:
     """``42 s``, ``3 min 05 s``, ``1 h 02 min``."""
     seconds = int(seconds)
@@ -69,6 +74,7 @@ class Progress:
         self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit) if self.mode == "bar" else None
         self._start = time.monotonic()
         self._last = self._start
+        self._printed = None  # the count and numbers of the last line printed
         self._key = f"{os.getpid()}:{desc}"
         if self.mode == "forward":
             self._send()
@@ -94,8 +100,8 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
-        elif self.mode == "lines":
-            print(self.line(), file=sys.stderr, flush=True)
+        elif self.mode == "lines" and self._printed != (self.n, self.postfix):
+            self._print()
         elif self.mode == "forward":
             self._send()
 
@@ -109,10 +115,14 @@ class Progress:
         now = time.monotonic()
         if self.mode == "lines" and now - self._last >= LINE_EVERY_S:
             self._last = now
-            print(self.line(), file=sys.stderr, flush=True)
+            self._print()
         elif self.mode == "forward" and now - self._last >= FORWARD_EVERY_S:
             self._last = now
             self._send()
+
+    def _print(self) -> None:
+        self._printed = (self.n, self.postfix)
+        print(self.line(), file=sys.stderr, flush=True)
 
     def _send(self) -> None:
         _forward(Update(self._key, self.desc, self.n, self.total, self.postfix))

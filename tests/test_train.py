@@ -347,3 +347,4 @@ def test_progress_off_a_terminal_prints_plain_lines_that_never_show_a_nan_j_true
     assert lines[0].startswith("rl detach seed 0: 1/3 steps, reward ") and ", J_true 0." in lines[0]
     assert len(lines) >= 3 and lines[-1].startswith("rl detach seed 0: 3/3 steps")
     assert not any("nan" in line for line in lines)
+    assert lines[-1] != lines[-2]  # the closing line is not the last periodic one again

@@ -42,8 +42,10 @@ def build_report(job_dir, out_dir=None, progress: bool | None = False) -> dict:
                 skipped[name] = str(err)
                 warnings.warn(f"{name} not made: {err}", stacklevel=2)
             bar.update()
+        bar.set_postfix(making="table1")
         table_paths = table.write_table1(job, out)
         bar.update()
+        bar.set_postfix(making="claims")
         claim_paths, claims_table = claims.write_claims(job, out, skipped)
         bar.update()
     return {"out_dir": out, "figures": made, "table1": table_paths, "claims": claim_paths,
