@@ -149,6 +149,20 @@ def require_gradient_inputs(inputs: CalibrationInputs, who: str) -> None:
         )
 
 
+def check_clip(clip) -> tuple[float, float] | None:
+    """A calibrator's ``clip=(lo, hi)`` (None: no clipping), validated."""
+    if clip is None:
+        return None
+    if not (len(clip) == 2 and clip[0] <= clip[1]):
+        raise ValueError(f"clip={clip!r}: pass (lo, hi) with lo <= hi, or None for no clipping")
+    return float(clip[0]), float(clip[1])
+
+
+def clip_label(clip: tuple[float, float]) -> str:
+    """How a calibrator's name records its clip: ``clip=(0,10)``."""
+    return f"clip=({clip[0]:g},{clip[1]:g})"
+
+
 class _WarningCounter:
     """Replaces unusable per-head values by 0 and counts them, per call and in total."""
 
@@ -220,8 +234,7 @@ class OCC(Calibrator, _WarningCounter):
             raise ValueError(f"aggregate={aggregate!r}: choose one of {AGGREGATES}")
         if not eps > 0:
             raise ValueError(f"eps={eps}: use a small positive number such as 1e-8")
-        if clip is not None and not (len(clip) == 2 and clip[0] <= clip[1]):
-            raise ValueError(f"clip={clip!r}: pass (lo, hi) with lo <= hi, or None for no clipping")
+        clip = check_clip(clip)
         if ema is not None and not 0.0 <= ema < 1.0:
             raise ValueError(f"ema={ema}: pass a smoothing factor beta in [0, 1), or None for no smoothing")
         if finite_difference is not None and (proxy != "step" or not finite_difference > 0):
@@ -237,7 +250,7 @@ class OCC(Calibrator, _WarningCounter):
         if finite_difference is not None:
             options.append(f"fd={finite_difference:g}")
         if clip is not None:
-            options.append(f"clip=({clip[0]:g},{clip[1]:g})")
+            options.append(clip_label(clip))
         if ema is not None:
             options.append(f"ema={ema:g}")
         self.name = label or f"occ[{','.join(options)}]"
@@ -370,10 +383,13 @@ class OCC(Calibrator, _WarningCounter):
 
 class _ProbeCalibrator(Calibrator, _WarningCounter):
     """A calibrator that measures g and m with one :class:`~mtpdiag.diagnostics.Probe` per head
-    (head k's probe uses head k's MTP loss alone; with one head, the whole MTP loss)."""
+    (head k's probe uses head k's MTP loss alone; with one head, the whole MTP loss).
+    ``clip=(lo, hi)`` clamps each lambda (off by default); ``info["lambda_raw"]`` is
+    the value before it."""
 
-    def __init__(self):
+    def __init__(self, clip: tuple[float, float] | None = None):
         _WarningCounter.__init__(self)
+        self.clip = check_clip(clip)
         self._probes: tuple[torch.nn.Module, list[Probe]] | None = None
 
     def _probes_for(self, inputs: CalibrationInputs) -> list[Probe]:
@@ -389,8 +405,12 @@ class _ProbeCalibrator(Calibrator, _WarningCounter):
         def as_tensor(per_head):
             return torch.tensor([float("nan") if v is None else v for v in per_head], dtype=torch.float64)
 
-        lambdas = as_tensor(values)
-        lambdas, counts = self.zero_unusable(lambdas, torch.isfinite(lambdas))
+        raw = as_tensor(values)
+        usable = torch.isfinite(raw)
+        lambdas, counts = self.zero_unusable(raw, usable)
+        if self.clip is not None:  # an unusable head keeps its 0
+            lambdas = torch.where(usable, lambdas.clamp(*self.clip), lambdas)
+            info = {**info, "lambda_raw": raw.tolist()}
         counts.update(per_head_info({key: as_tensor(per_head) for key, per_head in info.items()}))
         return Calibration(lambdas, counts)
 
@@ -410,16 +430,19 @@ class Oracle(_ProbeCalibrator):
     from a grid around lambda*_taylor; docs/theory.md s.4). Both are for one plain SGD
     step of size ``inputs.lr`` moving every parameter the losses reach. A direction that is not concave has no lambda*: 0 and a warning.
     With K > 1 heads each head's lambda* is measured for that head's loss alone.
+    ``clip=(lo, hi)`` clamps scale * lambda* (off by default; the name says it).
     """
 
     SOURCES = ("taylor", "measured")
 
-    def __init__(self, source: str = "taylor", scale: float = 1.0):
+    def __init__(self, source: str = "taylor", scale: float = 1.0, clip: tuple[float, float] | None = None):
         if source not in self.SOURCES:
             raise ValueError(f"source={source!r}: choose one of {self.SOURCES}")
-        super().__init__()
+        super().__init__(clip)
         self.source, self.scale = source, float(scale)
-        self.name = f"oracle[{source}" + (f",scale={self.scale:g}]" if self.scale != 1.0 else "]")
+        options = [source] + ([f"scale={self.scale:g}"] if self.scale != 1.0 else [])
+        options += [clip_label(self.clip)] if self.clip is not None else []
+        self.name = f"oracle[{','.join(options)}]"
 
     def __call__(self, inputs: CalibrationInputs) -> Calibration:
         records = [
@@ -442,12 +465,13 @@ class Oracle(_ProbeCalibrator):
 class CosineGate(_ProbeCalibrator):
     """lambda_t = lambda0 * max(0, cos(g, m)) on the shared parameters (Du et al. 2018,
     arXiv 1812.02224): the MTP gradient is kept, scaled down, while it points the same
-    way as the RL gradient, and dropped when it points against it. Gradients only."""
+    way as the RL gradient, and dropped when it points against it. Gradients only.
+    ``clip=(lo, hi)`` clamps lambda_t (off by default; the name says it)."""
 
-    def __init__(self, lambda0: float = 1.0):
-        super().__init__()
+    def __init__(self, lambda0: float = 1.0, clip: tuple[float, float] | None = None):
+        super().__init__(clip)
         self.lambda0 = float(lambda0)
-        self.name = f"cosine[lambda0={self.lambda0:g}]"
+        self.name = f"cosine[lambda0={self.lambda0:g}" + (f",{clip_label(self.clip)}]" if self.clip else "]")
 
     def __call__(self, inputs: CalibrationInputs) -> Calibration:
         records = [
@@ -505,7 +529,7 @@ CALIBRATORS: dict[str, Callable[..., Calibrator]] = {
     "occ-reference": lambda num_heads, scaling_factor=0.1: OCC.reference(num_heads, scaling_factor),
     "occ": lambda num_heads, **options: OCC(**options),
     "oracle": lambda num_heads, **options: Oracle(**options),
-    "cosine": lambda num_heads, lambda0=1.0: CosineGate(lambda0),
+    "cosine": lambda num_heads, **options: CosineGate(**options),
 }
 
 

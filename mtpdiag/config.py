@@ -14,9 +14,11 @@ run's seed and the step alone.
 """
 from __future__ import annotations
 
+import math
 import os
+from contextlib import contextmanager
 from dataclasses import MISSING, dataclass, field, fields, replace
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -31,8 +33,12 @@ from .tasks import TASKS, Task, make_task
 
 OPTIMIZERS = ("adamw", "sgd")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-# Fields a resumed run may change: the step budget, and where it runs.
+# Fields a resumed run may change: the step budget, and where it runs. Not the thread
+# count: the numbers depend on it bit for bit (it is part of the SFT cache key).
 RESUMABLE_FIELDS = ("steps", "device")
+# an lr above these is far outside what the optimizer trains with (a warning, not an error:
+# a run may probe divergence on purpose, and the collapse flags then mark it)
+LARGE_LR = {"sgd": 1.0, "adamw": 0.1}
 # the model's fields in the flat dict (the vocabulary is the task's)
 MODEL_FIELDS = tuple(f.name for f in fields(GPTConfig) if f.name != "vocab_size")
 DIAG_PREFIX = "diag_"  # DiagnosticsConfig's field f is the flat key diag_<f> (--diag-<f>)
@@ -154,6 +160,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
+    # CPU threads of torch's kernels for this run and its SFT (None: torch's default here,
+    # torch.get_num_threads()). Sums, and so the weights, change with it in the last bits.
+    threads: int | None = None
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -178,10 +187,41 @@ class TrainConfig:
                 f"minibatches={self.minibatches} exceeds the {self.prompts_per_step * self.group_size} rollouts per "
                 "step (prompts_per_step * group_size): lower --minibatches"
             )
-        if not self.temperature > 0:
-            raise ValueError(f"temperature={self.temperature} must be > 0")
+        for name in ("lr", "sft_lr", "temperature"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name}={value} must be a finite number > 0")
+        for name in ("weight_decay", "eps_low", "eps_high", "sft_mtp_weight"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name}={value} must be a finite number >= 0")
+        if self.lam is not None and not math.isfinite(self.lam):
+            raise ValueError(f"lam={self.lam} must be a finite number (or 'none' for the regime's default)")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be at least 1 ('none': the task's longest)")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads={self.threads} must be at least 1 ('none': torch's default on this machine)")
         if self.model.vocab_size is not None:
             raise ValueError(f"model.vocab_size={self.model.vocab_size}: the vocabulary is the task's, leave it None")
+        if not 0 <= self.model.dropout < 1:
+            raise ValueError(f"dropout={self.model.dropout} must be in [0, 1)")
+        deepest = self.model.block_size - 2  # head k predicts the token k+1 positions ahead
+        if self.model.n_mtp > deepest:
+            raise ValueError(
+                f"n_mtp={self.model.n_mtp}: head k predicts the token k+1 positions ahead, so with "
+                f"block_size={self.model.block_size} no head beyond {max(deepest, 0)} has a target: set --n-mtp "
+                f"{max(deepest, 1)} or less, or raise --block-size"
+            )
+
+    def risky_values(self) -> list[str]:
+        """Values that are valid but almost surely not meant (the trainer warns about each)."""
+        risky = []
+        if self.lr > LARGE_LR[self.optimizer]:
+            risky.append(
+                f"lr={self.lr:g} is far above what {self.optimizer} trains with (above {LARGE_LR[self.optimizer]:g}): "
+                "expect the run to diverge or collapse; lower --lr"
+            )
+        return risky
 
     def to_dict(self) -> dict:
         """The flat dict of config.json and the CLI: the model's fields and ``diag_<field>``
@@ -211,6 +251,22 @@ class TrainConfig:
     def with_values(self, **flat) -> "TrainConfig":
         """This config with some flat keys changed (``cfg.with_values(d_model=64, steps=10)``)."""
         return TrainConfig.from_dict({**self.to_dict(), **flat})
+
+
+def threads_of(cfg: TrainConfig) -> int:
+    """The thread count ``cfg`` runs with: its own, else torch's current default."""
+    return cfg.threads if cfg.threads is not None else torch.get_num_threads()
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``count`` inside, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _plain(value):
@@ -265,6 +321,13 @@ def build_task(cfg: TrainConfig) -> Task:
         raise ValueError(
             f"block_size={cfg.model.block_size} is too small for task {cfg.task!r}: prompts take {task.prompt_len} "
             f"tokens and completions up to {max_new}, so set --block-size {needed} or more"
+        )
+    # head k predicts the token k+1 positions ahead, within a sequence of at most `needed` tokens
+    if cfg.model.n_mtp > needed - 2:
+        raise ValueError(
+            f"n_mtp={cfg.model.n_mtp}: head k predicts the token k+1 positions ahead, and task {cfg.task!r}'s "
+            f"sequences are at most {needed} tokens long, so no head beyond {needed - 2} has a target: set --n-mtp "
+            f"{max(needed - 2, 1)} or less"
         )
     return task
 

@@ -10,32 +10,45 @@ Layout of a job directory (the names of :mod:`mtpdiag.schema`)::
     figures/                 F1-F6 (PNG and PDF), table1.{csv,md}, claims.{md,csv}
 
 A killed job resumes: finished runs are skipped, unfinished ones continue from
-their last checkpoint.
+their last checkpoint. The job holds ``<job>/.lock`` while it runs, so a second
+job on the same directory is refused while the first lives, and takes over once
+it is dead. Worker processes die with the job (``kill -9`` of it included), so
+none keeps writing into a directory that a restarted job has taken over.
+
+Every run trains with its config's thread count (the presets: 1), whatever
+``--workers`` is, so a job's numbers do not depend on how it was parallelised.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import multiprocessing
 import os
 import platform
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import queue
+import signal
+import sys
+import threading
+import time
+import warnings
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
-from . import __version__, regimes
+from . import __version__, progress, regimes
 from .calibrators import WithShadows, make_calibrator
 from .config import TrainConfig, build_task
 from .diagnostics import Probe
+from .progress import Progress, Update
 from .regimes import CE, DETACH, OCC_REGIME, POLICY
 from .rollout import rollout
-from .rundir import RunDir
-from .schema import ETA_SWEEP, INCOMPLETE, JOB_FILE, Arm, atomic_write, run_dir, shadow_label
-from .sft import warm_start
+from .rundir import DirectoryLock, RunDir, check_output_dir, read_json
+from .schema import ETA_SWEEP, INCOMPLETE, JOB_FILE, LOCK, Arm, atomic_write, run_dir, shadow_label
+from .sft import warm_start, writable_cache
 from .train import load_run, train
 
 
@@ -107,29 +120,94 @@ def _arm_calibrator(arm: Arm, num_heads: int):
     return WithShadows(make_calibrator(arm.calibrator, num_heads), shadows)
 
 
-def _warm_start(cfg: TrainConfig, cache_dir: str | None, threads: int) -> None:
-    torch.set_num_threads(threads)
-    warm_start(cfg, build_task(cfg), cache_dir, progress=False)
+def _warm_start(cfg: TrainConfig, cache_dir: str | None) -> None:
+    warm_start(cfg, build_task(cfg), cache_dir)
 
 
-def run_unit(job_dir: str, preset: dict, arm: dict, seed: int, threads: int, cache_dir: str | None) -> str:
+def run_unit(job_dir: str, preset: dict, arm: dict, seed: int, cache_dir: str | None) -> str:
     """Train one (arm, seed) into ``<job>/runs/<arm>/seed<k>``, resuming it if it exists.
     Top level so a worker process can run it."""
-    torch.set_num_threads(threads)
     preset_obj, arm_obj = Preset.from_dict(preset), Arm(**arm)
     cfg = arm_config(preset_obj.base, arm_obj, seed)
     out = run_dir(job_dir, arm_obj.label, seed)
     if RunDir(out).is_complete():
         return str(out)
-    train(
-        cfg,
-        out,
-        resume=out.exists(),
-        calibrator=_arm_calibrator(arm_obj, cfg.model.n_mtp),
-        progress=False,
-        cache_dir=cache_dir,
-    )
+    train(cfg, out, resume=out.exists(), calibrator=_arm_calibrator(arm_obj, cfg.model.n_mtp), cache_dir=cache_dir)
     return str(out)
+
+
+# ----------------------------------------------------------------------------- worker processes
+
+PARENT_POLL_S = 1.0  # how often a worker checks that its job is still alive (where prctl is not there)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent: int) -> None:
+    """End this worker when the job process ``parent`` ends, however it ends.
+
+    On Linux the kernel sends SIGKILL when the parent dies (prctl
+    PR_SET_PDEATHSIG); everywhere a watchdog thread also checks the parent pid
+    (an orphan is re-parented, so ``os.getppid()`` changes) and exits."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the job died before prctl took effect
+        os._exit(1)
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="mtpdiag-parent-watchdog", daemon=True).start()
+
+
+def _worker_init(parent: int, updates, one_line_warnings: bool) -> None:
+    """Every worker of a job: it dies with the job, its progress bars go to the job's, and
+    its warnings look like the job's."""
+    _die_with_parent(parent)
+    progress.forward_to(updates.put)
+    if one_line_warnings:
+        warnings.showwarning = progress.one_line_warning
+
+
+class _Workers:
+    """A pool of worker processes that die with this process, and whose progress
+    reaches ``on_update``. On any exception (an interrupt included) the queued
+    units are cancelled and the workers ended: nothing keeps training behind the
+    job's back."""
+
+    def __init__(self, count: int, on_update):
+        context = multiprocessing.get_context("spawn")
+        self.updates = context.Queue()
+        self.on_update = on_update
+        self.pool = ProcessPoolExecutor(count, mp_context=context, initializer=_worker_init,
+                                        initargs=(os.getpid(), self.updates,
+                                                  warnings.showwarning is progress.one_line_warning))
+
+    def run(self, calls: dict, on_done) -> None:
+        """Submit ``calls`` ({key: (fn, *args)}); ``on_done(key)`` as each finishes."""
+        try:
+            pending = {self.pool.submit(*call): key for key, call in calls.items()}
+            while pending:
+                done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                self._drain()
+                for future in done:
+                    future.result()
+                    on_done(pending.pop(future))
+        except BaseException:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            for process in list(getattr(self.pool, "_processes", {}).values()):
+                process.kill()  # a run killed anywhere resumes from its last checkpoint
+            raise
+        self.pool.shutdown()
+        self._drain()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                self.on_update(self.updates.get_nowait())
+            except queue.Empty:
+                return
 
 
 def run_job(
@@ -142,70 +220,107 @@ def run_job(
     report: bool = True,
 ) -> Path:
     """Run every (arm, seed) of ``preset`` into ``out``, then the eta sweep and the
-    report. Re-running on the same ``out`` resumes; a different preset there is an error."""
+    report. Re-running on the same ``out`` resumes; a different preset there is an
+    error, and so is a job directory another live process is writing.
+
+    ``workers``: parallel training processes (None: one per core, at most one per
+    run). ``progress``: see :class:`~mtpdiag.progress.Progress`; one bar per phase
+    (SFT, runs, eta sweep, report)."""
     if torch.device(preset.base.device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"preset {preset.name!r} trains on CUDA and this machine has no GPU: use --preset default or quick")
-    job_dir = Path(out)
-    _open_job(job_dir, preset)
-    workers = workers or min(os.cpu_count() or 1, len(preset.arms) * len(preset.seeds))
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    cache_dir = str(cache_dir) if cache_dir is not None else None
-    # one SFT per seed, before the runs, so no two runs train the same one
-    sft_configs = [replace(preset.base, seed=seed) for seed in preset.seeds]
-    if workers == 1:
-        for cfg in sft_configs:
-            _warm_start(cfg, cache_dir, threads)
-    else:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            list(pool.map(_warm_start, sft_configs, [cache_dir] * len(sft_configs), [threads] * len(sft_configs)))
-
     units = [(arm, seed) for seed in preset.seeds for arm in preset.arms]
-    todo = [(arm, seed) for arm, seed in units if not RunDir(run_dir(job_dir, arm.label, seed)).is_complete()]
-    # the oracle runs cost about twice the others: start them first so none is left alone at the end
-    todo.sort(key=lambda unit: unit[0].calibrator != "oracle")
-    bar = tqdm(total=len(units), initial=len(units) - len(todo), desc="mtpdiag run", unit="run",
-               disable=None if progress is None else not progress)
+    if workers is None:
+        workers = min(os.cpu_count() or 1, len(units))
+    if workers < 1:
+        raise ValueError(f"workers={workers}: a job needs at least one worker process (--workers 1 or more)")
+    job_dir = Path(out)
+    check_output_dir(job_dir)
+    _check_job(job_dir, preset)
+    with DirectoryLock(job_dir, "job directory"):
+        _open_job(job_dir, preset)
+        # one SFT per seed, before the runs, so no two runs train the same one
+        sft_configs = [replace(preset.base, seed=seed) for seed in preset.seeds]
+        cache = str(writable_cache(sft_configs, cache_dir, job_dir))
+        _sft_phase(sft_configs, cache, workers, progress)
+        _runs_phase(preset, job_dir, units, cache, workers, progress)
+        eta_sweep(preset, job_dir, progress)
+        if report:
+            from .report import build_report
 
-    def args(arm: Arm, seed: int) -> tuple:
-        return str(job_dir), preset.to_dict(), asdict(arm), seed, threads, cache_dir
-
-    if workers == 1:
-        for arm, seed in todo:
-            bar.set_postfix_str(f"{arm.label} seed {seed}")
-            run_unit(*args(arm, seed))
-            bar.update(1)
-    else:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(run_unit, *args(arm, seed)): (arm, seed) for arm, seed in todo}
-            for future in as_completed(futures):
-                arm, seed = futures[future]
-                future.result()
-                bar.set_postfix_str(f"done {arm.label} seed {seed}")
-                bar.update(1)
-    bar.close()
-
-    eta_sweep(preset, job_dir)
-    if report:
-        from .report import build_report
-
-        build_report(job_dir)
-    (job_dir / INCOMPLETE).unlink(missing_ok=True)
+            build_report(job_dir, progress=progress)
+        (job_dir / INCOMPLETE).unlink(missing_ok=True)
     return job_dir
 
 
-def _open_job(job_dir: Path, preset: Preset) -> None:
-    spec = {"mtpdiag_version": __version__, "preset": preset.to_dict()}
-    file = job_dir / JOB_FILE
-    if file.exists():
-        saved = json.loads(file.read_text())
-        if saved.get("preset") != spec["preset"]:
+def _sft_phase(configs: list[TrainConfig], cache_dir: str, workers: int, show: bool | None) -> None:
+    with Progress(len(configs), "mtpdiag run: sft", unit="seed", show=show) as bar:
+        def on_update(update: Update) -> None:
+            bar.set_postfix(**{update.desc: f"{update.n}/{update.total} {update.postfix}".strip()})
+
+        if workers == 1:
+            progress.forward_to(on_update)
+            try:
+                for cfg in configs:
+                    _warm_start(cfg, cache_dir)
+                    bar.update()
+            finally:
+                progress.forward_to(None)
+        else:
+            _Workers(min(workers, len(configs)), on_update).run(
+                {cfg.seed: (_warm_start, cfg, cache_dir) for cfg in configs}, lambda seed: bar.update()
+            )
+
+
+def _runs_phase(preset: Preset, job_dir: Path, units: list, cache_dir: str, workers: int, show: bool | None) -> None:
+    """Every unfinished (arm, seed); one bar over all their RL steps."""
+    todo = [(arm, seed) for arm, seed in units if not RunDir(run_dir(job_dir, arm.label, seed)).is_complete()]
+    # the oracle runs cost about twice the others: start them first so none is left alone at the end
+    todo.sort(key=lambda unit: unit[0].calibrator != "oracle")
+    steps = preset.base.steps
+    finished = (len(units) - len(todo)) * steps
+    running: dict[str, int] = {}  # a running (or finished) run's bar: its steps so far
+    with Progress(len(units) * steps, "mtpdiag run: rl", initial=finished, show=show) as bar:
+        def on_update(update: Update) -> None:
+            running[update.key] = update.n
+            bar.set_postfix(runs=f"{len(units) - len(todo)}/{len(units)} done",
+                            **{update.desc: update.postfix})
+            bar.moveto(finished + sum(running.values()))
+
+        def on_done(unit) -> None:
+            todo.remove(unit)
+            bar.set_postfix(runs=f"{len(units) - len(todo)}/{len(units)} done")
+
+        calls = {(arm, seed): (run_unit, str(job_dir), preset.to_dict(), asdict(arm), seed, cache_dir)
+                 for arm, seed in todo}
+        if workers == 1:
+            progress.forward_to(on_update)
+            try:
+                for unit, call in calls.items():
+                    call[0](*call[1:])
+                    on_done(unit)
+            finally:
+                progress.forward_to(None)
+        else:
+            _Workers(min(workers, len(calls)) or 1, on_update).run(calls, on_done)
+
+
+def _check_job(job_dir: Path, preset: Preset) -> None:
+    """``job_dir`` must hold this preset's job, or nothing yet."""
+    saved = read_json(job_dir / JOB_FILE)
+    if saved is not None:
+        if saved.get("preset") != preset.to_dict():
             raise ValueError(
                 f"{job_dir} holds a job with another preset ({saved.get('preset', {}).get('name')!r}); "
                 "choose a new --out, or delete that directory to start over"
             )
-    elif job_dir.exists() and any(job_dir.iterdir()):
+    elif job_dir.exists() and any(p.name != LOCK for p in job_dir.iterdir()):
         raise ValueError(f"{job_dir} is not empty and holds no job.json: choose a new --out")
-    job_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _open_job(job_dir: Path, preset: Preset) -> None:
+    """Mark the job incomplete and write its job.json (after :func:`_check_job`, under its lock)."""
+    spec = {"mtpdiag_version": __version__, "preset": preset.to_dict()}
+    file = job_dir / JOB_FILE
     (job_dir / INCOMPLETE).touch()
     spec["versions"] = {"torch": torch.__version__, "python": platform.python_version()}
     atomic_write(file, lambda tmp: tmp.write_text(json.dumps(spec, indent=2) + "\n"))
@@ -226,7 +341,7 @@ def eta_sweep_arm(preset: Preset) -> Arm:
     return next((a for a in joint if regimes.get(a.regime) is POLICY), joint[0])
 
 
-def eta_sweep(preset: Preset, job_dir: Path) -> pd.DataFrame:
+def eta_sweep(preset: Preset, job_dir: Path, progress: bool | None = None) -> pd.DataFrame:
     """|Delta_meas - Delta_taylor| against eta, for the final model of every seed of
     one arm on a fresh rollout batch, in float64 so rounding stays far below the
     eta^3 residual (claim C1, F4).
@@ -240,7 +355,12 @@ def eta_sweep(preset: Preset, job_dir: Path) -> pd.DataFrame:
     if file.exists():
         return pd.read_csv(file)
     arm = eta_sweep_arm(preset)
-    frame = pd.DataFrame([row for seed in preset.seeds for row in _eta_sweep_rows(run_dir(job_dir, arm.label, seed), preset)])
+    rows = []
+    with Progress(len(preset.seeds), f"mtpdiag run: eta sweep of {arm.label}", unit="seed", show=progress) as bar:
+        for seed in preset.seeds:
+            rows += _eta_sweep_rows(run_dir(job_dir, arm.label, seed), preset)
+            bar.update()
+    frame = pd.DataFrame(rows)
     atomic_write(file, lambda tmp: frame.to_csv(tmp, index=False))
     return frame
 
@@ -279,7 +399,8 @@ def _eta_sweep_rows(run_dir: Path, preset: Preset) -> list[dict]:
 # The theory is for an SGD step of size eta = lr, so the main job trains with SGD:
 # then lambda*_t, the trained lambda and OCC's lambda_t all refer to the step taken.
 # lr 0.005 raises J_true steadily at the small config; 0.02 and above collapse it.
-SMALL = TrainConfig(optimizer="sgd", lr=0.005)
+# One thread per run: the numbers are then the same whatever --workers is.
+SMALL = TrainConfig(optimizer="sgd", lr=0.005, threads=1)
 
 PRESETS = {
     "quick": Preset(

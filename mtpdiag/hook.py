@@ -113,7 +113,11 @@ class _FileSink(MemorySink):
         self.prefix = prefix
         for name in TABLES:  # continue the tables of a resumed run
             if self.path(name).exists():
-                self.rows[name] = self._read(self.path(name)).to_dict("records")
+                try:
+                    self.rows[name] = self._read(self.path(name)).to_dict("records")
+                except (ValueError, UnicodeDecodeError) as err:  # pandas' ParserError and EmptyDataError
+                    raise ValueError(f"{self.path(name)} is damaged ({' '.join(str(err).split())}): delete it "
+                                     "(its rows are lost) or restore it, then resume") from err
 
     def path(self, name: str) -> Path:
         return self.directory / schema.diag_file(name, self.suffix, self.prefix)

@@ -13,10 +13,12 @@ Run directory (``mtpdiag train``)::
     diag_blocks.csv  one row per parameter block
     checkpoint.pt    the latest checkpoint (with the rows up to its step)
     .incomplete      present until the run is done
+    .lock            the pid of the process writing the directory, while it runs
+    sft/             the SFT weights, when the --sft-cache could not be written
 
 Job directory (``mtpdiag run``)::
 
-    job.json  .incomplete  runs/<arm label>/seed<k>/  eta_sweep.csv  figures/
+    job.json  .incomplete  .lock  runs/<arm label>/seed<k>/  eta_sweep.csv  figures/  (sft/)
 
 Report (``figures/`` of a job, or ``--out``)::
 
@@ -36,6 +38,7 @@ from typing import Callable
 CONFIG = "config.json"
 CHECKPOINT = "checkpoint.pt"
 INCOMPLETE = ".incomplete"
+LOCK = ".lock"
 METRICS = "metrics.csv"
 MINIBATCH = "minibatch.csv"
 DIAG_PREFIX = "diag_"
@@ -83,6 +86,10 @@ CALIB_PREFIX = "calib_"  # a calibrator's info key k is logged as calib_<k>
 LAMBDA_PREFIX = "lambda_"  # the MTP coefficient of head k as lambda_<k>
 SHADOW_PREFIX = "shadow_"  # WithShadows logs shadow s's info key k as calib_shadow_<s>_<k>
 HOOK_PREFIX = "diag_"  # DiagnosticsHook's summary of objective o, field f in metrics.csv: diag_<o>_<f>
+# metrics.csv flags of a run gone wrong (set by the trainer, read by the report)
+COLLAPSED = "collapsed"  # J_true fell far below its post-SFT value, or the reward stayed 0
+LAMBDA_OUT_OF_RANGE = "lambda_out_of_range"  # an MTP coefficient left the sane range
+RUN_FLAGS = (COLLAPSED, LAMBDA_OUT_OF_RANGE)
 
 
 def calib_column(key: str) -> str:

@@ -14,6 +14,16 @@ how lambda is chosen (weight 1, the config's fixed ``lam``, or a
 
 Randomness of step s is a function of (seed, s) only, so a resumed run repeats
 an uninterrupted one bit for bit, and callbacks cannot shift the trajectory.
+The run uses ``cfg.threads`` CPU threads (config.json records the count): the
+same config, thread count, machine type and torch build give the same numbers
+bit for bit.
+
+A run gone wrong is flagged, not left to look like a result: every metrics row
+says whether the run has ``collapsed`` (held-out J_true below
+``COLLAPSE_FRACTION`` of its post-SFT value, or a zero reward on
+``ZERO_REWARD_STEPS`` steps in a row) and whether an MTP coefficient left
+[-``LAMBDA_RANGE``, ``LAMBDA_RANGE``] (``lambda_out_of_range``); a warning says
+so when a flag is first set, and the report lists flagged runs.
 
 Data parallel (``torchrun --nproc_per_node N``, or a process group the caller
 initialised): every rank samples the whole rollout batch and trains on its part
@@ -22,9 +32,11 @@ global batch (see :mod:`mtpdiag.distributed`).
 """
 from __future__ import annotations
 
+import math
 import platform
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -32,11 +44,11 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from . import __version__, regimes
 from .calibrators import CalibrationInputs, Calibrator, WithShadows
-from .config import DTYPES, RESUMABLE_FIELDS, TrainConfig, build_model, build_task, step_seed
+from .config import (DTYPES, RESUMABLE_FIELDS, TrainConfig, build_model, build_task, step_seed, threads_of,
+                     torch_threads)
 from .distributed import (all_reduce_gradients, all_reduce_sum, check_shards, global_means, is_main_process,
                           minibatch_rows, on_main_then_broadcast, process_group_from_env, rank_run_dir, run_on_main,
                           shard, world_size)
@@ -45,12 +57,18 @@ from .hook import DiagnosticsHook
 from .integrations import require_unwrapped
 from .losses import AlignedLogprobs, NonFiniteLossError, aligned_logprobs
 from .model import GPT, GPTOutput
+from .progress import Progress
 from .regimes import CALIBRATED, UNIT, RegimeLosses
 from .rollout import eval_columns, evaluate, heldout_batch, rollout_with_acceptance
-from .rundir import RunDir
-from .schema import calib_column, lambda_column
-from .sft import warm_start
+from .rundir import DirectoryLock, RunDir, check_output_dir
+from .schema import (COLLAPSED, LAMBDA_OUT_OF_RANGE, LAMBDA_PREFIX, METRICS, RUN_FLAGS, calib_column,
+                     format_arm_label, lambda_column)
+from .sft import nonfinite_parameters, warm_start, writable_cache
 from .tasks import Task
+
+COLLAPSE_FRACTION = 0.25  # a held-out J_true below this fraction of the post-SFT one: collapsed
+ZERO_REWARD_STEPS = 5  # this many RL steps in a row with reward 0: collapsed
+LAMBDA_RANGE = 20.0  # |lambda| above this on a mini-batch: out of range (the fixed arms use 0.1-1)
 
 
 @dataclass
@@ -170,23 +188,58 @@ class Updater:
         # each rank holds its share of every loss: their sum is the whole mini-batch's value
         values = all_reduce_sum(torch.stack([loss_mtp, j_batch.detach(), aux.detach(), loss.detach()])).tolist()
         row.update(zip(("loss_mtp", "j_batch", "loss_mtp_weighted", "loss_total"), values))
+        where = f"step {step}, mini-batch {mb}"
         for name in ("j_batch", "loss_mtp_weighted", "loss_total"):
             if not np.isfinite(row[name]):
-                self.on_nonfinite(f"step {step}, mini-batch {mb}: {name} = {row[name]} is not finite")
+                self.on_nonfinite(f"{where}: {name} = {row[name]} is not finite{_culprits(model)}; "
+                                  "stopped before the update")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         all_reduce_gradients(model.parameters())
         row["grad_norm"] = _grad_norm(model.parameters())
         row["grad_norm_mtp_heads"] = _grad_norm(model.mtp_heads.parameters())
         if not np.isfinite(row["grad_norm"]):
-            self.on_nonfinite(f"step {step}, mini-batch {mb}: the gradient norm {row['grad_norm']} is not finite")
+            self.on_nonfinite(f"{where}: the gradient norm {row['grad_norm']} is not finite{_culprits(model)}; "
+                              "stopped before the update")
         if self.diagnostics is not None:
             started = time.perf_counter()
             measured = self.diagnostics.on_update(step, mb, mbatch, self.optimizer, lambdas, eval_batch=self.heldout)
             if measured:
                 row.update({**self.diagnostics.summary(measured), "diag_time_s": time.perf_counter() - started})
         self.optimizer.step()
+        bad = nonfinite_parameters(model)
+        if bad:
+            self.on_nonfinite(f"{where}: the update (lr {self.optimizer.param_groups[0]['lr']:g}) left inf/nan in "
+                              f"parameters {bad}: lower --lr")
         return row
+
+
+def _culprits(model: nn.Module) -> str:
+    """Names the parameters that hold inf/nan, if any: they, not the loss, are then the cause."""
+    bad = nonfinite_parameters(model)
+    return f" because parameters {bad} hold inf/nan" if bad else ""
+
+
+def health_flags(rows: list[dict], minibatch_rows: list[dict]) -> dict[str, str | None]:
+    """Why the newest metrics row (the last of ``rows``, the post-SFT step 0 first)
+    is flagged, for each of :data:`~mtpdiag.schema.RUN_FLAGS` (None: not flagged).
+    ``minibatch_rows`` are the newest step's. A collapse is judged on the latest
+    evaluated J_true, so the flag stays set until an evaluation recovers."""
+    why: dict[str, str | None] = dict.fromkeys(RUN_FLAGS)
+    evaluated = [r["j_true"] for r in rows if math.isfinite(r.get("j_true", math.nan))]
+    if len(evaluated) > 1 and evaluated[-1] < COLLAPSE_FRACTION * evaluated[0]:
+        why[COLLAPSED] = (f"held-out J_true {evaluated[-1]:.4f} is below {COLLAPSE_FRACTION:g} x its post-SFT value "
+                          f"{evaluated[0]:.4f}")
+    recent = rows[-ZERO_REWARD_STEPS:]
+    if len(recent) == ZERO_REWARD_STEPS and all(r.get("reward_mean") == 0 for r in recent):
+        why[COLLAPSED] = why[COLLAPSED] or f"the reward was 0 on the last {ZERO_REWARD_STEPS} steps"
+    outside = [(r.get("minibatch"), k, v) for r in minibatch_rows for k, v in r.items()
+               if k.startswith(LAMBDA_PREFIX) and not abs(v) <= LAMBDA_RANGE]
+    if outside:
+        mb, name, value = outside[0]
+        why[LAMBDA_OUT_OF_RANGE] = (f"{name} = {value:.4g} on mini-batch {mb} is outside "
+                                    f"[-{LAMBDA_RANGE:g}, {LAMBDA_RANGE:g}]")
+    return why
 
 
 # ----------------------------------------------------------------------------- the run
@@ -218,8 +271,13 @@ def train(
     calls ``train`` with the same arguments (see the module docstring) and gets
     the same metrics; rank 0 alone writes ``out``. Callbacks run on every rank
     and see this rank's rows of the batch, the rewards and the held-out batch.
+
+    Everything that can be checked (the config against the task, ``out``, the SFT
+    cache's writability) is checked before ``out`` is touched. ``progress``: see
+    :class:`~mtpdiag.progress.Progress` (None: a bar on a terminal, lines off it).
     """
-    with process_group_from_env(cfg.device):
+    cfg = replace(cfg, threads=threads_of(cfg))  # config.json records the count that ran
+    with process_group_from_env(cfg.device), torch_threads(cfg.threads):
         return _train(cfg, out, resume, calibrator, callbacks, progress, cache_dir, model)
 
 
@@ -261,10 +319,27 @@ def _train(cfg, out, resume, calibrator, callbacks, progress, cache_dir, user_mo
     calibrator = regime.calibrator(cfg, calibrator)
     task = build_task(cfg)
     check_shards(cfg.prompts_per_step * cfg.group_size, cfg.minibatches, cfg.eval_prompts)
+    if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={cfg.device!r} but this machine has no GPU torch can use: pass --device cpu")
     if user_model is not None:
         check_model(user_model, cfg, task)
+    check_output_dir(out)
+    if user_model is None:  # a user model's SFT is not cached
+        cache_dir = run_on_main(lambda: writable_cache([cfg], cache_dir, out))
+    lock = run_on_main(lambda: DirectoryLock(out).acquire())
+    try:
+        return _run(cfg, out, resume, calibrator, callbacks, progress, cache_dir, user_model, regime, task)
+    finally:
+        if is_main_process():
+            lock.release()
+
+
+def _run(cfg, out, resume, calibrator, callbacks, progress, cache_dir, user_model, regime, task) -> TrainResult:
     run = rank_run_dir(out)
     checkpoint = run_on_main(lambda: _open_run(run, cfg, calibrator, resume))
+    if is_main_process():  # once the run is known to start
+        for message in cfg.risky_values():
+            warnings.warn(message, stacklevel=4)
     if checkpoint is not None:
         run.rows = checkpoint["rows"]  # rank 0 read them in run.open; the other ranks take them here
     model, sft_summary = on_main_then_broadcast(
@@ -295,7 +370,7 @@ def _train(cfg, out, resume, calibrator, callbacks, progress, cache_dir, user_mo
         if calibrator is not None:
             calibrator.load_state_dict(checkpoint["calibrator"])
     else:
-        run.append({"step": 0, **evaluate(model, task, cfg, heldout, 0)}, [])
+        run.append({"step": 0, **evaluate(model, task, cfg, heldout, 0), **dict.fromkeys(RUN_FLAGS, False)}, [])
 
     def save_checkpoint(step):
         state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
@@ -305,13 +380,21 @@ def _train(cfg, out, resume, calibrator, callbacks, progress, cache_dir, user_mo
 
     def on_nonfinite(message):
         where = f"{run.checkpoint_path} holds the last good state" if run.checkpoint_path.exists() else "no checkpoint yet"
-        raise NonFiniteLossError(f"{message}; stopped before the update ({where})")
+        raise NonFiniteLossError(f"{message} ({where})")
 
     diagnostics = cfg.diagnostics.hook(cfg.steps, run.path, model, losses) if cfg.diagnostics.every else None
     update = Updater(model, optimizer, losses, calibrator, cfg, on_nonfinite, diagnostics, heldout_shard)
-    disable = (None if progress is None else not progress) if is_main_process() else True  # None: tqdm decides
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"rl {cfg.regime}", disable=disable)
+    label = format_arm_label(cfg.regime, cfg.lam, cfg.calibrator)  # as `mtpdiag run` names the arm
+    bar = Progress(cfg.steps, f"rl {label} seed {cfg.seed}", initial=start,
+                   show=progress if is_main_process() else False)
+    # the postfix shows the last evaluated J_true, never a nan between evaluations
+    evaluated = [r["j_true"] for r in run.rows[METRICS] if math.isfinite(r.get("j_true", math.nan))]
+    last_j_true = evaluated[-1] if evaluated else None
     for step in range(start + 1, cfg.steps + 1):
+        bad = nonfinite_parameters(model)
+        if bad:  # before any callback: the diagnostics would only report their gradients as non-finite
+            on_nonfinite(f"step {step}: parameters {bad} hold inf/nan before the step (from the checkpoint, "
+                         "or set by a callback)")
         t0 = time.perf_counter()
         # every rank samples the whole batch (the one a single process would) and trains on its rows
         batch, rewards, accepted = rollout_with_acceptance(model, task, cfg, step)
@@ -346,18 +429,30 @@ def _train(cfg, out, resume, calibrator, callbacks, progress, cache_dir, user_mo
         }
         if step % cfg.eval_every == 0 or step == cfg.steps:
             row.update(evaluate(model, task, cfg, heldout, step))
-        clashes = sorted(set(extra) & (set(row) | eval_columns(cfg.model.n_mtp)))
+        clashes = sorted(set(extra) & (set(row) | eval_columns(cfg.model.n_mtp) | set(RUN_FLAGS)))
         if clashes:
             raise ValueError(f"callback metrics {clashes} clash with the trainer's columns: rename them")
         row.update(extra)
+        _flag(run, row, mb_rows)
         run.append(row, mb_rows)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             save_checkpoint(step)
-        bar.update(1)
-        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", j_true=f"{row.get('j_true', float('nan')):.3f}")
+        last_j_true = row.get("j_true", last_j_true)
+        bar.set_postfix(reward=f"{row['reward_mean']:.3f}",
+                        **({"J_true": f"{last_j_true:.3f}"} if last_j_true is not None else {}))
+        bar.update()
     bar.close()
     run.mark_complete()
     return TrainResult(model, run.metrics(), run.path)
+
+
+def _flag(run: RunDir, row: dict, mb_rows: list[dict]) -> None:
+    """Set the health flags of the new metrics ``row``; warn once when one turns on."""
+    previous = run.rows[METRICS][-1] if run.rows[METRICS] else {}
+    for flag, why in health_flags([*run.rows[METRICS], row], mb_rows).items():
+        row[flag] = why is not None
+        if why is not None and not previous.get(flag) and is_main_process():
+            warnings.warn(f"{run.path}, step {row['step']}: {why} (flagged {flag!r} in {METRICS})", stacklevel=3)
 
 
 # ----------------------------------------------------------------------------- resume
@@ -370,8 +465,10 @@ def _open_run(run: RunDir, cfg: TrainConfig, calibrator: Calibrator | None, resu
 
 
 def _check_resumable(run: RunDir, cfg: TrainConfig, calibrator: Calibrator | None) -> None:
+    """A resumed run must continue the config it ran. One with no checkpoint yet has
+    no state to continue (it starts again from step 0), so it may take a corrected config."""
     saved = run.read_config()
-    if saved is None:
+    if saved is None or not run.checkpoint_path.exists():
         return
     current = cfg.to_dict()
     differ = sorted(k for k in current if k not in RESUMABLE_FIELDS and saved["config"].get(k) != current[k])
@@ -394,7 +491,8 @@ def load_run(out: str | Path, device: str | None = None) -> tuple[GPT, TrainConf
     """The model of a run directory's last checkpoint, with its config and task."""
     run = RunDir(out)
     saved = run.read_config()
-    if saved is None or not run.checkpoint_path.exists():
+    checkpoint = run.read_checkpoint()
+    if saved is None or checkpoint is None:
         raise FileNotFoundError(f"{out} has no config.json and checkpoint.pt: is it a run directory of `mtpdiag train`?")
     if saved.get("model_class", "GPT") != "GPT":
         raise ValueError(
@@ -405,5 +503,5 @@ def load_run(out: str | Path, device: str | None = None) -> tuple[GPT, TrainConf
     cfg = TrainConfig.from_dict(values)
     task = build_task(cfg)
     model = build_model(cfg, task)
-    model.load_state_dict(torch.load(run.checkpoint_path, map_location=cfg.device, weights_only=False)["model"])
+    model.load_state_dict(checkpoint["model"])
     return model, cfg, task

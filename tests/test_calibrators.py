@@ -560,6 +560,36 @@ def test_cosine_gate_is_lambda0_times_the_positive_part_of_the_cosine(mtp_sign):
     assert [out.info["cos_0"], out.info["cos_1"]] == pytest.approx(cos, rel=1e-9)
 
 
+def test_oracle_and_cosine_clip_is_off_by_default_and_named_in_the_record():
+    B, T, K, eta = 4, 7, 2, 0.3
+    model = LinearLogprobModel(B, T - 1, n_shared=5, num_heads=K)
+    batch = rl_batch(model, B, T, vocab=2)
+    batch["advantages"] = -batch["advantages"].abs() - 0.1  # concave: lambda* defined on both heads
+    inputs = model_inputs(model, batch, eta)
+    free = Oracle("taylor")(inputs).lambdas
+    lo, hi = float(free.min()) + 0.25 * float(free.max() - free.min()), float(free.max()) - 0.01
+    clipped = Oracle("taylor", clip=(lo, hi))
+    out = clipped(inputs)
+    assert out.lambdas.tolist() == pytest.approx(free.clamp(lo, hi).tolist(), rel=1e-12)
+    assert [out.info["lambda_raw_0"], out.info["lambda_raw_1"]] == pytest.approx(free.tolist(), rel=1e-12)
+    assert Oracle().name == "oracle[taylor]" and Oracle().clip is None  # off by default
+    assert clipped.name == f"oracle[taylor,clip=({lo:g},{hi:g})]"
+    assert make_calibrator("oracle", clip=(0, 10)).name == "oracle[taylor,clip=(0,10)]"
+    gate = make_calibrator("cosine", lambda0=0.3, clip=(0.0, 0.1))
+    assert gate.name == "cosine[lambda0=0.3,clip=(0,0.1)]" and CosineGate().name == "cosine[lambda0=1]"
+    assert gate(inputs).lambdas.max() <= 0.1
+    with pytest.raises(ValueError, match="lo <= hi"):
+        Oracle(clip=(1.0, 0.0))
+
+
+def test_a_clip_leaves_an_undefined_lambda_at_zero():
+    model = LinearLogprobModel(4, 6, n_shared=5, num_heads=1)
+    batch = rl_batch(model, 4, 7, vocab=2)
+    batch["advantages"] = batch["advantages"].abs() + 0.1  # convex: no lambda*
+    out = Oracle("taylor", clip=(0.5, 2.0))(model_inputs(model, batch, 0.3))
+    assert out.lambdas.tolist() == [0.0] and out.info["warnings"] == 1
+
+
 def test_gradient_calibrators_without_a_model_name_the_fix():
     for calibrator in (Oracle(), CosineGate()):
         with pytest.raises(ValueError, match="proxy='ratio'"):

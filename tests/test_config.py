@@ -36,7 +36,7 @@ def test_a_config_json_written_before_the_split_reads_into_the_nested_config():
     flat = cfg.to_dict()
     assert {key: flat[key] for key in OLD_CONFIG} == OLD_CONFIG  # every old key, unchanged
     assert sorted(set(flat) - set(OLD_CONFIG)) == ["diag_hvp_mode", "diag_objectives", "diag_per_block",
-                                                    "diag_top_curvature", "lambda_placement"]  # fmt: skip
+                                                    "diag_top_curvature", "lambda_placement", "threads"]  # fmt: skip
 
 
 def test_the_flat_dict_round_trips_and_lists_every_field_once():
@@ -84,11 +84,39 @@ def test_with_values_routes_each_flat_key_to_its_home_and_leaves_the_original_al
         ({"diag_objectives": ("j_batch", "loss")}, r"diag_objectives=j_batch,loss: list each of \['j_batch', 'j_true', 'j_unclipped'\]"),
         ({"n_head": 3}, "d_model=32 must be divisible by n_head=3"),
         ({"d_modle": 64}, r"unknown TrainConfig fields \['d_modle'\]"),
+        # issue 10: values that used to fail only after the SFT, or never
+        ({"lr": -1.0}, "lr=-1.0 must be a finite number > 0"),
+        ({"lr": float("nan")}, "lr=nan must be a finite number > 0"),
+        ({"lr": float("inf")}, "lr=inf must be a finite number > 0"),
+        ({"sft_lr": 0.0}, "sft_lr=0.0 must be a finite number > 0"),
+        ({"regime": "policy", "lam": float("nan")}, "lam=nan must be a finite number"),
+        ({"weight_decay": -0.1}, "weight_decay=-0.1 must be a finite number >= 0"),
+        ({"eps_high": float("nan")}, "eps_high=nan must be a finite number >= 0"),
+        ({"max_new_tokens": 0}, "max_new_tokens=0 must be at least 1"),
+        ({"threads": 0}, "threads=0 must be at least 1"),
+        ({"dropout": 1.0}, r"dropout=1.0 must be in \[0, 1\)"),
+        ({"n_mtp": 100}, "n_mtp=100: .*block_size=8 no head beyond 6 has a target: set --n-mtp 6 or less"),
     ],
 )
 def test_bad_config_is_a_clear_error(tiny, overrides, message):
     with pytest.raises(ValueError, match=message):
         tiny(**overrides)
+
+
+def test_n_mtp_beyond_the_tasks_sequences_names_the_fix(tiny):
+    # block_size 32 allows 30 heads, but 1-digit addition's sequences are 7 tokens long
+    with pytest.raises(ValueError, match="sequences are at most 7 tokens long.*set --n-mtp 5 or less"):
+        build_task(tiny(block_size=32, n_mtp=6))
+    assert build_task(tiny(block_size=32, n_mtp=5)).prompt_len == 4
+
+
+def test_an_absurd_lr_is_a_warning_naming_it(tiny):
+    """Valid but almost surely not meant: the trainer warns (a deliberate divergence test stays possible)."""
+    assert tiny(optimizer="sgd", lr=1.0).risky_values() == [] and tiny(lr=0.1).risky_values() == []
+    (sgd,) = tiny(optimizer="sgd", lr=1e6).risky_values()
+    assert sgd.startswith("lr=1e+06 is far above what sgd trains with (above 1)") and "lower --lr" in sgd
+    (adamw,) = tiny(lr=0.5).risky_values()
+    assert "adamw" in adamw and "above 0.1" in adamw
 
 
 def test_the_vocabulary_comes_from_the_task_not_the_config(tiny):

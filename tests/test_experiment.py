@@ -114,3 +114,75 @@ def test_the_gpu_preset_on_a_machine_without_a_gpu_names_the_cpu_presets(tmp_pat
     with pytest.raises(ValueError, match="--preset default or quick"):
         run_job(PRESETS["full"], tmp_path / "job", workers=1, progress=False)
     assert not (tmp_path / "job").exists()
+
+
+# ----------------------------------------------------------------------------- issue 10: reliability
+
+
+def _children(pid: int) -> dict[int, str]:
+    """The live child processes of ``pid`` as {pid: start time} (zombies are dead)."""
+    from pathlib import Path
+
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()
+        if int(fields[1]) == pid and fields[0] != "Z":
+            children[int(stat.parent.name)] = fields[19]
+    return children
+
+
+def _alive(pid: int, started: str) -> bool:
+    try:
+        text = open(f"/proc/{pid}/stat").read()
+    except OSError:
+        return False
+    fields = text[text.rindex(")") + 2:].split()
+    return fields[0] != "Z" and fields[19] == started  # the same process, not a reused pid
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc")
+def test_workers_die_with_their_parent_after_kill_9_and_a_restart_takes_over(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mtpdiag.rundir import DirectoryLock
+
+    job = tmp_path / "job"
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "mtpdiag", "run", "--preset", "quick", "--micro", "--workers", "2", "--out", str(job),
+         "--sft-cache", str(tmp_path / "cache"), "--no-progress"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    workers = {}
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and parent.poll() is None:
+            workers = _children(parent.pid)
+            if any("spawn_main" in open(f"/proc/{pid}/cmdline").read() for pid in workers if os.path.exists(
+                    f"/proc/{pid}/cmdline")):
+                break
+            time.sleep(0.2)
+        assert parent.poll() is None and workers, "the job started no worker process"
+        time.sleep(1.0)  # let the pool start all its workers
+        workers = _children(parent.pid)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        time.sleep(10)
+        survivors = [pid for pid, started in workers.items() if _alive(pid, started)]
+        assert survivors == [], f"workers {survivors} outlived their job"
+        # the dead job's lock is taken over by a restart (a live one would be refused)
+        DirectoryLock(job, "job directory").acquire().release()
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        for pid, started in workers.items():
+            if _alive(pid, started):
+                os.kill(pid, signal.SIGKILL)

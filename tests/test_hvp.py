@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from scipy.sparse.linalg import LinearOperator
 
-from mtpdiag.diagnostics.hvp import HVP_MODES, HessianAt, HessianOperator, flatten, top_curvature, unflatten
+from mtpdiag.diagnostics.hvp import (HVP_MODES, HessianAt, HessianOperator, flatten, lacks_forward_ad, top_curvature,
+                                   unflatten)
 
 
 def small_problem(n_in=3, n_hidden=4, seed=0):
@@ -108,3 +109,66 @@ def test_a_mode_label_is_not_a_mode():
     for bad in ("finite_differences", "rev_rev (fallback: no jvp)"):
         with pytest.raises(ValueError, match="choose one of \\('fwd_rev', 'rev_rev'\\)"):
             HessianAt(lambda p: p["x"].sum(), params, bad)
+
+
+class NoJvp(torch.autograd.Function):
+    """A new-style Function (setup_context) without a jvp: torch.func runs it, forward AD cannot."""
+
+    @staticmethod
+    def forward(x):
+        return x * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+def torch_error(f) -> BaseException:
+    x = torch.ones(3, dtype=torch.float64)
+    with pytest.raises((NotImplementedError, RuntimeError)) as info:
+        torch.func.jvp(f, (x,), (x,))
+    return info.value
+
+
+# what torch raised when Ctrl-C arrived inside a forward-AD decomposition (issue 10, abridged)
+INTERRUPTED_IN_TORCHSCRIPT = (
+    "The following operation failed in the TorchScript interpreter.\n"
+    "Traceback of TorchScript (most recent call last):\n"
+    '  File ".../torch/_decomp/decompositions_for_jvp.py", line 165, in aten::native_layer_norm_backward\n'
+    "    mean_, rstd_ = recompute_mean_var(input, rstd, inner_dim_indices, keepdim=True)\n"
+    "RuntimeError: KeyboardInterrupt: <EMPTY MESSAGE>\n"
+)
+
+
+def test_only_a_missing_forward_ad_formula_falls_back():
+    # torch's own errors: an aten op without a forward-AD formula, Functions without jvp (new and old style)
+    assert lacks_forward_ad(torch_error(lambda t: torch.cdist(t.view(1, 3, 1), t.view(1, 3, 1) + 1).sum()))
+    assert lacks_forward_ad(torch_error(lambda t: NoJvp.apply(t).sum()))
+    assert lacks_forward_ad(torch_error(lambda t: NoForwardMode.apply(t).sum()))
+    # errors that merely mention jvp or forward AD are not a missing formula
+    assert not lacks_forward_ad(RuntimeError(INTERRUPTED_IN_TORCHSCRIPT))
+    assert not lacks_forward_ad(RuntimeError("shape mismatch in jvp of my layer (forward AD)"))
+    assert not lacks_forward_ad(NotImplementedError("my kernel is not written yet"))
+
+
+def test_an_interrupt_inside_the_hvp_interrupts_and_never_falls_back():
+    params = {"x": torch.ones(2, dtype=torch.float64)}
+
+    def interrupted(p):
+        raise RuntimeError(INTERRUPTED_IN_TORCHSCRIPT)
+
+    hessian = HessianAt(interrupted, params, "fwd_rev")  # the TorchScript decompositions are forward mode's
+    with pytest.raises(KeyboardInterrupt):
+        hessian({"x": torch.ones(2, dtype=torch.float64)})
+    assert hessian.mode == "fwd_rev" and hessian.fallback is None
+
+    def broken(p):
+        raise RuntimeError("a bug that mentions jvp")
+
+    with pytest.raises(RuntimeError, match="a bug that mentions jvp"):  # raised as it is, no silent switch
+        HessianAt(broken, params, "fwd_rev")({"x": torch.ones(2, dtype=torch.float64)})

@@ -139,7 +139,7 @@ def test_detach_keeps_training_the_heads_and_logs_every_column(tiny, tmp_path, c
     minibatches = pd.read_csv(result.out / "minibatch.csv")
     assert minibatches[["step", "minibatch"]].values.tolist() == [[s, b] for s in range(1, 7) for b in range(2)]
     model, cfg, _ = load_run(result.out)
-    assert cfg == tiny()
+    assert cfg == tiny(threads=torch.get_num_threads())  # config.json records the count it ran with
     for a, b in zip(model.state_dict().values(), result.model.state_dict().values()):
         assert torch.equal(a, b)
 
@@ -301,7 +301,7 @@ def test_the_diagnostics_flags_reach_the_run(tiny, tmp_path, cache):
     assert "diag_j_true_v2" not in result.metrics.columns
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
     assert (saved["diag_per_block"], saved["diag_top_curvature"], saved["diag_objectives"]) == (False, "none", ["j_batch"])
-    assert load_run(tmp_path / "run")[1] == cfg
+    assert load_run(tmp_path / "run")[1] == cfg.with_values(threads=torch.get_num_threads())
 
 
 def test_occ_calibrator_by_name_is_logged(tiny, tmp_path, cache):
@@ -334,3 +334,76 @@ def test_config_json_records_the_primary_calibrator_and_its_shadows_and_resume_c
     longer = train(cfg.with_values(steps=2), tmp_path / "run", resume=True, calibrator=shadowed(), cache_dir=cache,
                    progress=False)  # fmt: skip
     assert longer.metrics["step"].tolist() == [0, 1, 2]
+
+
+# ----------------------------------------------------------------------------- issue 10: reliability
+
+
+def test_a_collapsed_run_or_a_lambda_out_of_range_is_flagged_from_the_rows():
+    """health_flags on hand-built rows: J_true below a fraction of the post-SFT value, a zero
+    reward on consecutive steps, a lambda outside the sane range; a healthy run is not flagged."""
+    from mtpdiag.train import COLLAPSE_FRACTION, LAMBDA_RANGE, ZERO_REWARD_STEPS, health_flags
+
+    sft = {"step": 0, "j_true": 0.5, "reward_mean": 0.4}
+    healthy = [sft, *({"step": s, "j_true": math.nan, "reward_mean": 0.3} for s in range(1, 10))]
+    assert health_flags(healthy, [{"minibatch": 0, "lambda_0": 1.0}]) == {"collapsed": None,
+                                                                         "lambda_out_of_range": None}
+    fallen = [sft, {"step": 1, "j_true": 0.5 * COLLAPSE_FRACTION * 0.9, "reward_mean": 0.1}]
+    assert "below 0.25 x its post-SFT value 0.5000" in health_flags(fallen, [])["collapsed"]
+    # between evaluations the last evaluated J_true keeps the flag on
+    assert health_flags([*fallen, {"step": 2, "j_true": math.nan, "reward_mean": 0.1}], [])["collapsed"]
+    silent = [sft, *({"step": s, "reward_mean": 0.0} for s in range(1, ZERO_REWARD_STEPS + 1))]
+    assert health_flags(silent, [])["collapsed"] == f"the reward was 0 on the last {ZERO_REWARD_STEPS} steps"
+    assert health_flags(silent[:-1], [])["collapsed"] is None
+    why = health_flags(healthy, [{"minibatch": 1, "lambda_0": -1.5 * LAMBDA_RANGE}])["lambda_out_of_range"]
+    assert why == f"lambda_0 = -30 on mini-batch 1 is outside [-{LAMBDA_RANGE:g}, {LAMBDA_RANGE:g}]"
+
+
+def test_a_lambda_out_of_the_sane_range_is_flagged_in_metrics_and_warned(tiny, tmp_path, cache):
+    with pytest.warns(UserWarning, match=r"step 1: lambda_0 = 50 on mini-batch 0 is outside .*lambda_out_of_range"):
+        result = train(tiny(regime="policy", lam=50.0, steps=2), tmp_path / "run", cache_dir=cache, progress=False)
+    assert result.metrics["lambda_out_of_range"].tolist() == [False, True, True]
+    healthy = train(tiny(regime="policy", lam=0.5, steps=2), tmp_path / "ok", cache_dir=cache, progress=False)
+    assert not healthy.metrics[["collapsed", "lambda_out_of_range"]].to_numpy().any()
+
+
+def test_a_nan_parameter_is_named_not_blamed_on_the_loss(tiny, tmp_path, cache):
+    def poison_at_step_1(ctx):
+        if ctx.step == 1:
+            with torch.no_grad():
+                ctx.model.get_parameter("blocks.0.attn.proj.weight")[0, 0] = float("nan")
+
+    with pytest.raises(NonFiniteLossError, match=r"step 1, mini-batch 0: j_batch = nan is not finite because "
+                                                 r"parameters \['blocks.0.attn.proj.weight'\] hold inf/nan") as err:
+        train(tiny(steps=2), tmp_path / "run", callbacks=[poison_at_step_1], cache_dir=cache, progress=False)
+    assert "log of 0" not in str(err.value) and "float16" not in str(err.value)
+
+
+def test_an_interrupt_leaves_the_run_incomplete_and_a_run_without_a_checkpoint_takes_a_corrected_config(
+        tiny, tmp_path, cache):
+    def interrupt_at_step_1(ctx):
+        if ctx.step == 1:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(steps=2, lr=2e-3), out, callbacks=[interrupt_at_step_1], cache_dir=cache, progress=False)
+    assert (out / ".incomplete").exists() and not (out / "checkpoint.pt").exists()
+    assert not (out / ".lock").exists()  # released: a restart is not refused
+    # no step was completed, so there is no state to continue: the corrected lr is taken
+    resumed = train(tiny(steps=2), out, resume=True, cache_dir=cache, progress=False)
+    assert resumed.metrics["step"].tolist() == [0, 1, 2] and not (out / ".incomplete").exists()
+    assert json.loads((out / "config.json").read_text())["config"]["lr"] == 1e-3
+
+
+def test_progress_off_a_terminal_prints_plain_lines_that_never_show_a_nan_j_true(tiny, tmp_path, cache, capsys,
+                                                                                  monkeypatch):
+    from mtpdiag import progress
+
+    monkeypatch.setattr(progress, "LINE_EVERY_S", 0.0)  # a line per step (30 s apart otherwise)
+    train(tiny(steps=3, eval_every=3), tmp_path / "run", cache_dir=cache)  # progress None: capsys is no terminal
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rl ")]
+    assert lines[0].startswith("rl detach seed 0: 1/3 steps, reward ") and ", J_true 0." in lines[0]
+    assert len(lines) >= 3 and lines[-1].startswith("rl detach seed 0: 3/3 steps")
+    assert not any("nan" in line for line in lines)
+    assert lines[-1] != lines[-2]  # the closing line is not the last periodic one again

@@ -57,9 +57,31 @@ def unflatten(vector: torch.Tensor, like: Params) -> Params:
     return {k: p.view_as(t) for (k, t), p in zip(like.items(), pieces)}
 
 
-def _lacks_forward_ad(err: Exception) -> bool:
-    text = str(err).lower()
-    return isinstance(err, NotImplementedError) or "forward ad" in text or "forward-mode" in text or "jvp" in text
+# torch's own words (2.4-2.13) when forward mode meets an operation it cannot differentiate:
+# an aten op without a forward-AD formula, an autograd.Function without jvp, and an
+# old-style autograd.Function (no setup_context) under torch.func. rev_rev runs all three.
+MISSING_FORWARD_AD = (
+    "Trying to use forward AD with ",
+    "You must implement the jvp function for custom autograd.Function to use it with forward mode AD",
+    "In order to use an autograd.Function with functorch transforms",
+)
+# the tail of an error that torch raised because an interrupt arrived inside it (e.g. the
+# TorchScript interpreter running a forward-AD decomposition: "RuntimeError: KeyboardInterrupt")
+INTERRUPTED = "KeyboardInterrupt"
+
+
+def lacks_forward_ad(err: BaseException) -> bool:
+    """True for torch's error for a missing forward-mode formula only (the first line,
+    matched as torch words it): any other failure, an interrupt's included, is not a
+    reason to switch modes."""
+    first = str(err).splitlines()[0] if str(err) else ""
+    return isinstance(err, (NotImplementedError, RuntimeError)) and first.startswith(MISSING_FORWARD_AD)
+
+
+def raise_if_interrupted(err: BaseException) -> None:
+    """Re-raise an error that an interrupt caused inside torch as the KeyboardInterrupt it is."""
+    if isinstance(err, RuntimeError) and INTERRUPTED in str(err):
+        raise KeyboardInterrupt(str(err).splitlines()[0]) from err
 
 
 class HessianAt:
@@ -122,7 +144,8 @@ class HessianAt:
                         torch.func.grad_and_value(self.f), (self.params,), (direction,)
                     )
                 except (NotImplementedError, RuntimeError) as err:
-                    if not _lacks_forward_ad(err):
+                    raise_if_interrupted(err)
+                    if not lacks_forward_ad(err):
                         raise
                     self.mode, self.fallback = "rev_rev", str(err).splitlines()[0]
                     return self(direction)
@@ -175,6 +198,7 @@ class HessianAt:
                 retain_graph=True, allow_unused=True, materialize_grads=True,
             )
         except (NotImplementedError, RuntimeError) as err:
+            raise_if_interrupted(err)
             raise RuntimeError(
                 f"exact Hessian-vector products need double backward through every operation of the model, "
                 f"and one lacks it ({str(err).splitlines()[0]}). If it is attention: {ATTENTION_FIX}."

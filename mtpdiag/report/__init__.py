@@ -14,6 +14,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from ..progress import Progress
 from ..schema import FIGURES_DIR
 from . import acceptance, claims, figures, table
 from .load import Job, JobError, load_job
@@ -21,10 +22,11 @@ from .load import Job, JobError, load_job
 __all__ = ["Job", "JobError", "acceptance", "build_report", "claims", "figures", "load_job", "run_analysis", "table"]
 
 
-def build_report(job_dir, out_dir=None) -> dict:
+def build_report(job_dir, out_dir=None, progress: bool | None = False) -> dict:
     """Every figure, Table 1, the claims report and the acceptance section into ``out_dir``
     (default ``<job>/figures``). A figure whose inputs are missing is not made: the returned
     ``skipped`` and the claims report say why, and a warning is raised.
+    ``progress``: a bar (or lines) over its parts, see :class:`~mtpdiag.progress.Progress`.
 
     Returns ``{"out_dir", "figures": {F1: [paths]...}, "table1": [paths],
     "claims": [paths], "claims_table": DataFrame, "acceptance": [paths], "skipped": {F4: reason...}}``.
@@ -32,15 +34,24 @@ def build_report(job_dir, out_dir=None) -> dict:
     job = load_job(job_dir)
     out = Path(out_dir) if out_dir is not None else job.path / FIGURES_DIR
     made, skipped = {}, {}
-    for name, make in figures.FIGURES.items():
-        try:
-            made[name] = make(job, out)
-        except JobError as err:
-            skipped[name] = str(err)
-            warnings.warn(f"{name} not made: {err}", stacklevel=2)
-    table_paths = table.write_table1(job, out)
-    claim_paths, claims_table = claims.write_claims(job, out, skipped)
-    acceptance_paths = acceptance.write_acceptance(job, out)
+    with Progress(len(figures.FIGURES) + 3, "report", unit="part", show=progress) as bar:
+        for name, make in figures.FIGURES.items():
+            bar.set_postfix(making=name)
+            try:
+                made[name] = make(job, out)
+            except JobError as err:
+                skipped[name] = str(err)
+                warnings.warn(f"{name} not made: {err}", stacklevel=2)
+            bar.update()
+        bar.set_postfix(making="table1")
+        table_paths = table.write_table1(job, out)
+        bar.update()
+        bar.set_postfix(making="claims")
+        claim_paths, claims_table = claims.write_claims(job, out, skipped)
+        bar.update()
+        bar.set_postfix(making="acceptance")
+        acceptance_paths = acceptance.write_acceptance(job, out)
+        bar.update()
     return {"out_dir": out, "figures": made, "table1": table_paths, "claims": claim_paths,
             "claims_table": claims_table, "acceptance": acceptance_paths, "skipped": skipped}
 

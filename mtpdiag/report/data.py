@@ -89,3 +89,32 @@ def final_values(job: Job, column: str, needed_for: str = "the final table") -> 
     rows = metrics[np.isfinite(pd.to_numeric(metrics[column], errors="coerce"))]
     last = rows.sort_values("step").groupby(["arm", "seed"], sort=False).tail(1)
     return last[["arm", "seed", "step", column]].rename(columns={column: "value"}).reset_index(drop=True)
+
+
+def flagged_runs(job: Job) -> pd.DataFrame:
+    """The runs the trainer flagged (:data:`~mtpdiag.schema.RUN_FLAGS` in metrics.csv), one row
+    each: ``arm, seed``, a bool per flag, ``first_step`` (the first flagged step), and the
+    post-SFT and last held-out ``j_true_start, j_true_last``. Runs written before the
+    flags existed have none."""
+    metrics = job.table("metrics", needed_for="the flagged runs")
+    rows = []
+    for (arm, seed), run in metrics.sort_values("step").groupby(["arm", "seed"], sort=False):
+        flags = {flag: run[flag].eq(True) if flag in run else pd.Series(False, index=run.index)
+                 for flag in schema.RUN_FLAGS}
+        flagged = pd.concat(flags.values(), axis=1).any(axis=1)
+        if flagged.any():
+            j_true = run["j_true"].dropna()
+            rows.append({"arm": arm, "seed": int(seed), **{flag: bool(f.any()) for flag, f in flags.items()},
+                         "first_step": int(run.loc[flagged, "step"].iloc[0]),
+                         "j_true_start": j_true.iloc[0], "j_true_last": j_true.iloc[-1]})
+    frame = pd.DataFrame(rows, columns=["arm", "seed", *schema.RUN_FLAGS, "first_step", "j_true_start", "j_true_last"])
+    return frame.astype(dict.fromkeys(schema.RUN_FLAGS, bool))  # a boolean mask even when empty
+
+
+FLAG_WORDS = {schema.COLLAPSED: "collapsed", schema.LAMBDA_OUT_OF_RANGE: "λ out of range"}  # the report's words
+
+
+def describe_flags(row) -> str:
+    """A flagged run's flags in words: ``collapsed, λ out of range``."""
+    return ", ".join(FLAG_WORDS[flag] for flag in schema.RUN_FLAGS if row[flag])
+

@@ -15,9 +15,9 @@ import pandas as pd
 from .. import regimes
 from ..diagnostics import quantities
 from ..occ_analysis import correlation_ci
-from ..schema import ETA_SWEEP, ETA_SWEEP_SERIES, FIGURE_FILES, atomic_write, figure_data_file
+from ..schema import COLLAPSED, ETA_SWEEP, ETA_SWEEP_SERIES, FIGURE_FILES, atomic_write, figure_data_file
 from . import acceptance, stats, style
-from .data import OBJECTIVE, STAR_COLUMNS, checkpoints, diag_steps, first_minibatch, tracking_frame
+from .data import OBJECTIVE, STAR_COLUMNS, checkpoints, diag_steps, first_minibatch, flagged_runs, tracking_frame
 from .load import Job, JobError
 from .stats import loglog_slope, seed_bands
 
@@ -319,25 +319,55 @@ PROBABILITY = (0.0, 1.0)
 
 def performance(job: Job, out_dir) -> list[Path]:
     """F5: exact J_true and sampled pass@1 on the held-out prompts against step,
-    one line per arm (seed mean, 95% t-band)."""
+    one line per arm (seed mean, 95% t-band). A run the trainer flagged as collapsed
+    is left out of its arm's band and drawn alone, dashed; the axes span the other
+    runs, so one collapse does not squash them (the panel says where it went)."""
     metrics = job.table("metrics", needed_for="F5 (performance)")
+    flagged = flagged_runs(job)
+    fallen = set(zip(flagged.loc[flagged[COLLAPSED], "arm"], flagged.loc[flagged[COLLAPSED], "seed"]))
+    is_fallen = pd.Series([(a, s) in fallen for a, s in zip(metrics["arm"], metrics["seed"])], index=metrics.index,
+                          dtype=bool)
     colors = style.arm_colors(job.arms)
     plotted = []
     with style.styled():
         fig, axes = style.new_figure(1, 2)
         for ax, (column, label) in zip(axes.flat, PERFORMANCE, strict=True):
+            bands = []
             for arm in job.arms:
-                summary = seed_bands(metrics[metrics["arm"] == arm.label], column)
-                if summary.empty:
+                of_arm = metrics["arm"] == arm.label
+                summary = seed_bands(metrics[of_arm & ~is_fallen], column)
+                if summary.empty and not (of_arm & is_fallen).any():
                     raise JobError(f"F5 (performance): arm {arm.label} has no {column} value in its metrics.csv files")
-                style.band(ax, summary, "step", arm.label, colors[arm.label], PROBABILITY, marker="o", markersize=3)
-                plotted.append(summary.assign(quantity=column))
+                if not summary.empty:
+                    style.band(ax, summary, "step", arm.label, colors[arm.label], PROBABILITY, marker="o", markersize=3)
+                    bands.append(summary)
+                    plotted.append(summary.assign(quantity=column, collapsed=False))
+            notes = []
+            for (arm, seed), run in metrics[is_fallen].groupby(["arm", "seed"], sort=False):
+                run = run.dropna(subset=[column]).sort_values("step")
+                ax.plot(run["step"], run[column], "--x", color=colors[arm], linewidth=1, markersize=4,
+                        label=f"{arm} seed {seed} (collapsed)")
+                plotted.append(pd.DataFrame({"arm": arm, "seed": seed, "step": run["step"], "mean": run[column],
+                                             "n": 1, "quantity": column, "collapsed": True}))
+                notes.append(f"{arm} seed {seed} ends at {run[column].iloc[-1]:.3f}")
+            if notes and bands:
+                _fit_to_bands(ax, pd.concat(bands))
+                style.corner_note(ax, "collapsed (dashed, not in the bands): " + "; ".join(notes))
             ax.set_xlabel(style.STEP_LABEL)
             ax.set_ylabel(label)
         handles, labels = axes[0, 0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside right center")
         fig.suptitle(f"F5: held-out performance ({len(job.seeds)} seed(s); mean, 95% t-band over seeds)")
         return _finish(fig, out_dir, "F5", pd.concat(plotted, ignore_index=True))
+
+
+def _fit_to_bands(ax, bands: pd.DataFrame) -> None:
+    """The y range of the bands (and means), with a margin, within [0, 1]."""
+    values = pd.concat([bands["mean"], bands["low"], bands["high"]]).to_numpy(float)
+    values = values[np.isfinite(values)]
+    low, high = values.min(), values.max()
+    margin = 0.1 * (high - low) or 0.05
+    ax.set_ylim(max(PROBABILITY[0], low - margin), min(PROBABILITY[1], high + margin))
 
 
 # ----------------------------------------------------------------------------- F6

@@ -121,8 +121,19 @@ class Job:
 
     def _read(self, path: Path) -> pd.DataFrame:
         if path not in self._cache:
-            self._cache[path] = pd.read_csv(path)
+            try:
+                self._cache[path] = pd.read_csv(path)
+            except (ValueError, UnicodeDecodeError) as err:  # pandas' ParserError and EmptyDataError
+                raise JobError(f"{path} is damaged ({' '.join(str(err).split())}): re-run that run, or restore "
+                               "the file") from err
         return self._cache[path]
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise JobError(f"{file} is damaged, not valid JSON ({err}): restore it, or re-run what wrote it") from err
 
 
 def _compatible(version: str) -> bool:
@@ -155,10 +166,7 @@ def load_job(path: str | Path) -> Job:
 
 
 def _load_job_dir(root: Path) -> Job:
-    try:
-        spec = json.loads((root / JOB_FILE).read_text())
-    except json.JSONDecodeError as err:
-        raise JobError(f"{root / JOB_FILE} is not valid JSON ({err})") from err
+    spec = _read_json(root / JOB_FILE)
     preset = spec.get("preset", {})
     missing = [k for k in ("mtpdiag_version",) if k not in spec]
     missing += [f"preset.{k}" for k in ("name", "seeds", "arms") if k not in preset]
@@ -177,7 +185,7 @@ def _load_job_dir(root: Path) -> Job:
             "Resume the job (`mtpdiag run` on the same directory) to finish those runs"
         )
     for run in runs.values():
-        version = json.loads((run / CONFIG).read_text()).get("versions", {}).get("mtpdiag")
+        version = _read_json(run / CONFIG).get("versions", {}).get("mtpdiag")
         if version is not None and not _compatible(version):
             raise _version_error(run, version)
     # the job's own .incomplete marker stays until its report is written, so only unfinished runs count
@@ -197,7 +205,7 @@ def _check_regimes(where: Path, names) -> None:
 
 
 def _load_run_dir(root: Path) -> Job:
-    saved = json.loads((root / CONFIG).read_text())
+    saved = _read_json(root / CONFIG)
     if "config" not in saved:
         raise JobError(f"{root / CONFIG} has no 'config' entry: it is not a run directory of `mtpdiag train`")
     version = saved.get("versions", {}).get("mtpdiag", "unknown")

@@ -104,6 +104,14 @@ def note(ax, text: str) -> None:
             bbox={"boxstyle": "round", "facecolor": "lightyellow", "edgecolor": "0.7"})
 
 
+def corner_note(ax, text: str) -> None:
+    """A short remark in a panel's lower left corner, over the data (e.g. a run drawn off the axis)."""
+    # arm labels hold hyphens (occ-paper): wrap between words only
+    ax.text(0.02, 0.02, textwrap.fill(text, NOTE_WIDTH, break_on_hyphens=False), transform=ax.transAxes,
+            ha="left", va="bottom",
+            fontsize=6, bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "0.7", "alpha": 0.8})
+
+
 def symlog_scale(ax, values, axis: str = "y") -> None:
     """A symmetric log axis whose linear part spans the smallest 10% of the non-zero
     magnitudes: signed quantities over decades stay readable. Ticks at 0 and at powers

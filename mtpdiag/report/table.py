@@ -1,6 +1,8 @@
 """Table 1 in the shape of the paper's: final J_true and sampled pass@1 per arm
 (mean and 95% t-interval over seeds), the paired difference from Detach, and
-the fixed-lambda sweep of the policy arms."""
+the fixed-lambda sweep of the policy arms. The seeds whose run the trainer
+flagged (collapsed, lambda out of range) are named per arm: the means include
+them, and the claims report shows what leaving them out changes."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,8 +12,8 @@ import pandas as pd
 
 from .. import regimes
 from ..regimes import FIXED, fixed_lambda
-from ..schema import TABLE1_CSV, TABLE1_MD, atomic_write
-from .data import PAPER_CALIBRATOR, final_values
+from ..schema import RUN_FLAGS, TABLE1_CSV, TABLE1_MD, atomic_write
+from .data import FLAG_WORDS, PAPER_CALIBRATOR, final_values, flagged_runs
 from .load import Job
 from .stats import t_interval
 
@@ -45,6 +47,7 @@ def table1(job: Job) -> tuple[pd.DataFrame, pd.DataFrame]:
     pass1 = final_values(job, "pass1", "Table 1")
     detach = next((a.label for a in job.arms_of(regimes.DETACH)), None)
     occ_paper = next((a.label for a in job.arms if a.calibrator == PAPER_CALIBRATOR), None)
+    flagged = flagged_runs(job)
     rows = []
     for arm in job.arms:
         fixed = job.regime_of(arm).lambda_rule == FIXED
@@ -56,6 +59,8 @@ def table1(job: Job) -> tuple[pd.DataFrame, pd.DataFrame]:
             compared = reference is not None and reference != arm.label
             mean, low, high, n = paired_difference(j_true, arm.label, reference) if compared else (np.nan,) * 3 + (0,)
             row.update({f"delta_vs_{name}": mean, f"delta_vs_{name}_low": low, f"delta_vs_{name}_high": high})
+        of_arm = flagged[flagged["arm"] == arm.label]
+        row.update({f"{flag}_seeds": ",".join(str(s) for s in of_arm.loc[of_arm[flag], "seed"]) for flag in RUN_FLAGS})
         rows.append(row)
     main = pd.DataFrame(rows)
     policy = [a.label for a in job.arms_of(regimes.POLICY)]
@@ -89,7 +94,18 @@ def _readable(frame: pd.DataFrame, first: str) -> pd.DataFrame:
                                                                "delta_vs_occ_paper_high"]].to_numpy()],
         "seeds": frame["j_true_n_seeds"],
         "step": frame["j_true_step"],
+        "flagged runs": [_flags_cell(row) for _, row in frame.iterrows()],
     })
+
+
+def _flags_cell(row) -> str:
+    """``collapsed: seed 0; λ out of range: seeds 0,2``, or empty."""
+    cells = []
+    for flag in RUN_FLAGS:
+        seeds = row[f"{flag}_seeds"]
+        if seeds:
+            cells.append(f"{FLAG_WORDS[flag]}: seed{'s' if ',' in seeds else ''} {seeds}")
+    return "; ".join(cells)
 
 
 def write_table1(job: Job, out_dir) -> list[Path]:
@@ -102,7 +118,8 @@ def write_table1(job: Job, out_dir) -> list[Path]:
         f"# Table 1: {job.name}\n\n"
         "Final exact J_true (probability of the target completion on the held-out prompts) and sampled pass@1, "
         "mean over seeds with a 95% t-interval; Δ is the paired per-seed difference of final J_true "
-        "(the same seed starts every arm from the same SFT weights).\n\n"
+        "(the same seed starts every arm from the same SFT weights). 'flagged runs' names the seeds whose run "
+        "collapsed or whose λ left the sane range (included in the means; see claims.md).\n\n"
         + markdown_table(_readable(main, "Arm"))
         + "\n\n## Fixed-λ sweep (policy loss)\n\n"
         + (markdown_table(_readable(sweep, "λ")) if len(sweep) else "No policy arm in this job.")

@@ -137,3 +137,18 @@ def sweep_rows(power: float, arm: str = POLICY["label"], seeds=(0, 1)) -> pd.Dat
     return pd.DataFrame([{"arm": arm, "seed": seed, "step": 10, "eta": e, "lambda": lam, "delta_meas": 0.0,
                           "delta_taylor": 0.0, "residual": lam * (1 + 0.01 * seed) * e ** power}
                          for seed in seeds for lam in (0.5, 1.0, 2.0) for e in eta])
+
+
+def collapsed_job(root: Path, seeds=(0, 1, 2, 3)):
+    """Detach and OCC paper over ``seeds``, every run healthy at J_true about 0.5 except OCC
+    paper seed 0, which the trainer flagged as collapsed at step 10 (J_true 0.001): the
+    oracle arm of issue 10. OCC paper gains 0.05 over Detach on the healthy seeds."""
+    def metrics(arm, seed):
+        fallen = arm == OCC_PAPER["label"] and seed == 0
+        final = 0.001 if fallen else 0.5 + 0.01 * seed + (0.05 + 0.001 * seed if arm == OCC_PAPER["label"] else 0)
+        return [{"step": 0, "j_true": 0.5, "pass1": 0.5, "collapsed": False, "lambda_out_of_range": False},
+                {"step": 5, "j_true": (0.5 + final) / 2, "pass1": 0.5, "collapsed": False,
+                 "lambda_out_of_range": fallen},
+                {"step": 10, "j_true": final, "pass1": final, "collapsed": fallen, "lambda_out_of_range": fallen}]
+
+    return hand_built_job(root, [DETACH, OCC_PAPER], seeds, metrics=metrics)

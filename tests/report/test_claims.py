@@ -278,3 +278,30 @@ def test_too_little_data_and_a_missing_table_are_inconclusive_with_nan_statistic
         INCONCLUSIVE, "no data (claim C9 needs x.csv): inconclusive", 0, "n/a")
     with pytest.raises(NotImplementedError):
         Claim().test(None, {})
+
+
+def test_the_claims_report_lists_a_collapsed_run_and_c6_reports_with_and_without_it(tmp_path):
+    from .jobs import collapsed_job
+
+    job = collapsed_job(tmp_path / "j")
+    result, _ = EndToEnd().evaluate(job)
+    assert "with the collapsed run(s) of seeds [0]; without them" in result.reason
+    assert "over 3 seeds" in result.reason and "OCC paper " in result.statistic and "(seed 0 collapsed)" in result.statistic
+    _, md = claims.write_claims(job, tmp_path)[0]
+    text = md.read_text()
+    assert "**Flagged runs** (1)" in text
+    assert "- occ-paper seed 0: collapsed, λ out of range from step 5 (J_true 0.5000 after SFT, 0.0010 at the end)" \
+        in text
+
+
+def test_a_run_that_fell_back_to_rev_rev_says_so_in_the_claims_report(tmp_path):
+    def diag(arm, seed):
+        fell = "Trying to use forward AD with foo that does not support it" if arm == "ce-0.5" else None
+        return [{"step": 2, "hvp_mode": "fwd_rev"}, {"step": 4, "hvp_mode": "rev_rev" if fell else "fwd_rev",
+                                                    "hvp_fallback": fell}]
+
+    job = hand_built_job(tmp_path / "j", [DETACH, CE], (0,), diag=diag)
+    _, md = claims.write_claims(job, tmp_path)[0]
+    text = md.read_text()
+    assert "**HVP fallback**" in text
+    assert "- ce-0.5 seed 0: from step 4: Trying to use forward AD with foo" in text and "- detach" not in text

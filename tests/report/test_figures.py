@@ -107,3 +107,31 @@ def test_symlog_ticks_stay_few_and_include_zero():
     style.symlog_scale(axes[0, 0], np.concatenate([np.geomspace(1e-6, 1e6, 50), -np.geomspace(1e-6, 1e6, 50), [0]]))
     ticks = axes[0, 0].yaxis.get_major_locator().tick_values(0, 1)
     assert 0.0 in ticks and len(ticks) <= style.MAX_SYMLOG_TICKS and axes[0, 0].get_yscale() == "symlog"
+
+
+def test_f5_draws_a_collapsed_run_apart_and_keeps_the_axis_to_the_others(tmp_path):
+    from .jobs import collapsed_job
+
+    with mpl.rc_context(), pytest.MonkeyPatch.context() as patch:
+        axes_seen = []
+        new_figure = style.new_figure
+
+        def keep_axes(*args, **kwargs):
+            fig, axes = new_figure(*args, **kwargs)
+            axes_seen.append(axes)
+            return fig, axes
+
+        patch.setattr(style, "new_figure", keep_axes)
+        plotted = pd.read_csv(figures.performance(collapsed_job(tmp_path / "j"), tmp_path)[-1])
+    fallen = plotted[plotted["collapsed"]]
+    assert set(zip(fallen["arm"], fallen["seed"])) == {("occ-paper", 0)}
+    # the collapsed seed is not in its arm's band: the band's mean at step 10 is over seeds 1-3
+    band = plotted[~plotted["collapsed"] & (plotted["arm"] == "occ-paper") & (plotted["step"] == 10)
+                   & (plotted["quantity"] == "j_true")]
+    assert band["mean"].iloc[0] == pytest.approx(np.mean([0.5 + 0.01 * s + 0.05 + 0.001 * s for s in (1, 2, 3)]))
+    j_true_axis = axes_seen[0][0, 0]
+    low, high = j_true_axis.get_ylim()
+    assert low > 0.3 and high < 0.7  # the axis spans the healthy runs, not the collapse to 0.001
+    labels = [line.get_label() for line in j_true_axis.get_lines()]
+    assert "occ-paper seed 0 (collapsed)" in labels
+    assert any("occ-paper seed 0 ends at 0.001" in " ".join(t.get_text().split()) for t in j_true_axis.texts)

@@ -129,3 +129,14 @@ def test_a_run_directory_that_is_not_one_says_so(tmp_path):
     (run / schema.CONFIG).write_text(json.dumps({"config": {"regime": "ce"}, "versions": {"mtpdiag": "9.3.0"}}))
     with pytest.raises(JobError, match="mtpdiag 9.3.0"):
         load_job(run)
+
+
+def test_a_damaged_csv_or_config_json_is_named(job_dir):
+    run = job_dir / "runs" / "detach" / "seed0"
+    (run / schema.CONFIG).write_text("{not json")
+    with pytest.raises(JobError, match=f"{run / schema.CONFIG} is damaged, not valid JSON"):
+        load_job(job_dir)
+    (run / schema.CONFIG).write_text(json.dumps({"config": {}, "versions": {"mtpdiag": __version__}}))
+    (run / schema.METRICS).write_bytes(b"")
+    with pytest.raises(JobError, match=f"{run / schema.METRICS} is damaged .*re-run that run, or restore the file"):
+        load_job(job_dir).table("metrics")

@@ -71,3 +71,13 @@ def test_formatting():
     assert table.fmt_ci(0.5, 0.25, 0.75) == "0.500 [0.250, 0.750]"
     assert table.fmt_ci(0.5, np.nan, np.nan, 1) == "0.5 (no CI)" and table.fmt_ci(np.nan, 0, 1) == "—"
     assert table.markdown_table(pd.DataFrame({"a": ["x|y"], "b": [1]})) == "| a | b |\n|---|---|\n| x\\|y | 1 |"
+
+
+def test_table1_names_the_collapsed_run_of_an_arm(tmp_path):
+    from .jobs import collapsed_job
+
+    main, _ = table.table1(collapsed_job(tmp_path / "j"))
+    flags = main.set_index("arm")[["collapsed_seeds", "lambda_out_of_range_seeds"]]
+    assert flags.loc["occ-paper"].tolist() == ["0", "0"] and flags.loc["detach"].tolist() == ["", ""]
+    md = table.write_table1(collapsed_job(tmp_path / "k"), tmp_path)[-1].read_text()
+    assert "flagged runs" in md and "collapsed: seed 0; λ out of range: seed 0" in md

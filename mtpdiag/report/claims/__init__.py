@@ -14,7 +14,8 @@ from pathlib import Path
 import pandas as pd
 
 from ...schema import ACCEPTANCE_MD, CLAIMS_CSV, CLAIMS_MD, FIGURE_FILES, atomic_write
-from ..load import Job
+from ..data import describe_flags, flagged_runs
+from ..load import Job, JobError
 from ..table import fmt_ci, markdown_table
 from .base import FAILS, HOLDS, INCONCLUSIVE, VERDICT_RULE, VERDICTS, Claim, ClaimResult, Part, Threshold
 from .c1 import ConcaveQuadratic
@@ -55,6 +56,32 @@ def write_claims(job: Job, out_dir, skipped: dict[str, str] | None = None) -> tu
     return [csv, md], table
 
 
+def _flagged(job: Job) -> list[str]:
+    """The runs the trainer flagged, named before any verdict: their numbers are in every statistic."""
+    flagged = flagged_runs(job)
+    if flagged.empty:
+        return []
+    rows = [f"- {r.arm} seed {r.seed}: {describe_flags(r._asdict())} from step {r.first_step} (J_true "
+            f"{r.j_true_start:.4f} after SFT, {r.j_true_last:.4f} at the end)" for r in flagged.itertuples()]
+    return ["", f"**Flagged runs** ({len(flagged)}): the statistics below include them; C6 also reports "
+                "itself without the collapsed ones.", "", *rows]
+
+
+def _hvp_fallbacks(job: Job) -> list[str]:
+    """Runs whose Hessian-vector products fell back from fwd_rev to rev_rev, and why."""
+    try:
+        steps = job.table("diag_steps", columns=("hvp_fallback",), needed_for="the HVP fallbacks")
+    except JobError:
+        return []  # no diagnostics, or written before the column existed
+    fell = steps[steps["hvp_fallback"].notna() & (steps["hvp_fallback"].astype(str) != "")]
+    if fell.empty:
+        return []
+    first = fell.sort_values("step").groupby(["arm", "seed"], sort=False).head(1)
+    return ["", "**HVP fallback**: these runs switched from fwd_rev to rev_rev mid-run (the same Hessian by "
+                "another path, so their numbers may differ from an uninterrupted fwd_rev run in the last digits):",
+            "", *(f"- {r.arm} seed {r.seed}: from step {r.step}: {r.hvp_fallback}" for r in first.itertuples())]
+
+
 def _thresholds() -> pd.DataFrame:
     rows = [(name, f"{t.value:g}", t.meaning) for claim in CLAIMS for name, t in type(claim).thresholds()]
     return pd.DataFrame(rows, columns=["name", "value", "meaning"])
@@ -67,6 +94,7 @@ def _markdown(job: Job, table: pd.DataFrame, details: dict, skipped: dict[str, s
     if job.incomplete_runs:
         lines.append(f"\n**Incomplete**: these runs have not finished (still running, or stopped): "
                      f"{job.incomplete_runs}.")
+    lines += _flagged(job) + _hvp_fallbacks(job)
     lines += ["", VERDICT_RULE, ""]
     shown = pd.DataFrame({
         "Claim": table["claim"], "Statement": table["statement"], "Statistic": table["statistic"],
