@@ -122,6 +122,7 @@ HELP = {
     "eps_low": "lower PPO clip range of the token ratio (>= 0)",
     "eps_high": "upper PPO clip range of the token ratio (>= 0; DAPO's clip-higher)",
     "regime": "how the MTP heads meet the RL objective",
+    "lambda_placement": "where a policy-loss regime puts lambda: on the advantages (the reference code) or the objective",
     "lam": "the fixed MTP coefficient lambda of a ce, policy or occ run (finite)",
     "calibrator": "the occ regime's online lambda_t, chosen on every mini-batch",
     "detach_mode": "detach regime: full cuts the MTP heads from trunk, embedding and head; trunk_only the trunk",

@@ -137,8 +137,8 @@ TINY_TRAIN = dict(
     task_options={"digits": 1}, block_size=8, d_model=32, n_layer=1, n_head=2, dtype="float64",
     sft_steps=200, sft_target=None, sft_batch_size=32, sft_lr=3e-3,
     steps=3, prompts_per_step=4, group_size=4, minibatches=2, lr=1e-3, eval_every=3, eval_prompts=12, eval_samples=2,
-    regime="occ", diag_every=1,
-)  # fmt: skip
+    regime="occ", diag_every=1, threads=1,
+)  # fmt: skip  # threads: one SFT cache entry (the count is in its key) for the single process and the ranks
 
 
 def shadowed_occ() -> WithShadows:
