@@ -43,7 +43,7 @@ class TaylorAtTrainedEta(Claim):
 
     def _ratio_part(self, steps: pd.DataFrame, objective: str) -> Part:
         name = OBJECTIVES[objective]
-        key = "true" if objective == "j_true" else "batch"
+        key = None if objective == "j_true" else "batch"  # the J_true part is the claim's own row
         statistic = f"median λ*_Taylor/λ*_meas on {name} at the trained η"
         band = f"[{self.RATIO_LOW}, {self.RATIO_HIGH}]"
         rows = star_ratios(steps[steps["objective"] == objective])
