@@ -75,7 +75,8 @@ def test_c1_taylor_matches_the_measured_lambda_star_at_the_trained_eta(tmp_path,
     if len(seeds) > 1:
         assert rows["C1.slope"]["estimate"] == pytest.approx(power) and "sign agreement 1.000" in result.reason
     else:
-        assert f"J_true at the trained η: {ONE_SEED}" in result.reason and np.isnan(rows["C1"]["ci_low"])
+        assert f"η = 0.01: {ONE_SEED} (threshold C1_RATIO_LOW unreachable at n = 1)" in result.reason
+        assert np.isnan(rows["C1"]["ci_low"])
 
 
 def test_c1_slope_is_inconclusive_when_the_sweep_stays_below_the_trained_eta(tmp_path):
