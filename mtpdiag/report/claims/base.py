@@ -188,12 +188,14 @@ class Claim:
         """A part judged on an interval over seeds: ``verdict`` (from the interval), unless
         fewer than 2 seeds make its ``threshold`` (an attribute name) unreachable: then
         inconclusive, and the text says why."""
+        statistic = statistic or text
         if interval.n < 2:
+            # with no seed the statistic has no value to print: its name says what was missing
             why = ONE_SEED if interval.n == 1 else "no seed has the data"
             if threshold is not None:
                 why += f" (threshold {self.threshold_name(threshold)} unreachable at n = {interval.n})"
-            text, verdict = f"{text}: {why}", INCONCLUSIVE
-        estimate = Estimate.of(statistic or text, interval, margin)
+            text, verdict = f"{text if interval.n else statistic}: {why}", INCONCLUSIVE
+        estimate = Estimate.of(statistic, interval, margin)
         return Part(text, verdict, key, estimate, decides)
 
 
