@@ -1,4 +1,4 @@
-"""Claims C1-C6 (docs/theory.md s.6): statistic, 95% CI and verdict per claim, as claims.md and claims.csv.
+"""Claims C1-C8 (docs/theory.md s.10): statistic per seed, 95% CI over seeds and verdict, as claims.md and claims.csv.
 
 Usage: python analyses/claims_report.py <job_dir or run_dir> [--out DIR]
 """
@@ -9,7 +9,7 @@ from mtpdiag.report import claims, run_analysis
 
 def claims_files(job, out):
     paths, table = claims.write_claims(job, out)
-    print(table[["claim", "verdict", "value", "ci_low", "ci_high"]].to_string(index=False))
+    print(table[["claim", "verdict", "estimate", "ci_low", "ci_high", "n_units"]].to_string(index=False))
     return paths
 
 

@@ -1,16 +1,20 @@
-"""Intervals the figures and claims share: t-intervals over seeds, percentile
-bootstrap over steps (seeded), Wilson intervals for fractions and the log-log
-slope of the Taylor residual. Each returns NaN bounds, never a made-up
-interval, when the data cannot give one."""
+"""Intervals the figures and claims share: t-intervals over seeds (with the 90%
+interval of a TOST equivalence test beside the 95% one), per-seed statistics,
+Spearman correlations and the log-log slope of the Taylor residual (and of
+lambda against eta) with a seeded cluster bootstrap. Each returns NaN bounds,
+never a made-up interval, when the data cannot give one."""
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
 CONFIDENCE = 0.95
+# TOST at alpha 0.05: two one-sided tests at 0.05 each are one (1 - 2 alpha) = 90% interval inside the margin
+EQUIVALENCE_CONFIDENCE = 0.90
 N_RESAMPLES = 2000  # bootstrap resamples (module global, read at call time: a caller may lower it for speed)
 SEED = 0
 
@@ -30,6 +34,44 @@ def t_interval(values, confidence: float = CONFIDENCE) -> tuple[float, float, fl
     return mean, float(mean - half), float(mean + half), n
 
 
+@dataclass(frozen=True)
+class SeedInterval:
+    """A statistic computed once per seed and its t-intervals over the seeds:
+    ``estimate`` (mean over seeds), the 95% ``low, high``, the 90% ``low90, high90``
+    (the TOST interval) and ``n`` seeds with a finite value. NaN bounds below 2 seeds."""
+
+    estimate: float
+    low: float
+    high: float
+    low90: float
+    high90: float
+    n: int
+
+
+def over_seeds(per_seed) -> SeedInterval:
+    """The t-intervals over the finite per-seed values ``per_seed`` (one value per seed)."""
+    mean, low, high, n = t_interval(per_seed, CONFIDENCE)
+    _, low90, high90, _ = t_interval(per_seed, EQUIVALENCE_CONFIDENCE)
+    return SeedInterval(mean, low, high, low90, high90, n)
+
+
+def per_seed(frame: pd.DataFrame, statistic) -> pd.Series:
+    """``statistic(rows)`` of each seed's rows (all its arms, steps and mini-batches: one
+    unit), indexed by seed; seeds where it is not finite are left out."""
+    values = {seed: float(statistic(rows)) for seed, rows in frame.groupby("seed", sort=True)}
+    series = pd.Series(values, dtype=float, name="value").rename_axis("seed")
+    return series[np.isfinite(series)]
+
+
+def spearman(x, y) -> float:
+    """Spearman rank correlation of the finite pairs; NaN below 3 pairs or on a constant input."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    keep = np.isfinite(x) & np.isfinite(y)
+    if keep.sum() < 3 or np.ptp(x[keep]) == 0 or np.ptp(y[keep]) == 0:
+        return np.nan
+    return float(stats.spearmanr(x[keep], y[keep]).statistic)
+
+
 def seed_bands(frame: pd.DataFrame, value: str, by=("arm", "step")) -> pd.DataFrame:
     """Mean over seeds and its 95% t-interval for each ``by`` group: columns
     ``*by, mean, low, high, n`` (``n`` seeds with a finite value)."""
@@ -40,50 +82,6 @@ def seed_bands(frame: pd.DataFrame, value: str, by=("arm", "step")) -> pd.DataFr
             keys = dict(zip(by, key if isinstance(key, tuple) else (key,), strict=True))
             rows.append({**keys, "mean": mean, "low": low, "high": high, "n": n})
     return pd.DataFrame(rows, columns=[*by, "mean", "low", "high", "n"])
-
-
-def bootstrap_ci(values, statistic=np.mean, confidence: float = CONFIDENCE,
-                 seed: int = SEED) -> tuple[float, float, float, int]:
-    """(statistic, low, high, n): percentile bootstrap over the finite ``values``
-    with a seeded generator. Fewer than 3 values: NaN bounds."""
-    x = np.asarray(values, dtype=float)
-    x = x[np.isfinite(x)]
-    n = int(x.size)
-    if n == 0:
-        return np.nan, np.nan, np.nan, 0
-    point = float(statistic(x))
-    if n < 3:
-        return point, np.nan, np.nan, n
-    with warnings.catch_warnings():  # a constant sample gives a zero-width interval, which is right here
-        warnings.simplefilter("ignore", stats.DegenerateDataWarning)
-        result = stats.bootstrap((x,), statistic, n_resamples=N_RESAMPLES, confidence_level=confidence,
-                                 method="percentile", rng=np.random.default_rng(seed))
-    return point, float(result.confidence_interval.low), float(result.confidence_interval.high), n
-
-
-def ratio_of_means_ci(early, late, confidence: float = CONFIDENCE, seed: int = SEED) -> tuple[float, float, float]:
-    """mean(late) / mean(early) with a two-sample percentile bootstrap interval;
-    NaN when either sample has fewer than 2 values or the early mean is not positive."""
-    a = np.asarray(early, dtype=float)
-    b = np.asarray(late, dtype=float)
-    a, b = a[np.isfinite(a)], b[np.isfinite(b)]
-    if a.size < 2 or b.size < 2 or not a.mean() > 0:
-        return np.nan, np.nan, np.nan
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", stats.DegenerateDataWarning)
-        warnings.simplefilter("ignore", RuntimeWarning)  # a resample with early mean 0 gives inf, kept out below
-        result = stats.bootstrap((a, b), lambda x, y: y.mean() / x.mean(), n_resamples=N_RESAMPLES,
-                                 confidence_level=confidence, method="percentile", vectorized=False,
-                                 rng=np.random.default_rng(seed))
-    return float(b.mean() / a.mean()), float(result.confidence_interval.low), float(result.confidence_interval.high)
-
-
-def proportion_ci(successes: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float, float]:
-    """(fraction, low, high), Wilson interval; NaN for n = 0."""
-    if n == 0:
-        return np.nan, np.nan, np.nan
-    ci = stats.binomtest(int(successes), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
-    return successes / n, float(ci.low), float(ci.high)
 
 
 def loglog_slope(frame: pd.DataFrame, x: str, y: str, series, confidence: float = CONFIDENCE,

@@ -27,27 +27,25 @@ def test_seed_bands_average_over_seeds_per_group():
     assert np.isnan(bands["low"].iloc[1])  # one seed: no band
 
 
-def test_bootstrap_ci_is_seeded_and_needs_three_values():
-    values = np.arange(20.0)
-    first, second = stats.bootstrap_ci(values), stats.bootstrap_ci(values)
-    assert first == second and first[0] == 9.5 and first[1] < 9.5 < first[2] and first[3] == 20
-    point, low, high, n = stats.bootstrap_ci([1.0, 2.0])
-    assert (point, n) == (1.5, 2) and np.isnan(low) and np.isnan(high)
+def test_over_seeds_gives_the_95_and_the_tost_90_percent_t_intervals():
+    interval = stats.over_seeds([1.0, 2.0, 3.0, np.nan])
+    half95, half90 = (scipy_stats.t.ppf(q, 2) / np.sqrt(3) for q in (0.975, 0.95))
+    assert (interval.estimate, interval.n) == (2.0, 3)
+    assert (interval.low, interval.high) == (pytest.approx(2 - half95), pytest.approx(2 + half95))
+    assert (interval.low90, interval.high90) == (pytest.approx(2 - half90), pytest.approx(2 + half90))
+    one = stats.over_seeds([4.0])
+    assert one.n == 1 and np.isnan([one.low, one.high, one.low90, one.high90]).all()
 
 
-def test_proportion_ci_is_wilsons():
-    frac, low, high = stats.proportion_ci(8, 10)
-    z = scipy_stats.norm.ppf(0.975)
-    centre, half = (0.8 + z**2 / 20) / (1 + z**2 / 10), z / (1 + z**2 / 10) * np.sqrt(0.8 * 0.2 / 10 + z**2 / 400)
-    assert frac == 0.8 and low == pytest.approx(centre - half) and high == pytest.approx(centre + half)
-    assert all(np.isnan(stats.proportion_ci(0, 0)))
+def test_per_seed_is_one_value_per_seed_and_drops_non_finite_ones():
+    frame = pd.DataFrame({"seed": [0, 0, 1, 1, 2], "arm": ["a", "b", "a", "b", "a"], "x": [1.0, 3.0, 5.0, 7.0, np.nan]})
+    values = stats.per_seed(frame, lambda rows: rows["x"].mean())
+    assert values.to_dict() == {0: 2.0, 1: 6.0}  # seed 2 has no finite value
 
 
-def test_ratio_of_means_needs_a_positive_early_mean():
-    ratio, low, high = stats.ratio_of_means_ci([1.0, 1.0, 1.0], [2.0, 2.0, 2.0])
-    assert ratio == 2.0 and low == pytest.approx(2.0) and high == pytest.approx(2.0)
-    assert all(np.isnan(stats.ratio_of_means_ci([-1.0, -1.0], [1.0, 1.0])))
-    assert all(np.isnan(stats.ratio_of_means_ci([1.0], [1.0, 2.0])))
+def test_spearman_needs_three_finite_pairs_and_a_varying_input():
+    assert stats.spearman([1, 2, 3, 4], [10, 20, 30, 25]) == pytest.approx(0.8)
+    assert np.isnan(stats.spearman([1, 2, np.nan], [1, 2, 3])) and np.isnan(stats.spearman([1, 1, 1], [1, 2, 3]))
 
 
 def test_loglog_slope_recovers_the_power_across_series_with_their_own_intercepts():

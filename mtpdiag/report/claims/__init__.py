@@ -1,14 +1,18 @@
-"""Claims C1-C6 of docs/theory.md s.6, each tested on a job's CSVs: a statistic,
-its 95% interval, and a verdict that comes from the data through the claim's
-thresholds (never typed by hand), by the rule of :data:`.base.VERDICT_RULE`.
+"""Claims C1-C8 of docs/theory.md s.10, each tested on a job's CSVs with the seed as
+the unit: a statistic per seed, its interval over seeds, and a verdict that comes
+from the data through the claim's thresholds and margins (never typed by hand), by
+the rule of :data:`.base.VERDICT_RULE`.
 
 One module per claim, each a :class:`.base.Claim`; :data:`CLAIMS` lists them in
 report order, and the claims report lists every claim's thresholds from there.
 A new claim is one module and one entry in :data:`CLAIMS`.
+
+``claims.csv`` has the columns :data:`.base.CSV_COLUMNS`: one row per claim, then
+one row per part that has a statistic of its own, named ``<claim>.<part>``
+(``C1.batch``, ``C1.slope``, ``C3.crossfit``, ...).
 """
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
@@ -17,32 +21,42 @@ from ...schema import ACCEPTANCE_MD, CLAIMS_CSV, CLAIMS_MD, FIGURE_FILES, atomic
 from ..data import describe_flags, flagged_runs
 from ..load import Job, JobError
 from ..table import fmt_ci, markdown_table
-from .base import FAILS, HOLDS, INCONCLUSIVE, VERDICT_RULE, VERDICTS, Claim, ClaimResult, Part, Threshold
-from .c1 import ConcaveQuadratic
+from .base import (CSV_COLUMNS, EQUIVALENT, FAILS, HOLDS, INCONCLUSIVE, REPORTED, VERDICT_RULE, VERDICTS, Claim,
+                   ClaimResult, Estimate, Part, Threshold)
+from .c1 import TaylorAtTrainedEta
 from .c2 import SmoothBound
 from .c3 import CrossEntropyAtZero
 from .c4 import PolicyDecay
 from .c5 import OCCTracking
 from .c6 import EndToEnd
+from .c7 import PreconditionedTracking
+from .c8 import EtaScaling
 
 __all__ = [
-    "CLAIMS", "FAILS", "HOLDS", "INCONCLUSIVE", "VERDICTS", "Claim", "ClaimResult", "ConcaveQuadratic",
-    "CrossEntropyAtZero", "EndToEnd", "OCCTracking", "Part", "PolicyDecay", "SmoothBound", "Threshold", "claims",
-    "write_claims",
+    "CLAIMS", "CSV_COLUMNS", "EQUIVALENT", "FAILS", "HOLDS", "INCONCLUSIVE", "REPORTED", "VERDICTS", "Claim",
+    "ClaimResult", "CrossEntropyAtZero", "EndToEnd", "Estimate", "EtaScaling", "OCCTracking", "Part", "PolicyDecay",
+    "PreconditionedTracking", "SmoothBound", "TaylorAtTrainedEta", "Threshold", "claims", "write_claims",
 ]
 
-CLAIMS: tuple[Claim, ...] = (ConcaveQuadratic(), SmoothBound(), CrossEntropyAtZero(), PolicyDecay(), OCCTracking(),
-                             EndToEnd())
+CLAIMS: tuple[Claim, ...] = (TaylorAtTrainedEta(), SmoothBound(), CrossEntropyAtZero(), PolicyDecay(), OCCTracking(),
+                             EndToEnd(), PreconditionedTracking(), EtaScaling())
+TEXT_COLUMNS = ("statement", "reason", "figure")  # the claims table's columns beyond claims.csv's, for claims.md
 
 
 def claims(job: Job) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
-    """The claims table (one row per claim) and every claim's detail tables (C4 crossings, C5 tracking)."""
-    results, details = [], {}
+    """The claims table (claims.csv's rows and columns, then ``statement, reason, figure``:
+    a part's row has its part's text as reason) and every claim's detail tables (C4
+    crossings, C5 tracking)."""
+    rows, details = [], {}
     for claim in CLAIMS:
         result, tables = claim.evaluate(job)
-        results.append(asdict(result))
+        own, *parts = result.rows()
+        rows.append({**own, "statement": result.statement, "reason": result.reason, "figure": result.figure})
+        keyed = [p for p in result.parts if p.key is not None]
+        rows += [{**row, "statement": "", "reason": part.text, "figure": result.figure}
+                 for row, part in zip(parts, keyed, strict=True)]
         details.update(tables)
-    return pd.DataFrame(results), details
+    return pd.DataFrame(rows, columns=[*CSV_COLUMNS, *TEXT_COLUMNS]), details
 
 
 def write_claims(job: Job, out_dir, skipped: dict[str, str] | None = None) -> tuple[list[Path], pd.DataFrame]:
@@ -51,7 +65,7 @@ def write_claims(job: Job, out_dir, skipped: dict[str, str] | None = None) -> tu
     out_dir.mkdir(parents=True, exist_ok=True)
     table, details = claims(job)
     text = _markdown(job, table, details, skipped or {})
-    csv = atomic_write(out_dir / CLAIMS_CSV, lambda tmp: table.to_csv(tmp, index=False))
+    csv = atomic_write(out_dir / CLAIMS_CSV, lambda tmp: table[list(CSV_COLUMNS)].to_csv(tmp, index=False))
     md = atomic_write(out_dir / CLAIMS_MD, lambda tmp: tmp.write_text(text))
     return [csv, md], table
 
@@ -98,11 +112,12 @@ def _markdown(job: Job, table: pd.DataFrame, details: dict, skipped: dict[str, s
     lines += ["", VERDICT_RULE, ""]
     shown = pd.DataFrame({
         "Claim": table["claim"], "Statement": table["statement"], "Statistic": table["statistic"],
-        "Value [95% CI]": [fmt_ci(v, lo, hi) for v, lo, hi in table[["value", "ci_low", "ci_high"]].to_numpy()],
-        "n": table["n"], "Verdict": "**" + table["verdict"] + "**", "Figure": table["figure"],
+        "Estimate [95% CI]": [fmt_ci(v, lo, hi) for v, lo, hi in table[["estimate", "ci_low", "ci_high"]].to_numpy()],
+        "Margin": table["margin"], "n": table["n_units"].astype(str) + " " + table["unit"] + "s",
+        "Verdict": "**" + table["verdict"] + "**", "Figure": table["figure"],
     })
     lines += [markdown_table(shown), "", "## Why each verdict", ""]
-    lines += [f"- **{r.claim}** ({r.verdict}): {r.reason}" for r in table.itertuples()]
+    lines += [f"- **{r.claim}** ({r.verdict}): {r.reason}" for r in table.itertuples() if "." not in r.claim]
     crossings = details["c4_crossings"]
     if len(crossings):
         lines += ["", "## C4: first measured step where 2λ*_t < λ (per policy arm and seed; empty: never)", "",
@@ -127,8 +142,7 @@ def _markdown(job: Job, table: pd.DataFrame, details: dict, skipped: dict[str, s
     lines += ["", "## Speculative-decoding acceptance (not a claim)", "",
               f"Which regimes keep the MTP heads' draft acceptance and what each costs in J_true: "
               f"[{ACCEPTANCE_MD}]({ACCEPTANCE_MD}), figure {FIGURE_FILES['F8']}."]
-    # the heading keeps the path the report has always printed, so that claims.md stays comparable across versions
-    lines += ["", "## Thresholds (mtpdiag/report/claims.py)", "", markdown_table(_thresholds())]
+    lines += ["", "## Thresholds (mtpdiag/report/claims/)", "", markdown_table(_thresholds())]
     if skipped:
         lines += ["", "## Figures not made", ""] + [f"- {name}: {why}" for name, why in skipped.items()]
     return "\n".join(lines) + "\n"

@@ -1,6 +1,12 @@
-"""What every claim shares: the verdicts and the interval rule that gives them
+"""What every claim shares: the verdicts and the rule that gives them
 (:data:`VERDICT_RULE`, quoted in every claims report), a claim's result, and
-:class:`Claim`, the base each claim C1-C6 is one module on.
+:class:`Claim`, the base each claim C1-C8 is one module on.
+
+The unit of every claim is the seed: all arms, steps and mini-batches of one seed
+share its SFT weights and rollout random numbers, so a claim computes its
+statistic once per seed (:func:`~mtpdiag.report.stats.per_seed`) and its interval
+over the seeds (:func:`~mtpdiag.report.stats.over_seeds`, Student t). One seed
+gives no interval, and the part says so (:func:`seed_part`).
 
 A claim declares its id, statement, figure, the name of its statistic and its
 thresholds (:class:`Threshold` class attributes, each with its meaning), and
@@ -11,22 +17,36 @@ result.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
 from ..load import Job, JobError
+from ..stats import SeedInterval
 from ..table import fmt_ci
 
 HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
-VERDICTS = (HOLDS, FAILS, INCONCLUSIVE)
+# an equivalence verdict of its own for a superiority claim (C6): the difference is shown to be
+# smaller than the effect the claim's source reports, which contradicts that effect
+EQUIVALENT = "equivalent within the paper's effect"
+VERDICTS = (HOLDS, FAILS, EQUIVALENT, INCONCLUSIVE)
+REPORTED = "reported"  # the verdict column of a part that has no threshold: shown beside its claim, never deciding
+UNIT = "seed"  # every claim's unit (module docstring)
+ONE_SEED = "one seed: no interval over seeds"
 VERDICT_RULE = (
-    "The rule for every part of a claim: the part holds when its whole interval is on\n"
-    "the claimed side of its threshold, does not hold when the whole interval is on\n"
-    "the other side, and is inconclusive when the interval straddles the threshold or\n"
-    "there is too little data (fewer rows than the part's minimum). A claim holds when\n"
-    "all its parts hold, does not hold when any part does not, else is inconclusive."
+    "The unit is the seed: each statistic is computed once per seed (all arms, steps and\n"
+    "mini-batches of a seed are one unit) and its interval is a Student t interval over\n"
+    "the seeds (95%; 90% for equivalence); one seed gives no interval. A part with a\n"
+    "one-sided threshold holds when its whole 95% interval is on the claimed side, does\n"
+    "not hold when the whole interval is on the other side, and is inconclusive when it\n"
+    "straddles the threshold. A part claiming equivalence ('is about 0', 'matches') is a\n"
+    "TOST at alpha 0.05: it holds when the 90% interval lies inside its margin, does not\n"
+    "hold when the 95% interval lies wholly outside it, else is inconclusive. A threshold\n"
+    "the data's n cannot reach makes its part inconclusive, and the reason says so. A claim\n"
+    "holds when all its deciding parts hold, does not hold when any does not, else is\n"
+    "inconclusive; C6 alone has a fourth verdict, 'equivalent within the paper's effect'\n"
+    "(its rule is in its reason)."
 )
 
 
@@ -46,31 +66,70 @@ class Threshold:
 
 
 @dataclass
-class ClaimResult:
-    claim: str
-    statement: str
+class Estimate:
+    """A statistic over the units: its value, 95% interval, how many units gave it, and
+    the margin or band it is judged against (text, e.g. ``±0.028``; empty for none)."""
+
     statistic: str
-    value: float
-    ci_low: float
-    ci_high: float
-    n: int
-    verdict: str
-    reason: str
-    figure: str
+    estimate: float = np.nan
+    ci_low: float = np.nan
+    ci_high: float = np.nan
+    n_units: int = 0
+    margin: str = ""
+    unit: str = UNIT
+
+    @classmethod
+    def of(cls, statistic: str, interval: SeedInterval, margin: str = "") -> "Estimate":
+        return cls(statistic, interval.estimate, interval.low, interval.high, interval.n, margin)
 
 
 @dataclass
 class Part:
-    """One tested part of a claim: what was measured and its verdict."""
+    """One tested part of a claim: what was measured and its verdict. A part with a
+    ``key`` is a row of its own in claims.csv (``<claim>.<key>``, with its ``estimate``);
+    a part that does not ``decide`` is reported beside the claim without entering its verdict."""
 
     text: str
     verdict: str
+    key: str | None = None
+    estimate: Estimate | None = None
+    decides: bool = True
+
+
+@dataclass
+class ClaimResult:
+    claim: str
+    statement: str
+    statistic: str
+    estimate: float
+    ci_low: float
+    ci_high: float
+    unit: str
+    n_units: int
+    margin: str
+    verdict: str
+    reason: str
+    figure: str
+    parts: list[Part] = field(default_factory=list)
+
+    def rows(self) -> list[dict]:
+        """The claim's rows of claims.csv: its own, then one per part with a key."""
+        own = {k: getattr(self, k) for k in CSV_COLUMNS}
+        return [own] + [
+            {"claim": f"{self.claim}.{p.key}", "statistic": p.estimate.statistic, "estimate": p.estimate.estimate,
+             "ci_low": p.estimate.ci_low, "ci_high": p.estimate.ci_high, "unit": p.estimate.unit,
+             "n_units": p.estimate.n_units, "margin": p.estimate.margin, "verdict": p.verdict}
+            for p in self.parts if p.key is not None
+        ]
+
+
+CSV_COLUMNS = ("claim", "statistic", "estimate", "ci_low", "ci_high", "unit", "n_units", "margin", "verdict")
 
 
 class InsufficientData(Exception):
     """The job cannot decide the claim (no arm of the regime it is about, too few
     measured steps): the claim is inconclusive for ``reason``, its statistic NaN
-    over ``n`` rows."""
+    over ``n`` units."""
 
     def __init__(self, reason: str, n: int = 0):
         super().__init__(reason)
@@ -78,7 +137,7 @@ class InsufficientData(Exception):
 
 
 class Claim:
-    """One claim of docs/theory.md s.6, tested on a job's CSVs."""
+    """One claim of docs/theory.md s.10, tested on a job's CSVs."""
 
     id: str
     statement: str
@@ -91,26 +150,53 @@ class Claim:
         """``(<id>_<attribute>, threshold)`` in the order the claim declares them."""
         return [(f"{cls.id}_{name}", value) for name, value in vars(cls).items() if isinstance(value, Threshold)]
 
+    @classmethod
+    def threshold_name(cls, attribute: str) -> str:
+        """How the report names the threshold declared as ``attribute`` (``C3_COS_MARGIN``)."""
+        return f"{cls.id}_{attribute}"
+
     def evaluate(self, job: Job) -> tuple[ClaimResult, dict[str, pd.DataFrame]]:
         """The claim's result on ``job`` and its detail tables (empty where it had no data for them)."""
         details = {name: pd.DataFrame() for name in self.detail_tables}
         try:
             result = self.test(job, details)
         except InsufficientData as short:
-            result = self.result([Part(short.reason, INCONCLUSIVE)], n=short.n)
+            result = self.result([Part(short.reason, INCONCLUSIVE)], Estimate(self.statistic, n_units=short.n))
         except JobError as err:
-            result = self.result([Part(f"no data ({err})", INCONCLUSIVE)], statistic="n/a")
+            result = self.result([Part(f"no data ({err})", INCONCLUSIVE)], Estimate("n/a"))
         return result, details
 
     def test(self, job: Job, details: dict[str, pd.DataFrame]) -> ClaimResult:
         """The claim's result from its parts (:meth:`result`); may fill ``details``."""
         raise NotImplementedError
 
-    def result(self, parts: list[Part], value=np.nan, low=np.nan, high=np.nan, n=0,
-               statistic: str | None = None) -> ClaimResult:
-        reason = "; ".join(f"{p.text}: {p.verdict}" for p in parts)
-        return ClaimResult(self.id, self.statement, self.statistic if statistic is None else statistic, float(value),
-                           float(low), float(high), int(n), combine(parts), reason, self.figure)
+    def result(self, parts: list[Part], headline: Estimate | None = None, verdict: str | None = None) -> ClaimResult:
+        """The claim's result: ``headline`` is its own row's statistic (default: the first
+        part's estimate), ``verdict`` overrides :func:`combine` (C6's equivalence)."""
+        if headline is None:
+            headline = next((p.estimate for p in parts if p.estimate is not None), Estimate(self.statistic))
+        reason = "; ".join(f"{p.text}: {p.verdict}" + ("" if p.decides or p.verdict == REPORTED else " (not deciding)")
+                           for p in parts)
+        return ClaimResult(self.id, self.statement, headline.statistic, float(headline.estimate),
+                           float(headline.ci_low), float(headline.ci_high), headline.unit, int(headline.n_units),
+                           headline.margin, combine(parts) if verdict is None else verdict, reason, self.figure,
+                           parts)
+
+    def seed_part(self, text: str, interval: SeedInterval, verdict: str, *, key: str | None = None,
+                  statistic: str | None = None, margin: str = "", decides: bool = True,
+                  threshold: str | None = None) -> Part:
+        """A part judged on an interval over seeds: ``verdict`` (from the interval), unless
+        fewer than 2 seeds make its ``threshold`` (an attribute name) unreachable: then
+        inconclusive, and the text says why."""
+        statistic = statistic or text
+        if interval.n < 2:
+            # with no seed the statistic has no value to print: its name says what was missing
+            why = ONE_SEED if interval.n == 1 else "no seed has the data"
+            if threshold is not None:
+                why += f" (threshold {self.threshold_name(threshold)} unreachable at n = {interval.n})"
+            text, verdict = f"{text if interval.n else statistic}: {why}", INCONCLUSIVE
+        estimate = Estimate.of(statistic, interval, margin)
+        return Part(text, verdict, key, estimate, decides)
 
 
 def at_least(low: float, high: float, bound: float) -> str:
@@ -131,8 +217,18 @@ def within(low: float, high: float, lo: float, hi: float) -> str:
     return HOLDS if lo <= low and high <= hi else FAILS if high < lo or low > hi else INCONCLUSIVE
 
 
+def equivalent(interval: SeedInterval, lo: float, hi: float) -> str:
+    """TOST at alpha 0.05: holds when the 90% interval lies inside [lo, hi], does not hold
+    when the 95% interval lies wholly outside it, else inconclusive."""
+    if not np.isfinite([interval.low, interval.high, interval.low90, interval.high90]).all():
+        return INCONCLUSIVE
+    if lo <= interval.low90 and interval.high90 <= hi:
+        return HOLDS
+    return FAILS if interval.high < lo or interval.low > hi else INCONCLUSIVE
+
+
 def combine(parts: list[Part]) -> str:
-    verdicts = [p.verdict for p in parts]
+    verdicts = [p.verdict for p in parts if p.decides]
     return FAILS if FAILS in verdicts else HOLDS if verdicts and all(v == HOLDS for v in verdicts) else INCONCLUSIVE
 
 
@@ -143,3 +239,8 @@ def numeric(frame: pd.DataFrame, column: str) -> pd.Series:
 def ci(value, low, high) -> str:
     """A statistic and its interval as the claims' reasons print them."""
     return fmt_ci(value, low, high, 3)
+
+
+def seed_ci(interval: SeedInterval) -> str:
+    """A per-seed statistic's mean and 95% interval over seeds, with n."""
+    return f"{ci(interval.estimate, interval.low, interval.high)} over {interval.n} seeds"

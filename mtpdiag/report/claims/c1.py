@@ -1,53 +1,79 @@
-"""C1: the measured Delta(lambda) is a concave quadratic near 0, and the Taylor
-residual shrinks like eta^3 (docs/theory.md s.2)."""
+"""C1: at the eta the trainer used, the Taylor lambda* matches the measured one, and
+the Taylor residual shrinks like eta^3 over a range reaching that eta (docs/theory.md
+s.2, s.10)."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 from ...schema import ETA_SWEEP_SERIES, FIGURE_FILES
-from ..data import diag_steps
 from ..load import JobError
-from ..stats import bootstrap_ci, loglog_slope, proportion_ci
-from .base import INCONCLUSIVE, Claim, Part, Threshold, at_least, ci, numeric, within
+from ..stats import loglog_slope, over_seeds, per_seed
+from .base import INCONCLUSIVE, Claim, Estimate, Part, Threshold, equivalent, numeric, seed_ci, within
+
+OBJECTIVES = {"j_true": "J_true", "j_batch": "J_batch"}  # the claim is judged on J_true; J_batch is reported
 
 
-class ConcaveQuadratic(Claim):
+def star_ratios(steps: pd.DataFrame) -> pd.DataFrame:
+    """lambda*_taylor / lambda*_meas and whether their signs agree, on every row with both."""
+    taylor, meas = numeric(steps, "lambda_star_taylor"), numeric(steps, "lambda_star_meas")
+    rows = steps[np.isfinite(taylor) & np.isfinite(meas) & (meas != 0)]
+    return rows.assign(ratio=taylor[rows.index] / meas[rows.index],
+                       agree=np.sign(taylor[rows.index]) == np.sign(meas[rows.index]))
+
+
+class TaylorAtTrainedEta(Claim):
     id = "C1"
-    statement = "Δ_meas is a concave quadratic near 0, and the Taylor residual shrinks like η³"
+    statement = "at the trained η, λ*_Taylor matches λ*_meas on J_true; the Taylor residual shrinks like η³ up to that η"
     figure = f"{FIGURE_FILES['F1']}, {FIGURE_FILES['F4']}"
-    statistic = "η log-log slope of |Δ_meas − Δ_Taylor|"
+    statistic = "median λ*_Taylor/λ*_meas on J_true at the trained η"
 
-    MIN_CURVES = Threshold(5, "measured Δ(λ) curves needed to judge the fits")
-    MIN_MEDIAN_R2 = Threshold(0.9, "median R² of the quadratic fits of the measured curves (bootstrap CI)")
-    MIN_CONCAVE_FRACTION = Threshold(0.8, "fraction of measured curves whose fit is concave (Wilson CI)")
-    MIN_SERIES = Threshold(3, "(arm, seed, step, λ) series of the η sweep needed for a slope CI")
+    RATIO_LOW = Threshold(0.8, "lower end of the equivalence band of λ*_Taylor/λ*_meas (TOST: 90% interval inside)")
+    RATIO_HIGH = Threshold(1.25, "upper end of that band (1/0.8: the band is symmetric on a log scale)")
+    SLOPE_WINDOW = Threshold(10.0, "the η slope uses sweep points from (trained η)/this up to the sweep's top")
+    MIN_ETAS = Threshold(3, "distinct η of a seed's sweep inside the window needed for its slope")
     SLOPE_LOW = Threshold(2.5, "lower end of the η log-log slope range read as 'near 3'")
-    SLOPE_HIGH = Threshold(3.5, "upper end of that range (the slope CI must lie inside it)")
+    SLOPE_HIGH = Threshold(3.5, "upper end of that range (the slope's 95% interval over seeds must lie inside it)")
 
     def test(self, job, details):
-        steps = diag_steps(job, "claim C1", columns=("fit_r2", "fit_a2"))
-        fits = steps[np.isfinite(numeric(steps, "fit_r2"))]
-        parts = []
-        if len(fits) < self.MIN_CURVES:
-            parts.append(Part(f"only {len(fits)} measured curves (need {self.MIN_CURVES})", INCONCLUSIVE))
-        else:
-            median, low, high, n = bootstrap_ci(numeric(fits, "fit_r2"), np.median)
-            parts.append(Part(f"median R² {ci(median, low, high)} vs {self.MIN_MEDIAN_R2} (n={n})",
-                              at_least(low, high, self.MIN_MEDIAN_R2)))
-            concave = int((numeric(fits, "fit_a2") < 0).sum())
-            frac, low, high = proportion_ci(concave, len(fits))
-            parts.append(Part(f"concave fits {concave}/{len(fits)} = {ci(frac, low, high)} vs "
-                              f"{self.MIN_CONCAVE_FRACTION}", at_least(low, high, self.MIN_CONCAVE_FRACTION)))
-        slope = {"slope": np.nan, "low": np.nan, "high": np.nan, "n_series": 0}
-        try:  # the eta sweep is one part of the claim: without it the fits are still judged
-            slope = loglog_slope(job.eta_sweep("claim C1"), "eta", "residual", ETA_SWEEP_SERIES)
-            if slope["n_series"] < self.MIN_SERIES:
-                parts.append(Part(f"η sweep has {slope['n_series']} usable series (need {self.MIN_SERIES})",
-                                  INCONCLUSIVE))
-            else:
-                parts.append(Part(f"η log-log slope {ci(slope['slope'], slope['low'], slope['high'])} vs "
-                                  f"[{self.SLOPE_LOW}, {self.SLOPE_HIGH}] ({slope['n_series']} series)",
-                                  within(slope["low"], slope["high"], self.SLOPE_LOW, self.SLOPE_HIGH)))
+        steps = job.table("diag_steps", columns=("lambda_star_taylor", "lambda_star_meas"), needed_for="claim C1")
+        parts = [self._ratio_part(steps, objective) for objective in OBJECTIVES]
+        parts.append(self._slope_part(job, steps))
+        return self.result(parts)
+
+    def _ratio_part(self, steps: pd.DataFrame, objective: str) -> Part:
+        name = OBJECTIVES[objective]
+        key = None if objective == "j_true" else "batch"  # the J_true part is the claim's own row
+        statistic = f"median λ*_Taylor/λ*_meas on {name} at the trained η"
+        band = f"[{self.RATIO_LOW}, {self.RATIO_HIGH}]"
+        rows = star_ratios(steps[steps["objective"] == objective])
+        ratio = over_seeds(per_seed(rows, lambda r: r["ratio"].median()))
+        agree = over_seeds(per_seed(rows, lambda r: r["agree"].mean()))
+        text = (f"{statistic} {seed_ci(ratio)} vs {band}; sign agreement {seed_ci(agree)}; "
+                f"η = {', '.join(f'{lr:g}' for lr in sorted(numeric(rows, 'lr').unique()))}")
+        return self.seed_part(text, ratio, equivalent(ratio, self.RATIO_LOW, self.RATIO_HIGH), key=key,
+                              statistic=statistic, margin=band, decides=objective == "j_true",
+                              threshold="RATIO_LOW")
+
+    def _slope_part(self, job, steps: pd.DataFrame) -> Part:
+        statistic = "η log-log slope of |Δ_meas − Δ_Taylor| up to the trained η"
+        band = f"[{self.SLOPE_LOW}, {self.SLOPE_HIGH}]"
+        try:
+            sweep = job.eta_sweep("claim C1")
         except JobError as err:
-            parts.append(Part(f"no η sweep ({err})", INCONCLUSIVE))
-        return self.result(parts, slope["slope"], slope["low"], slope["high"], slope["n_series"])
+            return Part(f"no η sweep ({err})", INCONCLUSIVE, "slope", Estimate(statistic, margin=band))
+        trained = steps.groupby(["arm", "seed"])["lr"].median().rename("trained_lr").reset_index()
+        sweep = sweep.merge(trained, on=["arm", "seed"], how="inner")
+        top, lr = sweep["eta"].max(), sweep["trained_lr"].min()
+        reaching = sweep.groupby("seed").filter(lambda s: s["eta"].max() >= s["trained_lr"].iloc[0])
+        if reaching.empty:
+            return Part(f"the η sweep tops out at η = {top:.3g}, below the trained η = {lr:.3g}: its slope says "
+                        f"nothing about the trained step", INCONCLUSIVE, "slope", Estimate(statistic, margin=band))
+        window = reaching[reaching["eta"] >= reaching["trained_lr"] / self.SLOPE_WINDOW]
+        slopes = per_seed(window, lambda s: loglog_slope(s, "eta", "residual", ETA_SWEEP_SERIES)["slope"]
+                          if s["eta"].nunique() >= self.MIN_ETAS else np.nan)
+        slope = over_seeds(slopes)
+        text = (f"{statistic} {seed_ci(slope)} vs {band} (η from trained/{self.SLOPE_WINDOW:g} to "
+                f"{window['eta'].max():.3g})")
+        return self.seed_part(text, slope, within(slope.low, slope.high, self.SLOPE_LOW, self.SLOPE_HIGH),
+                              key="slope", statistic=statistic, margin=band, threshold="SLOPE_LOW")

@@ -1,16 +1,27 @@
 """C6: end to end, OCC with the paper's reading ends above Detach in J_true
-(paired over seeds: the same seed starts every arm from the same SFT weights).
+(paired over seeds: the same seed starts every arm from the same SFT weights),
+with an equivalence test against the paper's own effect (docs/theory.md s.10).
 The verdict is on every seed; where a run of either arm collapsed, the reason
 also gives the difference without those seeds, so no collapse is averaged in
 silently."""
 from __future__ import annotations
 
+import numpy as np
+
 from ... import regimes
 from ...schema import COLLAPSED, FIGURE_FILES
 from ..data import PAPER_CALIBRATOR, final_values, flagged_runs
-from ..stats import t_interval
-from ..table import display_name, paired_difference
-from .base import INCONCLUSIVE, Claim, InsufficientData, Part, Threshold, at_least, ci
+from ..stats import over_seeds, t_interval
+from ..table import display_name
+from .base import EQUIVALENT, FAILS, HOLDS, INCONCLUSIVE, Claim, InsufficientData, Threshold, ci, seed_ci
+
+
+def paired_differences(finals, arm: str, reference: str):
+    """Final value of ``arm`` minus ``reference``, one per seed both have."""
+    a = finals[finals["arm"] == arm].set_index("seed")["value"]
+    b = finals[finals["arm"] == reference].set_index("seed")["value"]
+    common = a.index.intersection(b.index)
+    return (a[common] - b[common]).astype(float)
 
 
 class EndToEnd(Claim):
@@ -19,8 +30,10 @@ class EndToEnd(Claim):
     figure = f"{FIGURE_FILES['F5']}, table1"
     statistic = "paired final J_true, OCC paper − Detach"
 
-    MIN_SEEDS = Threshold(3, "seeds both OCC paper and Detach need")
-    MIN_GAIN = Threshold(0.0, "the CI of the paired final J_true difference OCC paper − Detach lies above this")
+    # the paper's reported avg@32 gain of OCC over Detach, 61.7 - 58.9 points, in J_true's units (a fraction)
+    PAPER_GAIN = Threshold(0.028, "equivalence margin: the paper's avg@32 gain of OCC over Detach (61.7 − 58.9 "
+                                  "points), in J_true units")
+    MIN_GAIN = Threshold(0.0, "'holds' when the 95% interval of the paired difference lies above this")
 
     def test(self, job, details):
         detach = next(iter(job.arms_of(regimes.DETACH)), None)
@@ -28,21 +41,22 @@ class EndToEnd(Claim):
         if detach is None or occ is None:
             raise InsufficientData("the job needs a detach arm and an occ-paper arm")
         finals = final_values(job, "j_true", "claim C6")
-        mean, low, high, n = paired_difference(finals, occ.label, detach.label)
-        flagged = flagged_runs(job)
-        collapsed = flagged[flagged[COLLAPSED]]
+        gap = over_seeds(paired_differences(finals, occ.label, detach.label))
+        margin = f"±{self.PAPER_GAIN}"
+        part = self.seed_part(f"{self.statistic} {seed_ci(gap)} (90%: [{gap.low90:.3g}, {gap.high90:.3g}]) vs "
+                              f"> {self.MIN_GAIN} and {margin}", gap, self.verdict(gap), statistic=self.statistic,
+                              margin=margin, threshold="MIN_GAIN")
+        if part.verdict == EQUIVALENT:
+            part.text += (f" (the 90% interval lies inside ±{self.PAPER_GAIN}: any gain is smaller than the paper's, "
+                          "which contradicts its reported effect)")
+        collapsed = flagged_runs(job)
+        collapsed = collapsed[collapsed[COLLAPSED]]
         dropped = sorted(set(collapsed.loc[collapsed["arm"].isin([occ.label, detach.label]), "seed"]))
-        without = ""
         if dropped:
             kept = finals[~finals["seed"].isin(dropped)]
-            w_mean, w_low, w_high, w_n = paired_difference(kept, occ.label, detach.label)
-            without = (f" (with the collapsed run(s) of seeds {dropped}; without them {ci(w_mean, w_low, w_high)} "
-                       f"over {w_n} seeds)")
-        if n < self.MIN_SEEDS:
-            parts = [Part(f"only {n} seeds with both arms (need {self.MIN_SEEDS}){without}", INCONCLUSIVE)]
-        else:
-            parts = [Part(f"OCC paper − Detach {ci(mean, low, high)} vs {self.MIN_GAIN}{without}",
-                          at_least(low, high, self.MIN_GAIN))]
+            without = over_seeds(paired_differences(kept, occ.label, detach.label))
+            part.text += (f" (with the collapsed run(s) of seeds {dropped}; without them {seed_ci(without)} "
+                          f"over {without.n} seeds)")
 
         def final(arm) -> str:
             seeds = sorted(collapsed.loc[collapsed["arm"] == arm.label, "seed"])
@@ -50,5 +64,19 @@ class EndToEnd(Claim):
             return text + (f" (seed {','.join(map(str, seeds))} collapsed)" if seeds else "")
 
         per_arm = "; ".join(final(arm) for arm in job.arms)
-        return self.result(parts, mean, low, high, n,
-                           f"paired final J_true, OCC paper − Detach; final J_true: {per_arm}")
+        result = self.result([part], verdict=part.verdict)
+        result.reason += f"; final J_true: {per_arm}"
+        return result
+
+    def verdict(self, gap) -> str:
+        """Superiority first (95% interval above MIN_GAIN: holds; below it: does not hold),
+        then equivalence within the paper's gain (TOST: 90% interval inside ±PAPER_GAIN)."""
+        if not np.isfinite([gap.low, gap.high, gap.low90, gap.high90]).all():
+            return INCONCLUSIVE
+        if gap.low > self.MIN_GAIN:
+            return HOLDS
+        if gap.high < self.MIN_GAIN:
+            return FAILS
+        if -self.PAPER_GAIN <= gap.low90 and gap.high90 <= self.PAPER_GAIN:
+            return EQUIVALENT
+        return INCONCLUSIVE
