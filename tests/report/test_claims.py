@@ -411,7 +411,7 @@ def test_the_claims_report_lists_a_collapsed_run_and_c6_reports_with_and_without
     job = collapsed_job(tmp_path / "j")
     result, _ = EndToEnd().evaluate(job)
     assert "with the collapsed run(s) of seeds [0]; without them" in result.reason
-    assert "over 3 seeds" in result.reason and "OCC paper " in result.statistic and "(seed 0 collapsed)" in result.statistic
+    assert "over 3 seeds" in result.reason and "OCC paper 0.429" in result.reason and "(seed 0 collapsed)" in result.reason
     _, md = claims.write_claims(job, tmp_path)[0]
     text = md.read_text()
     assert "**Flagged runs** (1)" in text
