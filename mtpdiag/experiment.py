@@ -44,7 +44,7 @@ from .calibrators import WithShadows, make_calibrator
 from .config import TrainConfig, build_task
 from .diagnostics import Probe
 from .progress import Progress, Update
-from .regimes import CE, DETACH, OCC_REGIME, POLICY
+from .regimes import CE, DETACH, FROZEN, KL_REGIME, OCC_REGIME, POLICY, TV_REGIME
 from .rollout import rollout
 from .rundir import DirectoryLock, RunDir, check_output_dir, read_json
 from .schema import ETA_SWEEP, INCOMPLETE, JOB_FILE, LOCK, Arm, atomic_write, run_dir, shadow_label
@@ -53,8 +53,9 @@ from .train import load_run, train
 
 
 def arm_config(base: TrainConfig, arm: Arm, seed: int) -> TrainConfig:
-    """The TrainConfig of one (arm, seed) of a job over ``base``."""
-    return replace(base, regime=arm.regime, lam=arm.lam, calibrator=arm.calibrator, seed=seed)
+    """The TrainConfig of one (arm, seed) of a job over ``base`` (without the Probe if the arm says so)."""
+    cfg = replace(base, regime=arm.regime, lam=arm.lam, calibrator=arm.calibrator, seed=seed)
+    return cfg if arm.diagnostics else cfg.with_values(diag_every=0)
 
 
 DEFAULT_ARMS = (
@@ -67,6 +68,13 @@ DEFAULT_ARMS = (
     Arm.of(OCC_REGIME.name, calibrator="occ-paper"),
     Arm.of(OCC_REGIME.name, calibrator="occ-reference"),
     Arm.of(OCC_REGIME.name, calibrator="oracle"),
+)
+# The practitioners' regimes (docs/theory.md s.9), trained for their draft acceptance and
+# J_true (F8, acceptance.md) without the Probe: each costs about a detach run.
+ACCEPTANCE_ARMS = (
+    Arm.of(KL_REGIME.name, 0.5, diagnostics=False),
+    Arm.of(TV_REGIME.name, 0.5, diagnostics=False),
+    Arm.of(FROZEN.name, diagnostics=False),
 )
 
 
@@ -335,9 +343,10 @@ ETA_SWEEP_MAX_BATCHES = 20
 def eta_sweep_arm(preset: Preset) -> Arm:
     """The arm whose final model the eta sweep probes: a joint policy arm if the
     preset has one (the regime claim C1 is about), else the first non-detach arm."""
-    joint = [a for a in preset.arms if regimes.get(a.regime).joint]
+    joint = [a for a in preset.arms if regimes.get(a.regime).joint and a.diagnostics]
     if not joint:
-        raise ValueError("the eta sweep needs an arm whose MTP loss reaches the shared parameters (not only detached ones)")
+        raise ValueError("the eta sweep needs an arm with diagnostics on whose MTP loss reaches the shared parameters "
+                         "(not only detached ones): add one to the preset")
     return next((a for a in joint if regimes.get(a.regime) is POLICY), joint[0])
 
 
@@ -408,6 +417,7 @@ PRESETS = {
         SMALL.with_values(steps=30, prompts_per_step=16, eval_every=10, eval_prompts=128, checkpoint_every=10,
                 diag_every=10),
         seeds=(0,),
+        arms=DEFAULT_ARMS + ACCEPTANCE_ARMS,
         eta_sweep_points=5,
         description="every arm, one seed, 30 RL steps: a look at the whole pipeline in minutes",
     ),
@@ -416,6 +426,7 @@ PRESETS = {
         SMALL.with_values(steps=40, prompts_per_step=16, eval_every=10, eval_prompts=128, checkpoint_every=20,
                 diag_every=10),
         seeds=(0, 1, 2),
+        arms=DEFAULT_ARMS + ACCEPTANCE_ARMS,
         description="every arm, three seeds, at the small config: the committed figures",
     ),
     "full": Preset(

@@ -185,16 +185,19 @@ def parse_arm_label(label: str, regimes, calibrators) -> tuple[str, float | None
 
 @dataclass(frozen=True)
 class Arm:
-    """One training setting of a job: a regime, its fixed lambda or its calibrator, and its label."""
+    """One training setting of a job: a regime, its fixed lambda or its calibrator, and its
+    label. ``diagnostics`` False trains the arm without the Probe (an arm that is there for
+    its training metrics only, such as draft acceptance, at a training step's cost)."""
 
     label: str
     regime: str
     lam: float | None = None
     calibrator: str | None = None
+    diagnostics: bool = True
 
     @classmethod
-    def of(cls, regime: str, lam: float | None = None, calibrator: str | None = None) -> "Arm":
-        return cls(format_arm_label(regime, lam, calibrator), regime, lam, calibrator)
+    def of(cls, regime: str, lam: float | None = None, calibrator: str | None = None, diagnostics: bool = True) -> "Arm":
+        return cls(format_arm_label(regime, lam, calibrator), regime, lam, calibrator, diagnostics)
 
 
 # ----------------------------------------------------------------------------- writing

@@ -8,7 +8,7 @@ import pytest
 
 from mtpdiag import experiment
 from mtpdiag.calibrators import WithShadows
-from mtpdiag.experiment import DEFAULT_ARMS, PRESETS, Preset, arm_config, eta_sweep_arm, micro, run_job
+from mtpdiag.experiment import ACCEPTANCE_ARMS, DEFAULT_ARMS, PRESETS, Preset, arm_config, eta_sweep_arm, micro, run_job
 from mtpdiag.schema import Arm, run_dir
 
 ARMS = (Arm.of("detach"), Arm.of("policy", 0.5))
@@ -24,6 +24,19 @@ def test_the_default_arms_keep_their_labels_and_configs():
     assert cfg.with_values(regime="detach", calibrator=None, seed=0) == base
     preset = PRESETS["quick"]
     assert Preset.from_dict(preset.to_dict()) == preset  # job.json round-trips, arms included
+
+
+def test_the_acceptance_arms_train_without_the_probe_and_the_eta_sweep_skips_them():
+    assert [a.label for a in ACCEPTANCE_ARMS] == ["kl-0.5", "tv-0.5", "frozen"]
+    base = PRESETS["default"].base
+    assert base.diagnostics.every > 0
+    for arm in ACCEPTANCE_ARMS:
+        assert not arm.diagnostics and arm_config(base, arm, seed=1).diagnostics.every == 0
+        assert arm in PRESETS["default"].arms and arm in PRESETS["quick"].arms
+    assert arm_config(base, DEFAULT_ARMS[4], seed=1).diagnostics.every == base.diagnostics.every
+    only_unmeasured = replace(PRESETS["quick"], arms=(Arm.of("detach"), *ACCEPTANCE_ARMS))
+    with pytest.raises(ValueError, match="the eta sweep needs an arm"):
+        eta_sweep_arm(only_unmeasured)
 
 
 def test_occ_arms_shadow_the_other_readings_under_shadow_labels():
