@@ -135,6 +135,7 @@ HELP = {
     "diag_top_curvature": "measured steps that also get the top curvature L (Lanczos, ~10 HVPs)",
     "diag_objectives": f"comma-separated curve objectives, of {','.join(CURVE_OBJECTIVES)} (j_batch included)",
     "diag_hvp_mode": "Hessian-vector products: forward-over-reverse or reverse-over-reverse",
+    "diag_gg_curvature": "also measure g^T H g (kappa_g: one more Hessian-vector product per objective) (true/false)",
     "seed": "seed of the initialisation, SFT and every RL step (same seed: same SFT start)",
     "device": "torch device, e.g. cpu or cuda (may change on --resume)",
     "dtype": "floating-point type of the parameters and all computation",

@@ -58,7 +58,8 @@ class DiagnosticsConfig:
     """The exact MTP decomposition (Probe) of the trained update inside the trainer:
     on every mini-batch of every ``every``-th RL step (0: off), a curve Delta(lambda)
     of the real optimizer step per objective in ``objectives``, per parameter block
-    with ``per_block``. The top curvature L (for the L-smooth
+    with ``per_block``, g^T H g (kappa_g: one more Hessian-vector product per objective
+    and mini-batch) with ``gg_curvature``. The top curvature L (for the L-smooth
     form) costs about ten measurements: ``top_curvature`` takes it on no step,
     on the first and the last measured step, or on all of them."""
 
@@ -67,6 +68,7 @@ class DiagnosticsConfig:
     top_curvature: str = "first_last"
     objectives: tuple[str, ...] = DEFAULT_CURVE_OBJECTIVES
     hvp_mode: str = HVP_MODES[0]
+    gg_curvature: bool = False
 
     def __post_init__(self):
         self.objectives = tuple(self.objectives)  # config.json holds a list
@@ -109,6 +111,7 @@ class DiagnosticsConfig:
             extra_objectives=extra,
             clip_fraction=losses.clip_fraction,
             per_block=self.per_block,
+            gg_curvature=self.gg_curvature,
             top_curvature_schedule=self.top_curvature_schedule(steps),
         )
 

@@ -35,8 +35,9 @@ def test_a_config_json_written_before_the_split_reads_into_the_nested_config():
     assert (cfg.regime, cfg.calibrator, cfg.lr, cfg.steps) == ("occ", "oracle", 0.005, 4)
     flat = cfg.to_dict()
     assert {key: flat[key] for key in OLD_CONFIG} == OLD_CONFIG  # every old key, unchanged
-    assert sorted(set(flat) - set(OLD_CONFIG)) == ["diag_hvp_mode", "diag_objectives", "diag_per_block",
-                                                    "diag_top_curvature", "lambda_placement", "threads"]  # fmt: skip
+    assert sorted(set(flat) - set(OLD_CONFIG)) == ["diag_gg_curvature", "diag_hvp_mode", "diag_objectives",
+                                                    "diag_per_block", "diag_top_curvature", "lambda_placement",
+                                                    "threads"]  # fmt: skip
 
 
 def test_the_flat_dict_round_trips_and_lists_every_field_once():
@@ -158,17 +159,17 @@ def test_the_diagnostics_hook_is_built_from_every_diagnostics_option(tiny, tmp_p
     cfg = tiny(regime="policy", lam=0.5, dtype="float64")
     model, losses = build_model(cfg, build_task(cfg)), regimes.get("policy").losses(cfg)
     default = DiagnosticsConfig(every=3).hook(steps=9, out=tmp_path, model=model, losses=losses)
-    assert default.eval_objective is j_true and default.measure_options == {"per_block": True}
+    assert default.eval_objective is j_true and default.measure_options == {"per_block": True, "gg_curvature": False}
     assert default.extra_objectives == {} and default.clip_fraction == losses.clip_fraction
     assert default.probe.hvp_mode == "fwd_rev" and default.probe.aux_sign_dependent  # lambda on the advantages
     assert default.probe.objective == losses.objective and default.probe.aux_loss == losses.aux_loss
     assert [s for s in range(10) if default.top_curvature_schedule(s)] == [3, 9]
     chosen = DiagnosticsConfig(every=3, per_block=False, top_curvature="all", objectives=["j_batch", "j_unclipped"],
-                               hvp_mode="rev_rev")  # fmt: skip
+                               hvp_mode="rev_rev", gg_curvature=True)  # fmt: skip
     placed = regimes.get("policy").losses(cfg.with_values(lambda_placement="objective"))
     hook = chosen.hook(steps=9, out=tmp_path, model=model, losses=placed)
     assert [s for s in range(1, 10) if hook.schedule(s)] == [3, 6, 9]
-    assert hook.eval_objective is None and hook.measure_options == {"per_block": False}
+    assert hook.eval_objective is None and hook.measure_options == {"per_block": False, "gg_curvature": True}
     assert hook.extra_objectives == {"j_unclipped": placed.unclipped_objective}
     assert hook.probe.hvp_mode == "rev_rev" and not hook.probe.aux_sign_dependent  # lambda times the objective
     assert [s for s in range(10) if hook.top_curvature_schedule(s)] == [3, 6, 9]

@@ -123,8 +123,7 @@ def refined_argmax(delta: Callable[[float], float], grid: np.ndarray, values: np
 def measure_curve(delta: Callable[[float], float], delta_s: Callable[[float], float], grid: np.ndarray) -> Curve:
     """``delta`` and ``delta_s`` on ``grid``, both fits and the refined argmax of ``delta``
     (with ``delta_s`` there too)."""
-    values = np.array([delta(lam) for lam in grid])
-    values_s = np.array([delta_s(lam) for lam in grid])
+    values, values_s = np.array([(delta(lam), delta_s(lam)) for lam in grid]).T  # the same step, read twice
     lambda_star, n_search = refined_argmax(delta, grid, values)
     jonly_star = delta(lambda_star) - delta_s(lambda_star)
     return Curve(grid, values, values_s, quadratic_fit(grid, values), origin_fit(grid, values), lambda_star,

@@ -278,11 +278,13 @@ class _Step:
     """The trained update at coefficient lambda, replayed: the gradient the trainer's
     backward of -objective + aux_loss(lambda) leaves on each parameter (None where no
     loss reaches it), and the parameters after the optimizer's step, kept for lambda = 0
-    and the trained lambda (which every objective reads)."""
+    and the trained lambda (which every objective reads) and for the last lambda asked
+    (Delta and Delta_S read the same step)."""
 
     def __init__(self, replay: Replay, grads: _Gradients, moved: Sequence[str], trained: torch.Tensor | None):
         self.replay, self.grads, self.moved, self.trained = replay, grads, list(moved), trained
         self._kept: dict = {}
+        self._last: tuple[float, Params] | None = None
 
     def gradient(self, lam: float) -> dict[str, torch.Tensor]:
         # aux(lambda) is positively homogeneous in lambda: lambda G+ above 0, |lambda| G- below
@@ -295,7 +297,9 @@ class _Step:
     def at(self, lam: float) -> Params:
         if lam == 0.0:
             return self._keep(0.0, lambda: self.replay(self.gradient(0.0)))
-        return self.replay(self.gradient(lam))
+        if self._last is None or self._last[0] != lam:
+            self._last = (lam, self.replay(self.gradient(lam)))
+        return self._last[1]
 
     def at_trained(self) -> Params:
         def step():
