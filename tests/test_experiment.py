@@ -18,6 +18,7 @@ def test_the_default_arms_keep_their_labels_and_configs():
     assert [a.label for a in DEFAULT_ARMS] == ["detach", "ce-0.1", "ce-0.5", "policy-0.1", "policy-0.5", "policy-1.0",
                                                "occ-paper", "occ-reference", "oracle"]  # fmt: skip
     assert DEFAULT_ARMS[4] == Arm("policy-0.5", "policy", 0.5) and DEFAULT_ARMS[8] == Arm("oracle", "occ", None, "oracle")
+    assert [a.label for a in DEFAULT_ARMS if not a.diagnostics] == ["detach", "ce-0.1", "policy-0.1"]
     base = PRESETS["default"].base
     cfg = arm_config(base, DEFAULT_ARMS[8], seed=2)
     assert (cfg.regime, cfg.lam, cfg.calibrator, cfg.seed) == ("occ", None, "oracle", 2)
@@ -50,7 +51,7 @@ def test_occ_arms_shadow_the_other_readings_under_shadow_labels():
 
 def test_the_eta_sweep_probes_a_joint_policy_arm_else_the_first_joint_one():
     quick = PRESETS["quick"]
-    assert eta_sweep_arm(quick).label == "policy-0.1"
+    assert eta_sweep_arm(quick).label == "policy-0.5"  # the first measured policy arm
     assert eta_sweep_arm(replace(quick, arms=(Arm.of("detach"), Arm.of("ce", 0.5)))).label == "ce-0.5"
     with pytest.raises(ValueError, match="not only detached ones"):
         eta_sweep_arm(replace(quick, arms=(Arm.of("detach"),)))
