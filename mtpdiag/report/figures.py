@@ -34,11 +34,12 @@ def _finish(fig, out_dir, figure: str, data: pd.DataFrame) -> list[Path]:
 
 
 def _representatives(job: Job, arms) -> list:
-    """``arms`` (labels) if given, else the first arm of each regime in job order."""
+    """``arms`` (labels) if given, else the first measured arm (``Arm.diagnostics``) of each
+    regime in job order: a regime trained only without the Probe gets no empty row."""
     if arms:
         return [job.arm(label) for label in arms]
     seen, chosen = set(), []
-    for arm in job.arms:
+    for arm in (a for a in job.arms if a.diagnostics):
         regime = job.regime_of(arm)
         if regime not in seen:
             seen.add(regime)

@@ -80,6 +80,16 @@ def test_f1_draws_one_row_per_regime_with_the_measured_l(tmp_path):
     assert (plotted["L"] == 10.0).all() and set(plotted["step"]) == {2, 4, 6}
     with pytest.raises(JobError, match=r"F1 \(concave curves\) needs diagnostics of objective 'j_true'"):
         figures.concave_curves(job, tmp_path, objective="j_true")
+    unmeasured = {**POLICY, "label": "policy-0.1", "lam": 0.1, "diagnostics": False}
+    job = hand_built_job(tmp_path / "k", [DETACH | {"diagnostics": False}, unmeasured, *arms], (0,),
+                         diag=lambda arm, seed: [] if arm in ("detach", "policy-0.1") else
+                         [{"step": 2, "L": 10.0, "a": 1.0, "b": 0.5, "lr": 0.1, "c": 10.0, "v2": 1.0, "fit_r2": 0.9,
+                           "fit_a2": -0.5, "fit_a1": 1.0, "fit_a0": 0.0}],
+                         curves=lambda arm, seed: [] if arm in ("detach", "policy-0.1") else
+                         [{"step": 2, "objective": "j_batch", "lambda": x, "delta_meas": x, "delta_taylor": x,
+                           "delta_smooth": x} for x in lam])
+    figures.concave_curves(job, tmp_path)
+    assert set(pd.read_csv(tmp_path / "F1_concave_curves_data.csv")["arm"]) == {"policy-0.5", "ce-0.5"}  # no empty rows
 
 
 def test_a_job_without_occ_or_policy_arms_gets_figures_that_say_so(tmp_path):
