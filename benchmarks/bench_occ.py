@@ -33,7 +33,8 @@ from mtpdiag import regimes
 from mtpdiag.config import TrainConfig, build_task
 from mtpdiag.rollout import rollout
 from mtpdiag.sft import warm_start
-from mtpdiag.train import Updater, make_optimizer, train
+from mtpdiag.config import make_optimizer
+from mtpdiag.train import Updater, train
 
 # (label, regime, calibrator factory (num_heads -> Calibrator) or None, goal ratio or None)
 VARIANTS = [

@@ -27,7 +27,8 @@ from .model import ATTENTION_IMPLS, WIRINGS
 from .progress import one_line_warning
 from .rundir import RunDir
 from .tasks import TASKS
-from .train import COLLAPSE_FRACTION, LAMBDA_RANGE, train
+from .health import COLLAPSE_FRACTION, LAMBDA_RANGE
+from .train import train
 
 DESCRIPTION = (
     "mtpdiag measures, inside a small-GPT RL (GRPO/DAPO) training loop, how a multi-token-prediction loss "

@@ -22,13 +22,16 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from . import regimes
 from .diagnostics import HVP_MODES, Probe, default_forward
 from .distributed import is_main_process
+from .evaluation import j_true_batch
 from .hook import CSVSink, DiagnosticsHook, MemorySink, every
 from .losses import LAMBDA_PLACEMENTS, j_true
-from .model import GPT, GPTConfig
+from .integrations import require_unwrapped
+from .model import GPT, GPTConfig, GPTOutput
 from .tasks import TASKS, Task, make_task
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -345,3 +348,37 @@ def build_model(cfg: TrainConfig, task: Task) -> GPT:
     torch.manual_seed(step_seed(cfg.seed, 0, "init"))
     model = GPT(replace(cfg.model, vocab_size=task.tokenizer.vocab_size))
     return model.to(device=cfg.device, dtype=DTYPES[cfg.dtype])
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimiser over the model's trainable parameters (a frozen one, requires_grad
+    False, gets no step: not even AdamW's weight decay)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def check_model(model: nn.Module, cfg: TrainConfig, task: Task) -> None:
+    """Reject a user model the trainer cannot run, naming the fix."""
+    require_unwrapped(model)
+    dtype, device = DTYPES[cfg.dtype], torch.device(cfg.device)
+    wrong = {f"{p.dtype} on {p.device}" for p in model.parameters() if p.dtype != dtype or p.device.type != device.type}
+    if wrong:
+        raise ValueError(
+            f"the model has parameters in {sorted(wrong)} but the config says dtype={cfg.dtype}, device={cfg.device}: "
+            f"call model.to(device={cfg.device!r}, dtype=torch.{cfg.dtype}) or change the config"
+        )
+    if not isinstance(getattr(model, "mtp_heads", None), nn.Module):
+        raise ValueError(f"{type(model).__name__} has no `mtp_heads` module: the trainer logs their gradient norm")
+    probe_batch = j_true_batch(task, task.heldout_problems(1), cfg.device)
+    with torch.no_grad():
+        output = model(probe_batch["input_ids"])
+    vocab, n_mtp = task.tokenizer.vocab_size, cfg.model.n_mtp
+    if not isinstance(output, GPTOutput) or len(output.mtp) != n_mtp or output.main.logits.size(-1) != vocab:
+        got = (f"{len(output.mtp)} MTP heads over {output.main.logits.size(-1)} tokens"
+               if isinstance(output, GPTOutput) else type(output).__name__)
+        raise ValueError(
+            f"the model returned {got}; the trainer needs a GPTOutput with n_mtp={n_mtp} MTP heads over "
+            f"task {cfg.task!r}'s {vocab} tokens: build it with that vocabulary and n_mtp (or set --n-mtp)"
+        )

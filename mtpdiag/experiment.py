@@ -49,7 +49,8 @@ from .rollout import rollout
 from .rundir import DirectoryLock, RunDir, check_output_dir, read_json
 from .schema import ETA_SWEEP, INCOMPLETE, JOB_FILE, LOCK, Arm, atomic_write, run_dir, shadow_label
 from .sft import warm_start, writable_cache
-from .train import load_run, train
+from .resume import load_run
+from .train import train
 
 
 def arm_config(base: TrainConfig, arm: Arm, seed: int) -> TrainConfig:

@@ -18,12 +18,8 @@ The run uses ``cfg.threads`` CPU threads (config.json records the count): the
 same config, thread count, machine type and torch build give the same numbers
 bit for bit.
 
-A run gone wrong is flagged, not left to look like a result: every metrics row
-says whether the run has ``collapsed`` (held-out J_true below
-``COLLAPSE_FRACTION`` of its post-SFT value, or a zero reward on
-``ZERO_REWARD_STEPS`` steps in a row) and whether an MTP coefficient left
-[-``LAMBDA_RANGE``, ``LAMBDA_RANGE``] (``lambda_out_of_range``); a warning says
-so when a flag is first set, and the report lists flagged runs.
+A run gone wrong is flagged in its metrics (:mod:`mtpdiag.health`); resume and
+loading a finished run are :mod:`mtpdiag.resume`.
 
 Data parallel (``torchrun --nproc_per_node N``, or a process group the caller
 initialised): every rank samples the whole rollout batch and trains on its part
@@ -46,29 +42,25 @@ import torch
 import torch.nn as nn
 
 from . import __version__, regimes
-from .calibrators import CalibrationInputs, Calibrator, WithShadows
-from .config import (DTYPES, RESUMABLE_FIELDS, TrainConfig, build_model, build_task, step_seed, threads_of,
-                     torch_threads)
+from .calibrators import CalibrationInputs, Calibrator
+from .config import (DTYPES, TrainConfig, build_model, build_task, check_model, make_optimizer, step_seed,
+                     threads_of, torch_threads)
 from .distributed import (all_reduce_gradients, all_reduce_sum, check_shards, global_means, is_main_process,
                           minibatch_rows, on_main_then_broadcast, process_group_from_env, rank_run_dir, run_on_main,
                           shard, world_size)
-from .evaluation import j_true_batch
+from .health import flag_row
 from .hook import DiagnosticsHook
-from .integrations import require_unwrapped
 from .losses import AlignedLogprobs, NonFiniteLossError, aligned_logprobs
-from .model import GPT, GPTOutput
+from .model import GPTOutput
 from .progress import Progress
 from .regimes import CALIBRATED, UNIT, RegimeLosses
+from .resume import calibrator_names, open_run
 from .rollout import eval_columns, evaluate, heldout_batch, rollout_with_acceptance
-from .rundir import DirectoryLock, RunDir, check_output_dir
-from .schema import (COLLAPSED, LAMBDA_OUT_OF_RANGE, LAMBDA_PREFIX, METRICS, RUN_FLAGS, calib_column,
-                     format_arm_label, lambda_column)
+from .rundir import DirectoryLock, check_output_dir
+from .schema import METRICS, RUN_FLAGS, calib_column, format_arm_label, lambda_column
 from .sft import nonfinite_parameters, warm_start, writable_cache
 from .tasks import Task
 
-COLLAPSE_FRACTION = 0.25  # a held-out J_true below this fraction of the post-SFT one: collapsed
-ZERO_REWARD_STEPS = 5  # this many RL steps in a row with reward 0: collapsed
-LAMBDA_RANGE = 20.0  # |lambda| above this on a mini-batch: out of range (the fixed arms use 0.1-1)
 
 
 @dataclass
@@ -101,15 +93,6 @@ class TrainResult:
     model: nn.Module
     metrics: pd.DataFrame
     out: Path
-
-
-def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """The optimiser over the model's trainable parameters (a frozen one, requires_grad
-    False, gets no step: not even AdamW's weight decay)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def _grad_norm(params) -> float:
@@ -220,28 +203,6 @@ def _culprits(model: nn.Module) -> str:
     return f" because parameters {bad} hold inf/nan" if bad else ""
 
 
-def health_flags(rows: list[dict], minibatch_rows: list[dict]) -> dict[str, str | None]:
-    """Why the newest metrics row (the last of ``rows``, the post-SFT step 0 first)
-    is flagged, for each of :data:`~mtpdiag.schema.RUN_FLAGS` (None: not flagged).
-    ``minibatch_rows`` are the newest step's. A collapse is judged on the latest
-    evaluated J_true, so the flag stays set until an evaluation recovers."""
-    why: dict[str, str | None] = dict.fromkeys(RUN_FLAGS)
-    evaluated = [r["j_true"] for r in rows if math.isfinite(r.get("j_true", math.nan))]
-    if len(evaluated) > 1 and evaluated[-1] < COLLAPSE_FRACTION * evaluated[0]:
-        why[COLLAPSED] = (f"held-out J_true {evaluated[-1]:.4f} is below {COLLAPSE_FRACTION:g} x its post-SFT value "
-                          f"{evaluated[0]:.4f}")
-    recent = rows[-ZERO_REWARD_STEPS:]
-    if len(recent) == ZERO_REWARD_STEPS and all(r.get("reward_mean") == 0 for r in recent):
-        why[COLLAPSED] = why[COLLAPSED] or f"the reward was 0 on the last {ZERO_REWARD_STEPS} steps"
-    outside = [(r.get("minibatch"), k, v) for r in minibatch_rows for k, v in r.items()
-               if k.startswith(LAMBDA_PREFIX) and not abs(v) <= LAMBDA_RANGE]
-    if outside:
-        mb, name, value = outside[0]
-        why[LAMBDA_OUT_OF_RANGE] = (f"{name} = {value:.4g} on mini-batch {mb} is outside "
-                                    f"[-{LAMBDA_RANGE:g}, {LAMBDA_RANGE:g}]")
-    return why
-
-
 # ----------------------------------------------------------------------------- the run
 
 
@@ -281,39 +242,6 @@ def train(
         return _train(cfg, out, resume, calibrator, callbacks, progress, cache_dir, model)
 
 
-def calibrator_names(calibrator: Calibrator | None) -> dict:
-    """config.json's record of the calibrator: the primary's name under ``calibrator``,
-    each shadow's name under its label in ``shadows``."""
-    if isinstance(calibrator, WithShadows):
-        return {"calibrator": calibrator.primary.name, "shadows": {k: c.name for k, c in calibrator.shadows.items()}}
-    return {"calibrator": calibrator.name if calibrator is not None else None, "shadows": {}}
-
-
-def check_model(model: nn.Module, cfg: TrainConfig, task: Task) -> None:
-    """Reject a user model the trainer cannot run, naming the fix."""
-    require_unwrapped(model)
-    dtype, device = DTYPES[cfg.dtype], torch.device(cfg.device)
-    wrong = {f"{p.dtype} on {p.device}" for p in model.parameters() if p.dtype != dtype or p.device.type != device.type}
-    if wrong:
-        raise ValueError(
-            f"the model has parameters in {sorted(wrong)} but the config says dtype={cfg.dtype}, device={cfg.device}: "
-            f"call model.to(device={cfg.device!r}, dtype=torch.{cfg.dtype}) or change the config"
-        )
-    if not isinstance(getattr(model, "mtp_heads", None), nn.Module):
-        raise ValueError(f"{type(model).__name__} has no `mtp_heads` module: the trainer logs their gradient norm")
-    probe_batch = j_true_batch(task, task.heldout_problems(1), cfg.device)
-    with torch.no_grad():
-        output = model(probe_batch["input_ids"])
-    vocab, n_mtp = task.tokenizer.vocab_size, cfg.model.n_mtp
-    if not isinstance(output, GPTOutput) or len(output.mtp) != n_mtp or output.main.logits.size(-1) != vocab:
-        got = (f"{len(output.mtp)} MTP heads over {output.main.logits.size(-1)} tokens"
-               if isinstance(output, GPTOutput) else type(output).__name__)
-        raise ValueError(
-            f"the model returned {got}; the trainer needs a GPTOutput with n_mtp={n_mtp} MTP heads over "
-            f"task {cfg.task!r}'s {vocab} tokens: build it with that vocabulary and n_mtp (or set --n-mtp)"
-        )
-
-
 def _train(cfg, out, resume, calibrator, callbacks, progress, cache_dir, user_model) -> TrainResult:
     regime = regimes.get(cfg.regime)
     calibrator = regime.calibrator(cfg, calibrator)
@@ -336,7 +264,7 @@ def _train(cfg, out, resume, calibrator, callbacks, progress, cache_dir, user_mo
 
 def _run(cfg, out, resume, calibrator, callbacks, progress, cache_dir, user_model, regime, task) -> TrainResult:
     run = rank_run_dir(out)
-    checkpoint = run_on_main(lambda: _open_run(run, cfg, calibrator, resume))
+    checkpoint = run_on_main(lambda: open_run(run, cfg, calibrator, resume))
     if is_main_process():  # once the run is known to start
         for message in cfg.risky_values():
             warnings.warn(message, stacklevel=4)
@@ -433,7 +361,7 @@ def _run(cfg, out, resume, calibrator, callbacks, progress, cache_dir, user_mode
         if clashes:
             raise ValueError(f"callback metrics {clashes} clash with the trainer's columns: rename them")
         row.update(extra)
-        _flag(run, row, mb_rows)
+        flag_row(run, row, mb_rows)
         run.append(row, mb_rows)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             save_checkpoint(step)
@@ -446,62 +374,3 @@ def _run(cfg, out, resume, calibrator, callbacks, progress, cache_dir, user_mode
     return TrainResult(model, run.metrics(), run.path)
 
 
-def _flag(run: RunDir, row: dict, mb_rows: list[dict]) -> None:
-    """Set the health flags of the new metrics ``row``; warn once when one turns on."""
-    previous = run.rows[METRICS][-1] if run.rows[METRICS] else {}
-    for flag, why in health_flags([*run.rows[METRICS], row], mb_rows).items():
-        row[flag] = why is not None
-        if why is not None and not previous.get(flag) and is_main_process():
-            warnings.warn(f"{run.path}, step {row['step']}: {why} (flagged {flag!r} in {METRICS})", stacklevel=3)
-
-
-# ----------------------------------------------------------------------------- resume
-
-
-def _open_run(run: RunDir, cfg: TrainConfig, calibrator: Calibrator | None, resume: bool) -> dict | None:
-    if resume:
-        _check_resumable(run, cfg, calibrator)
-    return run.open(resume)
-
-
-def _check_resumable(run: RunDir, cfg: TrainConfig, calibrator: Calibrator | None) -> None:
-    """A resumed run must continue the config it ran. One with no checkpoint yet has
-    no state to continue (it starts again from step 0), so it may take a corrected config."""
-    saved = run.read_config()
-    if saved is None or not run.checkpoint_path.exists():
-        return
-    current = cfg.to_dict()
-    differ = sorted(k for k in current if k not in RESUMABLE_FIELDS and saved["config"].get(k) != current[k])
-    if differ:
-        changes = ", ".join(f"{k}: {saved['config'].get(k)!r} -> {current[k]!r}" for k in differ)
-        raise ValueError(
-            f"cannot resume {run.path}: its config differs in {changes}; only {list(RESUMABLE_FIELDS)} may change "
-            "on resume (start a new --out for a different config)"
-        )
-    names = calibrator_names(calibrator)
-    ran = {key: saved.get(key) for key in names}
-    if ran != names:
-        raise ValueError(
-            f"cannot resume {run.path}: it ran calibrator {ran['calibrator']!r} with shadows {ran['shadows']}, "
-            f"not {names['calibrator']!r} with shadows {names['shadows']}"
-        )
-
-
-def load_run(out: str | Path, device: str | None = None) -> tuple[GPT, TrainConfig, Task]:
-    """The model of a run directory's last checkpoint, with its config and task."""
-    run = RunDir(out)
-    saved = run.read_config()
-    checkpoint = run.read_checkpoint()
-    if saved is None or checkpoint is None:
-        raise FileNotFoundError(f"{out} has no config.json and checkpoint.pt: is it a run directory of `mtpdiag train`?")
-    if saved.get("model_class", "GPT") != "GPT":
-        raise ValueError(
-            f"{out} trained a {saved['model_class']}, not mtpdiag's GPT: build that model and load "
-            f"torch.load('{run.checkpoint_path}')['model'] into it"
-        )
-    values = saved["config"] if device is None else {**saved["config"], "device": device}
-    cfg = TrainConfig.from_dict(values)
-    task = build_task(cfg)
-    model = build_model(cfg, task)
-    model.load_state_dict(checkpoint["model"])
-    return model, cfg, task

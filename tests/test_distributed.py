@@ -29,7 +29,8 @@ from mtpdiag.diagnostics import Probe
 from mtpdiag.config import TrainConfig
 from mtpdiag.distributed import RowsInMemory, check_shards, minibatch_rows, on_main_then_broadcast, rank_run_dir
 from mtpdiag.rundir import RunDir
-from mtpdiag.train import load_run, train
+from mtpdiag.resume import load_run
+from mtpdiag.train import train
 
 WORLD = 2
 # float64 sums taken in another order differ by rounding (~1e-16 relative); the

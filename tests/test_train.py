@@ -17,7 +17,8 @@ from mtpdiag.diagnostics import GRID_MULTIPLIERS
 from mtpdiag.losses import NonFiniteLossError, token_logprobs
 from mtpdiag.rundir import RunDirError, read_metrics
 from mtpdiag.schema import shadow_label
-from mtpdiag.train import load_run, train
+from mtpdiag.resume import load_run
+from mtpdiag.train import train
 
 TIMING = ["rollout_time_s", "update_time_s", "step_time_s", "callback_time_s"]
 
@@ -342,7 +343,7 @@ def test_config_json_records_the_primary_calibrator_and_its_shadows_and_resume_c
 def test_a_collapsed_run_or_a_lambda_out_of_range_is_flagged_from_the_rows():
     """health_flags on hand-built rows: J_true below a fraction of the post-SFT value, a zero
     reward on consecutive steps, a lambda outside the sane range; a healthy run is not flagged."""
-    from mtpdiag.train import COLLAPSE_FRACTION, LAMBDA_RANGE, ZERO_REWARD_STEPS, health_flags
+    from mtpdiag.health import COLLAPSE_FRACTION, LAMBDA_RANGE, ZERO_REWARD_STEPS, health_flags
 
     sft = {"step": 0, "j_true": 0.5, "reward_mean": 0.4}
     healthy = [sft, *({"step": s, "j_true": math.nan, "reward_mean": 0.3} for s in range(1, 10))]

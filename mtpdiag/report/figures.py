@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
 
 from .. import regimes
 from ..diagnostics import quantities
@@ -248,26 +249,47 @@ def occ_tracking(job: Job, out_dir) -> list[Path]:
                 color = proxy_colors[proxy]
                 style.band(series, seed_bands(rows, "lambda_t", by=("step",)), "step", f"λ_t {proxy}", color)
                 paired = rows.dropna(subset=["lambda_star_taylor"])
-                rho = correlation_ci(paired["lambda_t"].to_numpy(float), paired["lambda_star_taylor"].to_numpy(float),
-                                     "spearman", stats.N_RESAMPLES, stats.CONFIDENCE, stats.SEED)
                 scatter.plot(paired["lambda_t"], paired["lambda_star_taylor"], "o", color=color, alpha=0.7,
-                             label=f"{proxy}: ρ = {rho['spearman']:.2f} [{rho['spearman_lo']:.2f}, "
-                                   f"{rho['spearman_hi']:.2f}], n = {len(paired)}")
+                             label=f"{proxy}: {_rank_correlation(paired)}")
             style.symlog_scale(series, pd.concat([of_arm["lambda_t"], stars["lambda_star_taylor"]]))
             style.symlog_scale(scatter, of_arm["lambda_t"], axis="x")
             style.symlog_scale(scatter, stars["lambda_star_taylor"])
             series.set_xlabel(style.STEP_LABEL)
             series.set_ylabel("λ (dimensionless, symlog)")
-            series.legend(loc="best")
+            series.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
             scatter.set_xlabel("λ_t of the OCC reading (dimensionless)")
             scatter.set_ylabel("λ*_Taylor at that step (dimensionless)")
-            scatter.legend(loc="best")
+            scatter.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
         fig.suptitle("F3: OCC λ_t (mean over the step's mini-batches) against λ*_t "
-                     "(whole step batch, before the update)")
+                     "(the update of the step's first mini-batch)")
         return _finish(fig, out_dir, "F3", frame)
 
 
+# fewer points than this give a rank correlation but no interval worth printing (at n = 3
+# every resample of a monotone scatter is monotone: the bootstrap says [1.00, 1.00])
+MIN_CORRELATION_POINTS = 8
+
+
+def _rank_correlation(paired: pd.DataFrame) -> str:
+    """Spearman rho of lambda_t against lambda*_taylor, with its bootstrap CI from enough points."""
+    n = len(paired)
+    rho = correlation_ci(paired["lambda_t"].to_numpy(float), paired["lambda_star_taylor"].to_numpy(float),
+                         "spearman", stats.N_RESAMPLES, stats.CONFIDENCE, stats.SEED)
+    if n < MIN_CORRELATION_POINTS:
+        return f"ρ = {rho['spearman']:.2f}, n = {n} (too few points for an interval)"
+    return f"ρ = {rho['spearman']:.2f} [{rho['spearman_lo']:.2f}, {rho['spearman_hi']:.2f}], n = {n}"
+
+
 # ----------------------------------------------------------------------------- F4
+
+def _trained_lr(job: Job) -> float | None:
+    """The learning rate the measured runs trained with (their diag_steps' ``lr``), if one."""
+    try:
+        lrs = pd.to_numeric(job.table("diag_steps", needed_for="F4's trained η")["lr"], errors="coerce").dropna()
+    except JobError:
+        return None
+    return float(lrs.iloc[0]) if lrs.nunique() == 1 else None
+
 
 def taylor_residual(job: Job, out_dir) -> list[Path]:
     """F4: |Delta_meas - Delta_taylor| against eta (log-log), one thin line per
@@ -283,13 +305,14 @@ def taylor_residual(job: Job, out_dir) -> list[Path]:
     colors = style.arm_colors(job.arms)
     used = sweep[(sweep["eta"] > 0) & (sweep["residual"] > 0)]
     with style.styled():
-        fig, axes = style.new_figure(1, 1, panel=(5.5, 4.2))
+        fig, axes = style.new_figure(1, 1, panel=(8.5, 4.2))  # wide: the legend sits beside the panel
         ax = axes[0, 0]
         labelled = set()
         for key, series in used.groupby(list(ETA_SWEEP_SERIES), sort=True):
             arm = key[0]
             ax.plot(series["eta"], series["residual"], "-o", markersize=2, linewidth=0.6, alpha=0.5,
-                    color=colors.get(arm, "0.5"), label=None if arm in labelled else arm)
+                    color=colors.get(arm, "0.5"),
+                    label=None if arm in labelled else f"{arm}: one line per (seed, step, λ)")
             labelled.add(arm)
         eta = np.geomspace(used["eta"].min(), used["eta"].max(), 50)
         ci = f"[{fit['low']:.2f}, {fit['high']:.2f}]" if np.isfinite(fit["low"]) else "(no CI: < 3 series)"
@@ -298,11 +321,14 @@ def taylor_residual(job: Job, out_dir) -> list[Path]:
         centre = np.exp(np.log(eta).mean())
         ax.plot(eta, np.exp(fit["intercept"]) * centre ** fit["slope"] * (eta / centre) ** EXPECTED_ETA_SLOPE, "--",
                 color="tab:red", label=f"slope {EXPECTED_ETA_SLOPE} (Taylor remainder O(η³))")
+        trained = _trained_lr(job)
+        if trained is not None:
+            ax.axvline(trained, color="0.3", linestyle=":", label=f"trained η = {trained:g}")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("step size η (learning rate)")
         ax.set_ylabel("|Δ_meas − Δ_Taylor| (J units)")
-        ax.legend(loc="best")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
         ax.set_title(f"F4: Taylor residual, {fit['n_series']} series, {fit['n_points']} points "
                      f"({fit['n_dropped']} with zero residual left out)")
         return _finish(fig, out_dir, "F4", used.assign(fitted_slope=fit["slope"], slope_low=fit["low"],
@@ -382,11 +408,11 @@ BLOCK_QUANTITIES = (
 def per_block(job: Job, out_dir, objective: str = OBJECTIVE) -> list[Path]:
     """F6: c and v^2 per parameter block over training, one row per policy arm
     (seed mean, 95% band)."""
-    arms = job.arms_of(regimes.POLICY)
+    arms = [a for a in job.arms_of(regimes.POLICY) if a.diagnostics]  # an arm trained without the Probe has no rows
     with style.styled():
         if not arms:
             fig, axes = style.new_figure(1, 1)
-            style.note(axes[0, 0], f"no policy arm in this job (arms: {[a.label for a in job.arms]})")
+            style.note(axes[0, 0], f"no policy arm with diagnostics in this job (arms: {[a.label for a in job.arms]})")
             return _finish(fig, out_dir, "F6", pd.DataFrame(columns=["arm", "block", "step"]))
         blocks = first_minibatch(job.table("diag_blocks", needed_for="F6 (per-block c and v²)", arms=arms))
         blocks = blocks[blocks["objective"] == objective]
@@ -412,9 +438,10 @@ def per_block(job: Job, out_dir, objective: str = OBJECTIVE) -> list[Path]:
                 if column == "v2":
                     style.symlog_scale(ax, of_arm[column])
                 ax.axhline(0, color="0.5", linewidth=0.8)
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are integers
                 ax.set_xlabel(style.STEP_LABEL)
                 ax.set_ylabel(label)
-                ax.legend(loc="best", ncols=2)
+        _figure_legend(fig, axes, loc="outside right center")  # outside: the bands stay visible
         fig.suptitle(f"F6: where the MTP gradient meets the RL gradient, per parameter block "
                      f"(policy regime, {objective})")
         return _finish(fig, out_dir, "F6", pd.concat(plotted, ignore_index=True))

@@ -15,7 +15,8 @@ from mtpdiag.diagnostics import Curve, Fit, Probe, ProbeRecord
 from mtpdiag.report import load_job
 from mtpdiag.config import TrainConfig
 from mtpdiag.rollout import rollout
-from mtpdiag.train import load_run, train
+from mtpdiag.resume import load_run
+from mtpdiag.train import train
 
 MICRO = dict(
     task_options={"digits": 1}, block_size=8, d_model=32, n_layer=1, n_head=2,

@@ -145,3 +145,28 @@ def test_f5_draws_a_collapsed_run_apart_and_keeps_the_axis_to_the_others(tmp_pat
     labels = [line.get_label() for line in j_true_axis.get_lines()]
     assert "occ-paper seed 0 (collapsed)" in labels
     assert any("occ-paper seed 0 ends at 0.001" in " ".join(t.get_text().split()) for t in j_true_axis.texts)
+
+
+def test_f3_prints_no_rank_interval_from_too_few_points():
+    """At n = 3 the bootstrap interval of a monotone scatter is [1.00, 1.00]: F3 printed it as if it meant something."""
+    few = pd.DataFrame({"lambda_t": [1.0, 2.0, 3.0], "lambda_star_taylor": [0.1, 0.2, 0.3]})
+    assert figures._rank_correlation(few) == "ρ = 1.00, n = 3 (too few points for an interval)"
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=figures.MIN_CORRELATION_POINTS * 2)
+    enough = pd.DataFrame({"lambda_t": x, "lambda_star_taylor": x + rng.normal(size=x.size)})
+    label = figures._rank_correlation(enough)
+    assert label.startswith("ρ = ") and "[" in label and label.endswith(f"n = {x.size}")
+
+
+def test_f4_marks_the_trained_eta_of_the_measured_runs(tmp_path):
+    diag = lambda arm, seed: [{"step": 2, "lr": 0.005}]  # noqa: E731
+    job = hand_built_job(tmp_path / "j", [POLICY, CE], (0, 1), diag=diag)
+    assert figures._trained_lr(job) == 0.005
+    assert figures._trained_lr(hand_built_job(tmp_path / "k", [POLICY], (0,))) is None  # nothing measured
+
+
+def test_f6_draws_no_empty_row_for_a_policy_arm_trained_without_the_probe(tmp_path):
+    unmeasured = {**POLICY, "label": "policy-0.1", "lam": 0.1, "diagnostics": False}
+    job = hand_built_job(tmp_path / "j", [unmeasured], (0,))
+    figures.per_block(job, tmp_path)  # the only policy arm is unmeasured: the figure says so instead of a blank row
+    assert pd.read_csv(tmp_path / "F6_per_block_data.csv").empty
