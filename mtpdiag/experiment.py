@@ -1,5 +1,5 @@
 """The main job: every regime over several seeds from one SFT warm start, with the
-diagnostics on, then the figures and the claims report (docs/theory.md s.6).
+diagnostics on, then the figures and the claims report (docs/theory.md s.10).
 
 Layout of a job directory (the names of :mod:`mtpdiag.schema`)::
 
