@@ -38,6 +38,8 @@ REGIME_FIELDS = {
     "ce": {"lam": 0.5},
     "policy": {"lam": 0.5},
     "occ": {"calibrator": "occ-paper"},
+    "kl": {"lam": 0.5},
+    "tv": {"lam": 0.5},
 }
 
 
@@ -151,6 +153,20 @@ def test_the_mtp_term_equals_mtpdiags_own_loss_on_the_same_batch(tmp_path, regim
         torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-12)
     assert any(g.abs().max() > 0 for g in got)
     assert trainer._metrics["train"]["mtp/loss"], "the MTP loss reaches TRL's metrics"
+
+
+def test_the_frozen_regime_keeps_the_heads_out_of_the_update_and_adds_nothing(tmp_path):
+    model = tiny_gpt2()
+    trainer = trainer_for(model, config(tmp_path, regime="frozen"))
+    trainer.current_gradient_accumulation_steps = 1
+    model.train()
+    inputs = micro_batch(model)
+    added = trainer._compute_loss(model, inputs) - GRPOTrainer._compute_loss(trainer, model, inputs)
+    assert added.item() == 0.0
+    heads = {id(p) for p in model.mtp_heads.parameters()}
+    assert heads and not any(p.requires_grad for p in model.mtp_heads.parameters())
+    optimizer = trainer.create_optimizer()
+    assert not heads & {id(p) for group in optimizer.param_groups for p in group["params"]}
 
 
 def test_under_detach_the_trunk_gradient_is_plain_grpos(tmp_path):

@@ -413,6 +413,8 @@ class MTPGRPOTrainer(GRPOTrainer):
         self.mtp_calibrator = regime.calibrator(args, calibrator)
         if diagnostics is not None and diagnostics.probe is not None:
             raise ValueError("diagnostics: pass a DiagnosticsHook without a probe; the trainer builds it on its own losses")
+        for param in regime.frozen_parameters(model):  # before TRL builds its optimizer over the trainable ones
+            param.requires_grad_(False)
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
         self.mtp_losses = TRLLosses(
             regime, regime.mtp_detach(args.detach_mode), self.epsilon_low, self.epsilon_high, self.temperature,
