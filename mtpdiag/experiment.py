@@ -20,6 +20,7 @@ Every run trains with its config's thread count (the presets: 1), whatever
 """
 from __future__ import annotations
 
+import copy
 import ctypes
 import json
 import multiprocessing
@@ -40,12 +41,13 @@ import pandas as pd
 import torch
 
 from . import __version__, progress, regimes
-from .calibrators import WithShadows, make_calibrator
+from .calibrators import OCC, CalibrationInputs, WithShadows, make_calibrator
 from .config import TrainConfig, build_task
 from .diagnostics import Probe
 from .progress import Progress, Update
 from .regimes import CE, DETACH, FROZEN, KL_REGIME, OCC_REGIME, POLICY, TV_REGIME
-from .rollout import rollout
+from .losses import aligned_logprobs, j_true
+from .rollout import heldout_batch, rollout
 from .rundir import DirectoryLock, RunDir, check_output_dir, read_json
 from .schema import ETA_SWEEP, INCOMPLETE, JOB_FILE, LOCK, Arm, atomic_write, run_dir, shadow_label
 from .sft import warm_start, writable_cache
@@ -341,6 +343,8 @@ def _open_job(job_dir: Path, preset: Preset) -> None:
 ETA_SWEEP_LAMBDAS = (-1.0, 1.0, 2.0)
 ETA_SWEEP_DECADES = 2.0
 ETA_SWEEP_TOP = 1e-3
+ETA_SWEEP_TRAINED_POINTS = 4  # etas from lr/10 to ETA_SWEEP_ABOVE_LR x lr
+ETA_SWEEP_ABOVE_LR = 4.0
 ETA_SWEEP_MAX_BATCHES = 20
 
 
@@ -355,15 +359,17 @@ def eta_sweep_arm(preset: Preset) -> Arm:
 
 
 def eta_sweep(preset: Preset, job_dir: Path, progress: bool | None = None) -> pd.DataFrame:
-    """|Delta_meas - Delta_taylor| against eta, for the final model of every seed of
-    one arm on a fresh rollout batch, in float64 so rounding stays far below the
-    eta^3 residual (claim C1, F4).
+    """Per eta, on one state (the final model of every seed of one arm, a fresh rollout
+    batch), in float64 so rounding stays far below the eta^3 residual: the curve
+    Delta(lambda) on the held-out J_true against its Taylor parabola (claim C1, F4),
+    lambda*_taylor, and the paper reading's OCC lambda_t after one SGD step of that
+    eta (claim C8).
 
-    The etas span ``ETA_SWEEP_DECADES`` decades up to ``ETA_SWEEP_TOP / (|g| + |m|)``:
-    a step along g + m that moves the parameters by 0.001 in norm. Longer steps
-    push some token ratios past the PPO clip, where the surrogate has a kink and
-    no Taylor expansion holds: on the default job's final models the residual
-    jumped by two orders of magnitude between 0.001 and 0.01."""
+    The etas are ``eta_sweep_points`` over ``ETA_SWEEP_DECADES`` decades up to
+    ``ETA_SWEEP_TOP / (|g| + |m|)`` (a step along g + m that moves the parameters by
+    0.001 in norm: where the eta^3 law is clean), and ``ETA_SWEEP_TRAINED_POINTS``
+    from a tenth of the trained lr to ``ETA_SWEEP_ABOVE_LR`` times it, the range of the
+    step actually taken. J_true has no PPO clip, so its curve is smooth at every eta."""
     file = job_dir / ETA_SWEEP
     if file.exists():
         return pd.read_csv(file)
@@ -378,12 +384,40 @@ def eta_sweep(preset: Preset, job_dir: Path, progress: bool | None = None) -> pd
     return frame
 
 
+def sweep_etas(eta_max: float, lr: float, points: int) -> np.ndarray:
+    """The sweep's step sizes, ascending: the clean small-eta range and the trained range."""
+    small = np.geomspace(eta_max * 10**-ETA_SWEEP_DECADES, eta_max, points)
+    trained = np.geomspace(lr / 10, ETA_SWEEP_ABOVE_LR * lr, ETA_SWEEP_TRAINED_POINTS)
+    return np.unique(np.concatenate([small, trained]))
+
+
+def occ_lambda_after_step(model, losses, cfg: TrainConfig, batch: dict, eta: float) -> float:
+    """The paper reading's OCC lambda_t (head 1) on the second half of ``batch`` after one
+    SGD step of size ``eta`` with the regime's loss on the first half, from pi_old of
+    ``batch``: the trainer's second mini-batch, at step size eta. ``model`` is not changed."""
+    half = batch["input_ids"].size(0) // 2
+    first, second = ({k: v[rows] for k, v in batch.items()} for rows in (slice(0, half), slice(half, None)))
+    stepped = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(stepped.parameters(), lr=eta)
+    out = losses.forward(stepped, first)
+    lambdas = regimes.get(cfg.regime).lambdas(cfg.lam, cfg.model.n_mtp, torch.float64)
+    (losses.aux_loss(out, first, lambdas) - losses.objective(out, first)).backward()
+    optimizer.step()
+    with torch.no_grad():
+        lp = aligned_logprobs(losses.forward(stepped, second))
+    calibration = OCC.paper()(CalibrationInputs(
+        step=cfg.steps + 1, minibatch=1, logprobs=lp, old_logprobs=second["old_logprobs"],
+        response_mask=second["response_mask"], lr=eta))  # fmt: skip
+    return float(calibration.lambdas[0])
+
+
 def _eta_sweep_rows(run_dir: Path, preset: Preset) -> list[dict]:
     model, cfg, task = load_run(run_dir)
     model = model.to(torch.float64)
     cfg = replace(cfg, dtype="float64")
     losses = regimes.get(cfg.regime).losses(cfg)
     probe = Probe(model, losses.objective, losses.aux_loss, forward=losses.forward)
+    heldout = heldout_batch(task, cfg)
     for step in range(cfg.steps + 1, cfg.steps + 1 + ETA_SWEEP_MAX_BATCHES):
         batch, _ = rollout(model, task, cfg, step)  # the rollouts training would have drawn next
         first = probe.measure(batch, 1.0, hvp=False, line_search=False, crossfit=False)
@@ -396,13 +430,16 @@ def _eta_sweep_rows(run_dir: Path, preset: Preset) -> list[dict]:
         )
     eta_max = ETA_SWEEP_TOP / (first.g_norm + first.m_norm)
     rows = []
-    for eta in np.geomspace(eta_max * 10**-ETA_SWEEP_DECADES, eta_max, preset.eta_sweep_points):
-        record = probe.measure(batch, float(eta), grid=ETA_SWEEP_LAMBDAS, gg_curvature=False, crossfit=False)
+    for eta in sweep_etas(eta_max, cfg.lr, preset.eta_sweep_points):
+        record = probe.measure(batch, float(eta), eval_objective=j_true, eval_batch=heldout, grid=ETA_SWEEP_LAMBDAS,
+                               gg_curvature=False, crossfit=False)
+        occ = occ_lambda_after_step(model, losses, cfg, batch, float(eta))
         rows += [
             {
                 "arm": run_dir.parent.name, "seed": cfg.seed, "step": step, "eta": float(eta), "lambda": row["lambda"],
                 "delta_meas": row["delta_meas"], "delta_taylor": row["delta_taylor"],
                 "residual": abs(row["delta_meas"] - row["delta_taylor"]),
+                "lambda_star_taylor": record.lambda_star_taylor, "lambda_occ_paper": occ,
             }
             for row in record.curve_rows()
         ]

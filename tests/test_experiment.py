@@ -114,13 +114,31 @@ def test_another_preset_in_the_same_directory_is_refused(preset, cache, tmp_path
         run_job(preset, tmp_path / "other", workers=1, cache_dir=cache, progress=False, report=False)
 
 
-def test_eta_sweep_residual_shrinks_like_eta_cubed(resumed_job):
+def test_eta_sweep_residual_shrinks_like_eta_cubed_and_reaches_past_the_trained_eta(preset, resumed_job):
     job = resumed_job[0]
     sweep = pd.read_csv(job / "eta_sweep.csv")
     assert set(sweep["arm"]) == {"policy-0.5"}
-    for (seed, lam), rows in sweep.groupby(["seed", "lambda"]):
+    lr = preset.base.lr
+    assert sweep["eta"].max() == pytest.approx(experiment.ETA_SWEEP_ABOVE_LR * lr)
+    assert (sweep["eta"] >= lr / 10).groupby(sweep["seed"]).sum().min() > 0
+    small = sweep[sweep["eta"] < lr / 10]  # the clean small-eta range, where the eta^3 law must show
+    for (seed, lam), rows in small.groupby(["seed", "lambda"]):
+        assert rows["eta"].nunique() >= 3
         slope = np.polyfit(np.log(rows["eta"]), np.log(rows["residual"]), 1)[0]
         assert 2.7 <= slope <= 3.3, (seed, lam, slope)
+
+
+def test_eta_sweep_occs_lambda_grows_like_eta_and_lambda_star_like_its_inverse(resumed_job):
+    """OCC's ratio proxy reads the log-prob change of one step (first order in eta) over a
+    static head gap, so lambda_t ~ eta; lambda*_taylor = a / (2b) ~ eta / eta^2 (theory s.5)."""
+    sweep = pd.read_csv(resumed_job[0] / "eta_sweep.csv")
+    states = sweep.drop_duplicates(["seed", "eta"])
+    for seed, rows in states.groupby("seed"):
+        small = rows[rows["eta"] <= rows["eta"].quantile(0.5)]
+        occ = np.polyfit(np.log(small["eta"]), np.log(small["lambda_occ_paper"].abs()), 1)[0]
+        star = np.polyfit(np.log(rows["eta"]), np.log(rows["lambda_star_taylor"].abs()), 1)[0]
+        assert 0.8 <= occ <= 1.2, (seed, occ)
+        assert -1.05 <= star <= -0.95, (seed, star)
 
 
 def test_the_gpu_preset_on_a_machine_without_a_gpu_names_the_cpu_presets(tmp_path, monkeypatch):
