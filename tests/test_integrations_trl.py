@@ -129,14 +129,20 @@ def row_reference(model, inputs, regime, lambdas, mtp_detach, eps_low, eps_high,
     return total / (rows if loss_type == "grpo" else all_tokens)
 
 
+def one_micro_batch(tmp_path, **fields):
+    """A tiny model, a trainer of the config ``fields`` in training mode, and one micro-batch."""
+    model = tiny_gpt2()
+    trainer = trainer_for(model, config(tmp_path, **fields))
+    trainer.current_gradient_accumulation_steps = 1
+    model.train()
+    return model, trainer, micro_batch(model)
+
+
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
 @pytest.mark.parametrize("regime_name", list(REGIME_FIELDS))
 def test_the_mtp_term_equals_mtpdiags_own_loss_on_the_same_batch(tmp_path, regime_name, loss_type):
-    model = tiny_gpt2()
-    trainer = trainer_for(model, config(tmp_path, regime=regime_name, loss_type=loss_type, **REGIME_FIELDS[regime_name]))
-    trainer.current_gradient_accumulation_steps = 1
-    model.train()
-    inputs = micro_batch(model)
+    model, trainer, inputs = one_micro_batch(tmp_path, regime=regime_name, loss_type=loss_type,
+                                             **REGIME_FIELDS[regime_name])
     added = trainer._compute_loss(model, inputs) - GRPOTrainer._compute_loss(trainer, model, inputs)
 
     regime = regimes.get(regime_name)
@@ -156,11 +162,7 @@ def test_the_mtp_term_equals_mtpdiags_own_loss_on_the_same_batch(tmp_path, regim
 
 
 def test_the_frozen_regime_keeps_the_heads_out_of_the_update_and_adds_nothing(tmp_path):
-    model = tiny_gpt2()
-    trainer = trainer_for(model, config(tmp_path, regime="frozen"))
-    trainer.current_gradient_accumulation_steps = 1
-    model.train()
-    inputs = micro_batch(model)
+    model, trainer, inputs = one_micro_batch(tmp_path, regime="frozen")
     added = trainer._compute_loss(model, inputs) - GRPOTrainer._compute_loss(trainer, model, inputs)
     assert added.item() == 0.0
     heads = {id(p) for p in model.mtp_heads.parameters()}
@@ -170,11 +172,7 @@ def test_the_frozen_regime_keeps_the_heads_out_of_the_update_and_adds_nothing(tm
 
 
 def test_under_detach_the_trunk_gradient_is_plain_grpos(tmp_path):
-    model = tiny_gpt2()
-    trainer = trainer_for(model, config(tmp_path, regime="detach"))
-    trainer.current_gradient_accumulation_steps = 1
-    model.train()
-    inputs = micro_batch(model)
+    model, trainer, inputs = one_micro_batch(tmp_path, regime="detach")
     trunk = dict(model.hf_model.named_parameters())
     with_mtp = torch.autograd.grad(trainer._compute_loss(model, inputs), list(trunk.values()))
     plain = torch.autograd.grad(GRPOTrainer._compute_loss(trainer, model, inputs), list(trunk.values()))
@@ -203,11 +201,7 @@ def test_the_micro_batches_of_an_accumulation_window_add_up_to_the_windows_term(
 
 
 def test_eval_reuses_the_last_training_lambda(tmp_path):
-    model = tiny_gpt2()
-    trainer = trainer_for(model, config(tmp_path, regime="occ", calibrator="occ-paper"))
-    trainer.current_gradient_accumulation_steps = 1
-    model.train()
-    inputs = micro_batch(model)
+    model, trainer, inputs = one_micro_batch(tmp_path, regime="occ", calibrator="occ-paper")
     trainer._compute_loss(model, inputs)
     trained = trainer._mtp_last_lambdas.clone()
     model.eval()
