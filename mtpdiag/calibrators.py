@@ -428,7 +428,8 @@ class Oracle(_ProbeCalibrator):
     ``source="taylor"``: lambda*_taylor = (c + eta h_gm) / (-eta h_mm) (docs/theory.md s.2);
     ``"measured"``: the argmax of the exact curve Delta(lambda) (a 1-D search refined
     from a grid around lambda*_taylor; docs/theory.md s.4). Both are for one plain SGD
-    step of size ``inputs.lr`` moving every parameter the losses reach. A direction that is not concave has no lambda*: 0 and a warning.
+    step of size ``inputs.lr`` moving every parameter the losses reach. A direction that
+    is not concave has no lambda*: 0 and a warning.
     With K > 1 heads each head's lambda* is measured for that head's loss alone.
     ``clip=(lo, hi)`` clamps scale * lambda* (off by default; the name says it).
     """
