@@ -38,7 +38,7 @@ class Curve:
     """Delta(lambda) measured on a grid: ``delta`` with every parameter the update moves,
     ``delta_s`` with only S moved (the rest kept at theta), the free quadratic fit and the
     one through the origin (Delta(0) = 0 exactly), the refined argmax ``lambda_star``
-    (``lambda_star_meas``) and ``delta_jonly_star`` = Delta - Delta_S there."""
+    (``lambda_star_meas``), ``delta_star`` = Delta there and ``delta_jonly_star`` = Delta - Delta_S there."""
 
     lambdas: np.ndarray
     delta: np.ndarray
@@ -48,6 +48,7 @@ class Curve:
     lambda_star: float
     delta_jonly_star: float
     n_evaluations: int
+    delta_star: float
 
     @property
     def delta_jonly(self) -> np.ndarray:
@@ -125,9 +126,9 @@ def measure_curve(delta: Callable[[float], float], delta_s: Callable[[float], fl
     (with ``delta_s`` there too)."""
     values, values_s = np.array([(delta(lam), delta_s(lam)) for lam in grid]).T  # the same step, read twice
     lambda_star, n_search = refined_argmax(delta, grid, values)
-    jonly_star = delta(lambda_star) - delta_s(lambda_star)
+    delta_star = delta(lambda_star)
     return Curve(grid, values, values_s, quadratic_fit(grid, values), origin_fit(grid, values), lambda_star,
-                 jonly_star, 2 * grid.size + n_search + 2)
+                 delta_star - delta_s(lambda_star), 2 * grid.size + n_search + 2, delta_star)
 
 
 # ----------------------------------------------------------------------------- the update

@@ -16,6 +16,8 @@ from mtpdiag.report import load_job
 from mtpdiag.config import TrainConfig
 from mtpdiag.rollout import rollout
 from mtpdiag.resume import load_run
+from mtpdiag.hook import every
+from mtpdiag.regret import RegretHook
 from mtpdiag.train import train
 
 MICRO = dict(
@@ -44,7 +46,8 @@ def build_micro_job(root: Path) -> Path:
     Probe directly (fast and independent of the orchestration): 4 arms x 2 seeds of 6 RL
     steps on a tiny model, diagnostics of every mini-batch every 2 steps with per-block
     rows (and the top curvature L, which costs most, on the policy arm only), shadows of
-    the OCC readings, and an eta sweep on the final ce/policy models."""
+    the OCC readings, the regret experiment on the (SGD) detach arm every 3 steps, and
+    an eta sweep on the final ce/policy models."""
     torch.set_num_threads(1)
     for arm in ARMS:
         for seed in SEEDS:
@@ -57,7 +60,11 @@ def build_micro_job(root: Path) -> Path:
                 calibrator = WithShadows(make_calibrator(arm["calibrator"]), shadows)
             cfg = cfg.with_values(diag_every=2, diag_per_block=True, diag_objectives=("j_batch",),
                                   diag_top_curvature="all" if arm is POLICY else "none")  # fmt: skip
-            train(cfg, run, calibrator=calibrator, progress=False, cache_dir=root / "cache")
+            callbacks = []
+            if arm is DETACH:  # the SGD detach arm carries the regret experiment, as in `mtpdiag run`
+                cfg = cfg.with_values(optimizer="sgd", lr=0.02, diag_every=0)
+                callbacks = [RegretHook(cfg, run, every(3), eta_scales=(1.0, 4.0))]
+            train(cfg, run, calibrator=calibrator, callbacks=callbacks, progress=False, cache_dir=root / "cache")
     rows = []
     for arm in (CE, POLICY):
         for seed in SEEDS:
@@ -84,7 +91,7 @@ RECORD = dict(optimizer="sgd", lr=1e-3, dtype="float64", hvp_mode="fwd_rev", n_s
               n_moved=1, objective_value=0.0, c=0.0, g_norm=1.0, m_norm=1.0, v2=1.0, cos=0.0)
 STEP_COLUMNS = ["step", "minibatch", "objective", *ProbeRecord(**RECORD).as_row()]
 FIT = Fit(np.zeros(3), None, None)
-CURVE = Curve(np.zeros(1), np.zeros(1), np.zeros(1), FIT, FIT, 0.0, 0.0, 1)
+CURVE = Curve(np.zeros(1), np.zeros(1), np.zeros(1), FIT, FIT, 0.0, 0.0, 1, 0.0)
 CURVE_COLUMNS = ["step", "minibatch", "objective", *ProbeRecord(**RECORD, curve=CURVE).curve_rows()[0]]
 
 
