@@ -44,6 +44,7 @@ from . import __version__, progress, regimes
 from .calibrators import OCC, CalibrationInputs, WithShadows, make_calibrator
 from .config import TrainConfig, build_task
 from .diagnostics import Probe
+from .hook import every
 from .progress import Progress, Update
 from .regimes import CE, DETACH, FROZEN, KL_REGIME, OCC_REGIME, POLICY, TV_REGIME
 from .losses import aligned_logprobs, j_true
@@ -51,6 +52,7 @@ from .rollout import heldout_batch, rollout
 from .rundir import DirectoryLock, RunDir, check_output_dir, read_json
 from .schema import ETA_SWEEP, INCOMPLETE, JOB_FILE, LOCK, Arm, atomic_write, run_dir, shadow_label
 from .sft import warm_start, writable_cache
+from .regret import RegretHook
 from .resume import load_run
 from .train import train
 
@@ -58,23 +60,36 @@ from .train import train
 def arm_config(base: TrainConfig, arm: Arm, seed: int) -> TrainConfig:
     """The TrainConfig of one (arm, seed) of a job over ``base`` (without the Probe if the arm says so)."""
     cfg = replace(base, regime=arm.regime, lam=arm.lam, calibrator=arm.calibrator, seed=seed)
+    if arm.optimizer is not None:
+        cfg = replace(cfg, optimizer=arm.optimizer)
+    if arm.lr is not None:
+        cfg = replace(cfg, lr=arm.lr)
     return cfg if arm.diagnostics else cfg.with_values(diag_every=0)
 
 
 # A measured step costs about 80 training steps (benchmarks/bench_trained_step.py), so the
 # Probe runs where the claims read it: detach's MTP loss never reaches S (its curve is flat
-# at 0) and the lambda = 0.1 arms are there for Table 1's fixed-lambda sweep.
-DEFAULT_ARMS = (
+# at 0; its SGD arm carries the regret experiment instead), the other fixed-lambda arms are
+# there for Table 1's sweep and the paired final J_true.
+SGD_ARMS = (
     Arm.of(DETACH.name, diagnostics=False),
     Arm.of(CE.name, 0.1, diagnostics=False),
     Arm.of(CE.name, 0.5),
     Arm.of(POLICY.name, 0.1, diagnostics=False),
-    Arm.of(POLICY.name, 0.5),
-    Arm.of(POLICY.name, 1.0),
+    Arm.of(POLICY.name, 0.5, diagnostics=False),
+    Arm.of(POLICY.name, 1.0, diagnostics=False),
     Arm.of(OCC_REGIME.name, calibrator="occ-paper"),
-    Arm.of(OCC_REGIME.name, calibrator="occ-reference"),
+    Arm.of(OCC_REGIME.name, calibrator="occ-reference", diagnostics=False),
     Arm.of(OCC_REGIME.name, calibrator="oracle"),
 )
+# The paper's regime: AdamW at the trainer's default lr, detach against OCC (claims C6 and C7:
+# lambda*_precond against the optimizer-faithful lambda*_meas of the AdamW update)
+ADAMW_LR = 1e-4
+ADAMW_ARMS = (
+    Arm.of(DETACH.name, diagnostics=False, optimizer="adamw", lr=ADAMW_LR),
+    Arm.of(OCC_REGIME.name, calibrator="occ-paper", optimizer="adamw", lr=ADAMW_LR),
+)
+DEFAULT_ARMS = SGD_ARMS + ADAMW_ARMS
 # The practitioners' regimes (docs/theory.md s.9), trained for their draft acceptance and
 # J_true (F8, acceptance.md) without the Probe: each costs about a detach run.
 ACCEPTANCE_ARMS = (
@@ -82,8 +97,6 @@ ACCEPTANCE_ARMS = (
     Arm.of(TV_REGIME.name, 0.5, diagnostics=False),
     Arm.of(FROZEN.name, diagnostics=False),
 )
-
-
 @dataclass(frozen=True)
 class Preset:
     name: str
@@ -92,6 +105,8 @@ class Preset:
     arms: tuple[Arm, ...] = DEFAULT_ARMS
     eta_sweep_points: int = 7
     description: str = ""
+    # the regret experiment (mtpdiag.regret) on every regret_every-th step of the SGD detach arm (0: off)
+    regret_every: int = 0
 
     def to_dict(self) -> dict:
         return {
@@ -101,6 +116,7 @@ class Preset:
             "arms": [asdict(a) for a in self.arms],
             "eta_sweep_points": self.eta_sweep_points,
             "description": self.description,
+            "regret_every": self.regret_every,
         }
 
     @classmethod
@@ -112,7 +128,12 @@ class Preset:
             arms=tuple(Arm(**a) for a in d["arms"]),
             eta_sweep_points=d["eta_sweep_points"],
             description=d.get("description", ""),
+            regret_every=d.get("regret_every", 0),
         )
+
+    def runs_regret(self, arm: Arm) -> bool:
+        """Whether ``arm``'s runs carry the regret experiment: the SGD detach arm, when it is on."""
+        return self.regret_every > 0 and arm.regime == DETACH.name and arm_config(self.base, arm, 0).optimizer == "sgd"
 
 
 def _arm_calibrator(arm: Arm, num_heads: int):
@@ -146,7 +167,9 @@ def run_unit(job_dir: str, preset: dict, arm: dict, seed: int, cache_dir: str | 
     out = run_dir(job_dir, arm_obj.label, seed)
     if RunDir(out).is_complete():
         return str(out)
-    train(cfg, out, resume=out.exists(), calibrator=_arm_calibrator(arm_obj, cfg.model.n_mtp), cache_dir=cache_dir)
+    callbacks = [RegretHook(cfg, out, every(preset_obj.regret_every))] if preset_obj.runs_regret(arm_obj) else []
+    train(cfg, out, resume=out.exists(), calibrator=_arm_calibrator(arm_obj, cfg.model.n_mtp), callbacks=callbacks,
+          cache_dir=cache_dir)
     return str(out)
 
 
@@ -210,7 +233,7 @@ class _Workers:
                     on_done(pending.pop(future))
         except BaseException:
             self.pool.shutdown(wait=False, cancel_futures=True)
-            for process in list(getattr(self.pool, "_processes", {}).values()):
+            for process in list((getattr(self.pool, "_processes", None) or {}).values()):  # None once shut down
                 process.kill()  # a run killed anywhere resumes from its last checkpoint
             raise
         self.pool.shutdown()
@@ -349,11 +372,12 @@ ETA_SWEEP_MAX_BATCHES = 20
 
 
 def eta_sweep_arm(preset: Preset) -> Arm:
-    """The arm whose final model the eta sweep probes: a joint policy arm if the
-    preset has one (the regime claim C1 is about), else the first non-detach arm."""
-    joint = [a for a in preset.arms if regimes.get(a.regime).joint and a.diagnostics]
+    """The arm whose final model the eta sweep probes: a joint SGD policy arm if the
+    preset has one (the regime claim C1 is about), else the first joint SGD arm (the
+    sweep takes SGD steps: the theory's)."""
+    joint = [a for a in preset.arms if regimes.get(a.regime).joint and arm_config(preset.base, a, 0).optimizer == "sgd"]
     if not joint:
-        raise ValueError("the eta sweep needs an arm with diagnostics on whose MTP loss reaches the shared parameters "
+        raise ValueError("the eta sweep needs an SGD arm whose MTP loss reaches the shared parameters "
                          "(not only detached ones): add one to the preset")
     return next((a for a in joint if regimes.get(a.regime) is POLICY), joint[0])
 
@@ -446,11 +470,13 @@ def _eta_sweep_rows(run_dir: Path, preset: Preset) -> list[dict]:
     return rows
 
 
-# The theory is for an SGD step of size eta = lr, so the main job trains with SGD:
-# then lambda*_t, the trained lambda and OCC's lambda_t all refer to the step taken.
-# lr 0.005 raises J_true steadily at the small config; 0.02 and above collapse it.
+# The theory is for an SGD step of size eta = lr, so the SGD arms train with it: then
+# lambda*_t, the trained lambda and OCC's lambda_t all refer to the step taken; the AdamW
+# arms (the paper's regime) set their own optimizer. lr 0.005 raises J_true steadily at
+# the small config; 0.02 and above collapse it. Four mini-batches: OCC's ratio reading is
+# 0 on the first (pi_old is the policy itself there) and read on the other three.
 # One thread per run: the numbers are then the same whatever --workers is.
-SMALL = TrainConfig(optimizer="sgd", lr=0.005, threads=1)
+SMALL = TrainConfig(optimizer="sgd", lr=0.005, threads=1, minibatches=4)
 
 PRESETS = {
     "quick": Preset(
@@ -460,6 +486,7 @@ PRESETS = {
         seeds=(0,),
         arms=DEFAULT_ARMS + ACCEPTANCE_ARMS,
         eta_sweep_points=5,
+        regret_every=30,
         description="every arm, one seed, 30 RL steps: a look at the whole pipeline in minutes",
     ),
     "default": Preset(
@@ -468,7 +495,19 @@ PRESETS = {
                 diag_every=10),
         seeds=(0, 1, 2),
         arms=DEFAULT_ARMS + ACCEPTANCE_ARMS,
-        description="every arm, three seeds, at the small config: the committed figures",
+        regret_every=20,
+        description="every arm, three seeds, 40 RL steps at the small config (under 30 minutes on 2 cores): "
+                    "the committed figures",
+    ),
+    "long": Preset(
+        "long",
+        SMALL.with_values(steps=200, prompts_per_step=16, eval_every=20, eval_prompts=128, checkpoint_every=20,
+                diag_every=25),
+        seeds=tuple(range(9)),
+        arms=DEFAULT_ARMS + ACCEPTANCE_ARMS,
+        regret_every=50,
+        description="the full design: nine paired seeds (a 0.016 gap in final J_true at 80% power), 200 RL steps "
+                    "(J_true flattens), every arm; hours on 2 cores (projection in the README)",
     ),
     "full": Preset(
         "full",
@@ -488,4 +527,5 @@ def micro(preset: Preset) -> Preset:
         sft_steps=400, sft_target=0.4, sft_lr=3e-3, steps=4, prompts_per_step=4, group_size=4, eval_every=2, eval_prompts=32,
         eval_samples=2, checkpoint_every=2, diag_every=2, device="cpu",
     )
-    return replace(preset, name=f"{preset.name}-micro", base=base, eta_sweep_points=4)
+    return replace(preset, name=f"{preset.name}-micro", base=base, eta_sweep_points=4,
+                   regret_every=min(preset.regret_every, 2))

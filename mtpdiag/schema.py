@@ -43,6 +43,7 @@ METRICS = "metrics.csv"
 MINIBATCH = "minibatch.csv"
 DIAG_PREFIX = "diag_"
 DIAG_TABLES = ("steps", "curves", "blocks")
+REGRET_PREFIX = "regret_"  # a run's regret rows (mtpdiag.regret.RegretHook): regret_steps.csv
 JOB_FILE = "job.json"
 ETA_SWEEP = "eta_sweep.csv"
 RUNS_DIR = "runs"
@@ -55,12 +56,14 @@ FIGURE_FILES = {
     "F4": "F4_taylor_residual",
     "F5": "F5_performance",
     "F6": "F6_per_block",
+    "F7": "F7_regret",
     "F8": "F8_acceptance_tradeoff",
 }
 FIGURE_FORMATS = ("png", "pdf")
 TABLE1_CSV, TABLE1_MD = "table1.csv", "table1.md"
 CLAIMS_CSV, CLAIMS_MD = "claims.csv", "claims.md"
 ACCEPTANCE_CSV, ACCEPTANCE_MD = "acceptance.csv", "acceptance.md"
+REGRET_CSV, REGRET_MD = "regret.csv", "regret.md"
 
 
 def diag_file(table: str, suffix: str = ".csv", prefix: str = DIAG_PREFIX) -> str:
@@ -159,6 +162,9 @@ def format_arm_label(regime: str, lam: float | None = None, calibrator: str | No
     return regime
 
 
+OPTIMIZER_SEPARATOR = "@"  # an arm trained with another optimizer than its preset's: <label>@<optimizer>
+
+
 def parse_arm_label(label: str, regimes, calibrators) -> tuple[str, float | None, str | None]:
     """(regime, lam, calibrator) of a label made by :func:`format_arm_label`, given
     the registered regimes (name -> Regime) and calibrator names; a ValueError names
@@ -187,17 +193,23 @@ def parse_arm_label(label: str, regimes, calibrators) -> tuple[str, float | None
 class Arm:
     """One training setting of a job: a regime, its fixed lambda or its calibrator, and its
     label. ``diagnostics`` False trains the arm without the Probe (an arm that is there for
-    its training metrics only, such as draft acceptance, at a training step's cost)."""
+    its training metrics only, such as draft acceptance, at a training step's cost).
+    ``optimizer`` and ``lr`` replace the preset's (None: the preset's); the label then
+    ends in ``@<optimizer>`` (``occ-paper@adamw``)."""
 
     label: str
     regime: str
     lam: float | None = None
     calibrator: str | None = None
     diagnostics: bool = True
+    optimizer: str | None = None
+    lr: float | None = None
 
     @classmethod
-    def of(cls, regime: str, lam: float | None = None, calibrator: str | None = None, diagnostics: bool = True) -> "Arm":
-        return cls(format_arm_label(regime, lam, calibrator), regime, lam, calibrator, diagnostics)
+    def of(cls, regime: str, lam: float | None = None, calibrator: str | None = None, diagnostics: bool = True,
+           optimizer: str | None = None, lr: float | None = None) -> "Arm":
+        label = format_arm_label(regime, lam, calibrator) + (f"{OPTIMIZER_SEPARATOR}{optimizer}" if optimizer else "")
+        return cls(label, regime, lam, calibrator, diagnostics, optimizer, lr)
 
 
 # ----------------------------------------------------------------------------- writing

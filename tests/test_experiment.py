@@ -16,15 +16,26 @@ ARMS = (Arm.of("detach"), Arm.of("policy", 0.5))
 
 def test_the_default_arms_keep_their_labels_and_configs():
     assert [a.label for a in DEFAULT_ARMS] == ["detach", "ce-0.1", "ce-0.5", "policy-0.1", "policy-0.5", "policy-1.0",
-                                               "occ-paper", "occ-reference", "oracle"]  # fmt: skip
-    assert DEFAULT_ARMS[4] == Arm("policy-0.5", "policy", 0.5) and DEFAULT_ARMS[8] == Arm("oracle", "occ", None, "oracle")
-    assert [a.label for a in DEFAULT_ARMS if not a.diagnostics] == ["detach", "ce-0.1", "policy-0.1"]
+                                               "occ-paper", "occ-reference", "oracle", "detach@adamw",
+                                               "occ-paper@adamw"]  # fmt: skip
+    assert DEFAULT_ARMS[4] == Arm("policy-0.5", "policy", 0.5, diagnostics=False)
+    assert DEFAULT_ARMS[8] == Arm("oracle", "occ", None, "oracle")
+    assert [a.label for a in DEFAULT_ARMS if a.diagnostics] == ["ce-0.5", "occ-paper", "oracle", "occ-paper@adamw"]
     base = PRESETS["default"].base
     cfg = arm_config(base, DEFAULT_ARMS[8], seed=2)
-    assert (cfg.regime, cfg.lam, cfg.calibrator, cfg.seed) == ("occ", None, "oracle", 2)
+    assert (cfg.regime, cfg.lam, cfg.calibrator, cfg.seed, cfg.optimizer) == ("occ", None, "oracle", 2, "sgd")
     assert cfg.with_values(regime="detach", calibrator=None, seed=0) == base
+    adamw = arm_config(base, DEFAULT_ARMS[10], seed=0)
+    assert (adamw.optimizer, adamw.lr, adamw.calibrator) == ("adamw", experiment.ADAMW_LR, "occ-paper")
     preset = PRESETS["quick"]
     assert Preset.from_dict(preset.to_dict()) == preset  # job.json round-trips, arms included
+
+
+def test_the_regret_experiment_rides_on_the_sgd_detach_arm_only():
+    default = PRESETS["default"]
+    assert default.regret_every > 0 and default.base.minibatches >= 4
+    assert [a.label for a in default.arms if default.runs_regret(a)] == ["detach"]
+    assert not any(replace(default, regret_every=0).runs_regret(a) for a in default.arms)
 
 
 def test_the_acceptance_arms_train_without_the_probe_and_the_eta_sweep_skips_them():
@@ -35,9 +46,9 @@ def test_the_acceptance_arms_train_without_the_probe_and_the_eta_sweep_skips_the
         assert not arm.diagnostics and arm_config(base, arm, seed=1).diagnostics.every == 0
         assert arm in PRESETS["default"].arms and arm in PRESETS["quick"].arms
     assert arm_config(base, DEFAULT_ARMS[4], seed=1).diagnostics.every == base.diagnostics.every
-    only_unmeasured = replace(PRESETS["quick"], arms=(Arm.of("detach"), *ACCEPTANCE_ARMS))
-    with pytest.raises(ValueError, match="the eta sweep needs an arm"):
-        eta_sweep_arm(only_unmeasured)
+    only_detached = replace(PRESETS["quick"], arms=(Arm.of("detach"), *ACCEPTANCE_ARMS))
+    with pytest.raises(ValueError, match="the eta sweep needs an SGD arm"):
+        eta_sweep_arm(only_detached)
 
 
 def test_occ_arms_shadow_the_other_readings_under_shadow_labels():
@@ -51,7 +62,9 @@ def test_occ_arms_shadow_the_other_readings_under_shadow_labels():
 
 def test_the_eta_sweep_probes_a_joint_policy_arm_else_the_first_joint_one():
     quick = PRESETS["quick"]
-    assert eta_sweep_arm(quick).label == "policy-0.5"  # the first measured policy arm
+    assert eta_sweep_arm(quick).label == "policy-0.1"  # the first SGD policy arm
+    adamw_only = replace(quick, arms=(Arm.of("policy", 0.5, optimizer="adamw"), Arm.of("ce", 0.5)))
+    assert eta_sweep_arm(adamw_only).label == "ce-0.5"
     assert eta_sweep_arm(replace(quick, arms=(Arm.of("detach"), Arm.of("ce", 0.5)))).label == "ce-0.5"
     with pytest.raises(ValueError, match="not only detached ones"):
         eta_sweep_arm(replace(quick, arms=(Arm.of("detach"),)))
@@ -130,13 +143,15 @@ def test_eta_sweep_residual_shrinks_like_eta_cubed_and_reaches_past_the_trained_
 
 def test_eta_sweep_occs_lambda_grows_like_eta_and_lambda_star_like_its_inverse(resumed_job):
     """OCC's ratio proxy reads the log-prob change of one step (first order in eta) over a
-    static head gap, so lambda_t ~ eta; lambda*_taylor = a / (2b) ~ eta / eta^2 (theory s.5)."""
+    static head gap, so lambda_t ~ eta; lambda*_taylor = (c + eta h_gm) / (-eta h_mm) ~ 1/eta
+    (theory s.5). Both laws are the small-eta limit (eta h_gm and the eta^2 terms of the
+    log-prob change bend them at the top of the sweep), so both are fitted on its lower half."""
     sweep = pd.read_csv(resumed_job[0] / "eta_sweep.csv")
     states = sweep.drop_duplicates(["seed", "eta"])
     for seed, rows in states.groupby("seed"):
         small = rows[rows["eta"] <= rows["eta"].quantile(0.5)]
         occ = np.polyfit(np.log(small["eta"]), np.log(small["lambda_occ_paper"].abs()), 1)[0]
-        star = np.polyfit(np.log(rows["eta"]), np.log(rows["lambda_star_taylor"].abs()), 1)[0]
+        star = np.polyfit(np.log(small["eta"]), np.log(small["lambda_star_taylor"].abs()), 1)[0]
         assert 0.8 <= occ <= 1.2, (seed, occ)
         assert -1.05 <= star <= -0.95, (seed, star)
 
@@ -218,3 +233,10 @@ def test_workers_die_with_their_parent_after_kill_9_and_a_restart_takes_over(tmp
         for pid, started in workers.items():
             if _alive(pid, started):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_failing_worker_raises_its_own_error_not_one_of_the_shut_down_pool():
+    import operator
+
+    with pytest.raises(ZeroDivisionError):
+        experiment._Workers(1, lambda update: None).run({"unit": (operator.truediv, 1, 0)}, lambda key: None)

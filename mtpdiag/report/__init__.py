@@ -1,4 +1,4 @@
-"""Figures F1-F6 and F8, Table 1, the claims report and the acceptance section of a job
+"""Figures F1-F8, Table 1, the claims report, the acceptance section and the regret summary of a job
 (or of one trainer run).
 
     from mtpdiag.report import build_report
@@ -16,25 +16,26 @@ from pathlib import Path
 
 from ..progress import Progress
 from ..schema import FIGURES_DIR
-from . import acceptance, claims, figures, table
+from . import acceptance, claims, figures, regret, table
 from .load import Job, JobError, load_job
 
 __all__ = ["Job", "JobError", "acceptance", "build_report", "claims", "figures", "load_job", "run_analysis", "table"]
 
 
 def build_report(job_dir, out_dir=None, progress: bool | None = False) -> dict:
-    """Every figure, Table 1, the claims report and the acceptance section into ``out_dir``
+    """Every figure, Table 1, the claims report, the acceptance section and the regret summary into ``out_dir``
     (default ``<job>/figures``). A figure whose inputs are missing is not made: the returned
     ``skipped`` and the claims report say why, and a warning is raised.
     ``progress``: a bar (or lines) over its parts, see :class:`~mtpdiag.progress.Progress`.
 
     Returns ``{"out_dir", "figures": {F1: [paths]...}, "table1": [paths],
-    "claims": [paths], "claims_table": DataFrame, "acceptance": [paths], "skipped": {F4: reason...}}``.
+    "claims": [paths], "claims_table": DataFrame, "acceptance": [paths], "regret": [paths],
+    "skipped": {F4: reason...}}``.
     """
     job = load_job(job_dir)
     out = Path(out_dir) if out_dir is not None else job.path / FIGURES_DIR
     made, skipped = {}, {}
-    with Progress(len(figures.FIGURES) + 3, "report", unit="part", show=progress) as bar:
+    with Progress(len(figures.FIGURES) + 4, "report", unit="part", show=progress) as bar:
         for name, make in figures.FIGURES.items():
             bar.set_postfix(making=name)
             try:
@@ -52,8 +53,13 @@ def build_report(job_dir, out_dir=None, progress: bool | None = False) -> dict:
         bar.set_postfix(making="acceptance")
         acceptance_paths = acceptance.write_acceptance(job, out)
         bar.update()
+        bar.set_postfix(making="regret")
+        regret_paths = []
+        if "F7" not in skipped:  # F7's reason, when the job has no regret rows, says so for both
+            regret_paths = regret.write_regret(job, out)
+        bar.update()
     return {"out_dir": out, "figures": made, "table1": table_paths, "claims": claim_paths,
-            "claims_table": claims_table, "acceptance": acceptance_paths, "skipped": skipped}
+            "claims_table": claims_table, "acceptance": acceptance_paths, "regret": regret_paths, "skipped": skipped}
 
 
 def run_analysis(make, description: str, argv=None) -> int:

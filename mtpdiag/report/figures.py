@@ -1,4 +1,4 @@
-"""Figures F1-F6 and F8 of a job. Each function reads the job's CSVs, plots, saves
+"""Figures F1-F8 of a job. Each function reads the job's CSVs, plots, saves
 ``<out_dir>/<name>.{png,pdf}`` and writes the numbers it plotted to
 ``<out_dir>/<name>_data.csv`` (so every point traces to CSV rows), and returns
 the three paths. Missing inputs raise :class:`~mtpdiag.report.load.JobError`;
@@ -20,6 +20,7 @@ from ..schema import COLLAPSED, ETA_SWEEP, ETA_SWEEP_SERIES, FIGURE_FILES, atomi
 from . import acceptance, stats, style
 from .data import OBJECTIVE, STAR_COLUMNS, checkpoints, diag_steps, first_minibatch, flagged_runs, tracking_frame
 from .load import Job, JobError
+from .regret import ORACLE as REGRET_ORACLE, summary as regret_summary
 from .stats import loglog_slope, seed_bands
 
 DELTA_UNITS = {"j_batch": "ΔJ_batch (surrogate, advantage units)", "j_true": "ΔJ_true (probability)"}
@@ -507,6 +508,33 @@ def acceptance_tradeoff(job: Job, out_dir) -> list[Path]:
         return _finish(fig, out_dir, "F8", pd.DataFrame(plotted, columns=TRADEOFF_COLUMNS))
 
 
+def regret(job: Job, out_dir) -> list[Path]:
+    """F7: each calibrator's regret (in detach-step gains) at each eta scale, mean over
+    seeds of the per-seed median with its 95% t-interval; the label gives the cost."""
+    frame = regret_summary(job)
+    scales = sorted(frame["eta_scale"].unique())
+    with style.styled():
+        fig, axes = style.new_figure(1, len(scales), panel=(4.6, 0.28 * frame["calibrator"].nunique() + 1.4))
+        for ax, scale in zip(axes[0], scales, strict=True):
+            group = frame[frame["eta_scale"] == scale].reset_index(drop=True)
+            y = np.arange(len(group))[::-1]
+            for yi, row in zip(y, group.itertuples(), strict=True):
+                color = "tab:green" if row.proposed else ("black" if row.calibrator == REGRET_ORACLE else "tab:blue")
+                finite = np.isfinite([row.ci_low, row.ci_high]).all()
+                xerr = [[row.regret_median - row.ci_low], [row.ci_high - row.regret_median]] if finite else None
+                ax.errorbar(row.regret_median, yi, xerr=xerr, fmt="o", color=color, capsize=2, markersize=4)
+            ax.set_yticks(y, [f"{c} ({cost:.2g}×)" for c, cost in zip(group["calibrator"], group["cost_over_detach"],
+                                                                       strict=True)], fontsize=7)
+            ax.axvline(0, color="black", linewidth=0.8)
+            ax.set_xscale("symlog", linthresh=0.1)
+            ax.set_xlabel("regret (detach-step gains of ΔJ_true)")
+            ax.set_title(f"η = {scale:g} × lr", fontsize=9)
+        fig.suptitle(textwrap.fill(
+            f"F7: regret of each calibrator's λ against λ*_meas on the detach trajectories ({len(job.seeds)} seed(s); "
+            "mean of per-seed medians, 95% t-interval over seeds; label: cost over a detach step)", 110), fontsize=8)
+        return _finish(fig, out_dir, "F7", frame)
+
+
 FIGURES = {
     "F1": concave_curves,
     "F2": decomposition,
@@ -514,5 +542,6 @@ FIGURES = {
     "F4": taylor_residual,
     "F5": performance,
     "F6": per_block,
+    "F7": regret,
     "F8": acceptance_tradeoff,
 }

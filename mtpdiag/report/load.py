@@ -24,6 +24,8 @@ TABLES = {
     "diag_steps": (schema.diag_file("steps"), ("step", "minibatch", "objective", "lr")),
     "diag_curves": (schema.diag_file("curves"), ("step", "minibatch", "objective", "lambda", "delta_meas")),
     "diag_blocks": (schema.diag_file("blocks"), ("step", "minibatch", "objective", "block", "c", "v2")),
+    "regret_steps": (schema.diag_file("steps", prefix=schema.REGRET_PREFIX), ("step", "minibatch", "eta_scale",
+                                                                            "choice", "regret", "gain_detach")),
 }
 # columns load_job adds to every row, naming where it came from
 KEYS = ("arm", "regime", "lam", "calibrator", "seed")
@@ -174,8 +176,8 @@ def _load_job_dir(root: Path) -> Job:
         raise JobError(f"{root / JOB_FILE} lacks {missing}: it was not written by this mtpdiag's `mtpdiag run`")
     if not _compatible(spec["mtpdiag_version"]):
         raise _version_error(root / JOB_FILE, spec["mtpdiag_version"])
-    arms = [Arm(a["label"], a["regime"], a.get("lam"), a.get("calibrator"), a.get("diagnostics", True))
-            for a in preset["arms"]]
+    arms = [Arm(a["label"], a["regime"], a.get("lam"), a.get("calibrator"), a.get("diagnostics", True),
+                a.get("optimizer"), a.get("lr")) for a in preset["arms"]]
     _check_regimes(root / JOB_FILE, [a.regime for a in arms])
     seeds = [int(s) for s in preset["seeds"]]
     runs = {(a.label, s): schema.run_dir(root, a.label, s) for a in arms for s in seeds}

@@ -18,9 +18,15 @@ from .load import Job
 from .stats import t_interval
 
 
+OPTIMIZER_DISPLAY = {"adamw": "AdamW", "sgd": "SGD"}
+
+
 def display_name(arm) -> str:
-    """The arm's name in tables and claims, as its regime gives it (``Policy (λ=0.5)``, ``OCC paper``)."""
-    return regimes.get(arm.regime).display_name(arm.lam, arm.calibrator)
+    """The arm's name in tables and claims, as its regime gives it (``Policy (λ=0.5)``, ``OCC paper``),
+    with its optimizer where the arm replaces the preset's (``OCC paper, AdamW``)."""
+    name = regimes.get(arm.regime).display_name(arm.lam, arm.calibrator)
+    optimizer = getattr(arm, "optimizer", None)
+    return f"{name}, {OPTIMIZER_DISPLAY.get(optimizer, optimizer)}" if optimizer else name
 
 
 def paired_difference(finals: pd.DataFrame, arm: str, reference: str) -> tuple[float, float, float, int]:

@@ -16,12 +16,12 @@ from mtpdiag.report import build_report, claims, figures, load_job, run_analysis
 from mtpdiag.report.claims import INCONCLUSIVE
 from mtpdiag.report.load import JobError
 
-from .jobs import ARMS, POLICY, SEEDS, copy_job
+from .jobs import ARMS, DETACH, POLICY, SEEDS, copy_job
 
 ROOT = Path(__file__).resolve().parents[2]
 OUTPUTS = [f"{name}.{ext}" for name in schema.FIGURE_FILES.values() for ext in schema.FIGURE_FORMATS] + [
     schema.TABLE1_CSV, schema.TABLE1_MD, schema.CLAIMS_CSV, schema.CLAIMS_MD, schema.ACCEPTANCE_CSV,
-    schema.ACCEPTANCE_MD]
+    schema.ACCEPTANCE_MD, schema.REGRET_CSV, schema.REGRET_MD]
 
 
 def test_build_report_writes_every_figure_table_and_claim(micro_job, report):
@@ -99,6 +99,19 @@ def test_every_plotted_number_traces_to_the_run_csvs(micro_job, report):
     for arm in ARMS:
         assert means.loc[arm["label"], "accept_tv_1"] == pytest.approx(seeds[seeds["arm"] == arm["label"]][
             "accept_tv_1"].mean(), rel=1e-12)
+    regret = pd.read_csv(out / schema.REGRET_CSV)
+    assert list(regret.columns[:7]) == ["calibrator", "eta_scale", "regret_median", "ci_low", "ci_high",
+                                        "cost_over_detach", "proposed"]
+    pd.testing.assert_frame_equal(figure_data("F7"), regret)
+    rows = {seed: run_csv(DETACH["label"], seed, schema.diag_file("steps", prefix=schema.REGRET_PREFIX))
+            for seed in SEEDS}
+    for row in regret.sample(5, random_state=0).itertuples():
+        medians = []
+        for frame in rows.values():  # the per-seed median of regret over the seed's mean |detach gain|
+            at = frame[frame["eta_scale"] == row.eta_scale]
+            gain = at.loc[at["choice"] == "detach", "gain_detach"].abs().mean()
+            medians.append((at.loc[at["choice"] == row.calibrator, "regret"] / gain).median())
+        assert row.regret_median == pytest.approx(np.mean(medians), rel=1e-12)
     assert f"({schema.ACCEPTANCE_MD})" in (out / schema.CLAIMS_MD).read_text()
 
 
