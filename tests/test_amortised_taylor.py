@@ -338,3 +338,38 @@ def test_leaves_model_grads_buffers_and_rng_untouched():
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]) and p.grad is None and p.requires_grad, n
     assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
+
+
+# ---------------------------------------------------------------------------
+# through the trainer: a killed and resumed run repeats the uninterrupted one
+# ---------------------------------------------------------------------------
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_killed_and_resumed_training_run_repeats_its_lambdas_exactly(tiny, tmp_path, cache):
+    import pandas as pd
+
+    from mtpdiag.train import train
+
+    cfg = tiny(regime="occ", minibatches=2, steps=5, checkpoint_every=2, eval_every=10)
+    # every=3 with 2 mini-batches a step: the measuring calls fall on different mini-batches,
+    # and the checkpoint at step 2 is taken between a measuring call and the calls it serves
+    full = train(cfg, tmp_path / "full", calibrator=AmortisedTaylor(every=3), cache_dir=cache, progress=False)
+
+    def kill_at_step_4(ctx):
+        if ctx.step == 4:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(cfg, tmp_path / "killed", calibrator=AmortisedTaylor(every=3), callbacks=[kill_at_step_4],
+              cache_dir=cache, progress=False)
+    train(cfg, tmp_path / "killed", resume=True, calibrator=AmortisedTaylor(every=3), cache_dir=cache, progress=False)
+    resumed, straight = pd.read_csv(tmp_path / "killed" / "minibatch.csv"), pd.read_csv(full.out / "minibatch.csv")
+    pd.testing.assert_frame_equal(resumed, straight, check_exact=True)
+    # the first call had m != 0, so the schedule is every third call across steps and the resume
+    assert straight["calib_measured"].tolist() == [1.0, 0.0, 0.0] * 3 + [1.0]
+    carried = straight[(straight.calib_measured == 0) & (straight.calib_v2 > 0)]
+    assert len(carried) and carried["lambda_0"].abs().gt(0).all()  # carried calls with an MTP signal set lambda
