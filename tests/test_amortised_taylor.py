@@ -318,6 +318,25 @@ def test_on_a_gpt_measuring_calls_equal_the_oracle_and_the_others_carry_its_curv
     assert signs == [False, True]  # this batch sequence meets both cases: head 0 convex, head 1 concave
 
 
+def test_on_a_gpt_with_a_held_out_objective_measuring_calls_equal_the_probes_held_out_lambda_star():
+    from mtpdiag.losses import j_true
+
+    model, batch = gpt_and_batch(2)
+    gen = torch.Generator().manual_seed(7)
+    completion = torch.zeros(3, 9, dtype=F64)
+    completion[:, -2:] = 1  # two target tokens: pi(y* | x) ~ 1e-2, far from rounding
+    heldout = {"input_ids": torch.randint(0, 11, (3, 10), generator=gen), "response_mask": completion}
+    cal, eta = AmortisedTaylor(every=2, eval_objective=j_true, eval_batch=heldout), 0.05
+    out = cal(gpt_inputs(model, batch, eta))
+    for k, loss in enumerate(heads(K)):
+        record = Probe(model, rl_objective, loss, call_model).measure(
+            batch, eta, eval_objective=j_true, eval_batch=heldout, gg_curvature=False, line_search=False,
+            crossfit=False)
+        expected = record.lambda_star_taylor if record.lambda_star_taylor is not None else 0.0
+        assert out.lambdas[k].item() == pytest.approx(expected, rel=1e-12, abs=0)
+        assert out.info[f"c_{k}"] == record.c_eval and record.c_eval != record.c  # the held-out correlation
+
+
 def heads(num_heads):
     return [lambda out, batch, k=k: mtp_policy_loss(out, batch, head_weights=torch.eye(num_heads)[k])
             for k in range(num_heads)]
