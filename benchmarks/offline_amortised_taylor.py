@@ -126,6 +126,14 @@ def diagnosed_table(job: Path) -> None:
             r2 = rows.fit_r2[rows.fit_a2 < 0]
             medians.setdefault("_r2", []).append(float(r2.median()))
             medians.setdefault("_zero", []).append(float(regret(rows, rows.target * 0).median()))
+        if chosen == arms:  # mini-batch 1 carries from mini-batch 0 of the same step: the lag an online every=2 has
+            lag1 = []
+            for seed in seeds:
+                rows = pd.concat([arm_rows(job / "runs" / arm / seed, arm) for arm in chosen], ignore_index=True)
+                rows = rows[rows.target.notna() & (rows.minibatch == 1)]
+                lag1.append(" ".join(f"{p} {spearman(rows[p], rows.target)[0]:.2f}"
+                                     for p in ("amortised", "taylor_batch", "amortised_true", "taylor_true")))
+            print("mini-batch 1 rows only (carried one call back), seeds 0/1/2:\n  " + "\n  ".join(lag1))
         print("median regret on the J_true fit, seeds 0/1/2:")
         occ = np.array(medians["occ_paper"])
         for p in PROXIES:
