@@ -494,6 +494,9 @@ class AmortisedTaylor(_ProbeCalibrator):
     <grad E, m_k> and the curvatures are E's (one more gradient per call, on E's batch).
     Without it E is the objective the trainer differentiates (J_batch).
 
+    ``info`` per head (suffix ``_k`` when K > 1): ``measured`` (1.0 on a call with the HVP),
+    ``c`` (the c_e used), ``v2``, and ``kappa_m``, ``r_gm`` as used on this call.
+
     Cost per call and head: one forward and two backward passes (like :class:`CosineGate`),
     plus one Hessian-vector product (about three gradients) on measuring calls, and one
     more gradient of E per call with ``eval_objective``.
@@ -511,7 +514,7 @@ class AmortisedTaylor(_ProbeCalibrator):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every={every!r}: pass a whole number of calls >= 1 between curvature measurements")
         if ema is not None and not 0.0 <= ema < 1.0:
-            raise ValueError(f"ema={ema}: pass a smoothing factor beta in [0, 1), or None to carry the last measurement")
+            raise ValueError(f"ema={ema}: pass a smoothing factor beta in [0, 1), or None to carry the last measured")
         if not (math.isfinite(scale) and scale != 0):
             raise ValueError(f"scale={scale}: pass a finite non-zero factor on lambda*")
         if eval_objective is not None and not callable(eval_objective):
@@ -547,11 +550,14 @@ class AmortisedTaylor(_ProbeCalibrator):
             record = probe.measure(inputs.batch, inputs.lr, hvp=measure, gg_curvature=False, line_search=False,
                                    crossfit=False, **eval_options)
             c = record.c if self.eval_objective is None else record.c_eval
+            r_gm = None
             if measure and record.v2 > 0:
-                self._carry(k, -record.h_mm / record.v2, self._cross(record))
+                r_gm = self._cross(record)
+                self._carry(k, -record.h_mm / record.v2, r_gm)
                 h_gm, h_mm = record.h_gm, record.h_mm
             elif self._kappa[k] is not None:
-                h_gm = self._r_gm[k] * record.g_norm * record.m_norm
+                r_gm = self._r_gm[k]
+                h_gm = r_gm * record.g_norm * record.m_norm
                 h_mm = -self._kappa[k] * record.v2
             else:
                 h_gm = h_mm = None
@@ -562,14 +568,14 @@ class AmortisedTaylor(_ProbeCalibrator):
             info["c"].append(c)
             info["v2"].append(record.v2)
             info["kappa_m"].append(None if h_mm is None or record.v2 == 0 else -h_mm / record.v2)
-            info["r_gm"].append(self._r_gm[k])
+            info["r_gm"].append(r_gm)
         self.calls += 1
         return self._finish(values, info)
 
     @staticmethod
     def _cross(record) -> float:
-        """h_gm / (|g| |m|); 0 when g = 0 on S (then only a J-only part of h_gm is left, which
-        the next calls' |g| = 0 would scale away anyway)."""
+        """h_gm / (|g| |m|), or 0 when g = 0 on S: h_gm then has no scale to be carried by,
+        and the cross term is left out until the next measurement."""
         norms = record.g_norm * record.m_norm
         return record.h_gm / norms if norms > 0 else 0.0
 
