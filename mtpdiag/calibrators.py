@@ -12,6 +12,8 @@ Calibrators:
   the first-order log-prob change of the RL step and of the MTP step).
   Presets :meth:`OCC.paper` and :meth:`OCC.reference`.
 * :class:`Oracle`: lambda*_taylor or lambda*_meas from the :class:`~mtpdiag.diagnostics.Probe`.
+* :class:`AmortisedTaylor`: lambda*_taylor from fresh gradients and curvatures
+  measured every k-th call and carried in between.
 * :class:`CosineGate`: lambda0 * max(0, cos(g, m)) (Du et al. 2018).
 * :class:`WithShadows`: trains with one calibrator and logs what others would
   have chosen on the same mini-batch (proxies against the oracle, row by row).
@@ -31,6 +33,7 @@ Probe's reductions (see :mod:`mtpdiag.distributed`).
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import partial
@@ -463,6 +466,136 @@ class Oracle(_ProbeCalibrator):
         return self._finish([None if v is None else self.scale * v for v in chosen], info)
 
 
+class AmortisedTaylor(_ProbeCalibrator):
+    """lambda*_taylor with its curvatures measured every ``every``-th call and carried in
+    between (docs/theory.md s.5, "Amortised Taylor").
+
+    Per head k, on every call, from one gradient of the objective and of head k's MTP
+    loss (the Probe without Hessian-vector products): c_k = <g, m_k>, |g|, |m_k| on S.
+    On a measuring call one Hessian-vector product H m_k more gives h_gm and h_mm, and
+
+        lambda_k = scale * (c_k + eta h_gm) / (-eta h_mm),
+
+    which is exactly :class:`Oracle` ``("taylor")``'s lambda*. The curvatures are then kept
+    as scale-free numbers, the Rayleigh curvature kappa_m = -h_mm / |m|^2 and the cross
+    curvature r_gm = h_gm / (|g| |m|); on the calls in between
+
+        lambda_k = scale * (c_k + eta r_gm |g| |m_k|) / (eta kappa_m |m_k|^2),
+
+    with eta = ``inputs.lr`` of that call, so a learning-rate schedule moves lambda like
+    1/eta. ``ema=beta`` carries beta * carried + (1 - beta) * measured instead of the last
+    measurement (a measuring call still uses its own fresh values). A head measures on
+    the calls where ``calls % every == 0`` and on any call while it has nothing carried
+    (its last measurements had m = 0). A carried kappa_m <= 0 (not concave) or m = 0
+    gives 0 and a warning, as in Oracle.
+
+    ``eval_objective`` (and its ``eval_batch``; default: the mini-batch): the curve
+    objective E whose Taylor lambda* is wanted, e.g. the held-out J_true; c_k is then
+    <grad E, m_k> and the curvatures are E's (one more gradient per call, on E's batch).
+    Without it E is the objective the trainer differentiates (J_batch).
+
+    ``info`` per head (suffix ``_k`` when K > 1): ``measured`` (1.0 on a call with the HVP),
+    ``c`` (the c_e used), ``v2``, and ``kappa_m``, ``r_gm`` as used on this call.
+
+    Cost per call and head: one forward and two backward passes (like :class:`CosineGate`),
+    plus one Hessian-vector product (about three gradients) on measuring calls, and one
+    more gradient of E per call with ``eval_objective``.
+    """
+
+    def __init__(
+        self,
+        every: int = 4,
+        ema: float | None = None,
+        scale: float = 1.0,
+        clip: tuple[float, float] | None = None,
+        eval_objective: Callable | None = None,
+        eval_batch: dict | None = None,
+    ):
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every={every!r}: pass a whole number of calls >= 1 between curvature measurements")
+        if ema is not None and not 0.0 <= ema < 1.0:
+            raise ValueError(f"ema={ema}: pass a smoothing factor beta in [0, 1), or None to carry the last measured")
+        if not (math.isfinite(scale) and scale != 0):
+            raise ValueError(f"scale={scale}: pass a finite non-zero factor on lambda*")
+        if eval_objective is not None and not callable(eval_objective):
+            raise ValueError("eval_objective: pass a loss(out, batch) to maximise, or None for the trainer's objective")
+        if eval_batch is not None and eval_objective is None:
+            raise ValueError("eval_batch is the batch of eval_objective: pass eval_objective=<the curve objective> too")
+        super().__init__(clip)
+        self.every, self.ema, self.scale = every, ema, float(scale)
+        self.eval_objective, self.eval_batch = eval_objective, eval_batch
+        self.calls = 0
+        self._kappa: list[float | None] | None = None  # per head: the carried -h_mm / |m|^2
+        self._r_gm: list[float | None] | None = None  # per head: the carried h_gm / (|g| |m|)
+        options = [f"every={every}"] + ([f"ema={ema:g}"] if ema is not None else [])
+        options += [f"scale={self.scale:g}"] if self.scale != 1.0 else []
+        options += ["eval_objective"] if eval_objective is not None else []
+        options += [clip_label(self.clip)] if self.clip is not None else []
+        self.name = f"amortised-taylor[{','.join(options)}]"
+
+    def __call__(self, inputs: CalibrationInputs) -> Calibration:
+        probes = self._probes_for(inputs)
+        K = len(probes)
+        if self._kappa is None:
+            self._kappa, self._r_gm = [None] * K, [None] * K
+        if len(self._kappa) != K:
+            raise ValueError(f"this calibrator carries curvatures for {len(self._kappa)} heads, the model has {K}: "
+                             "build a new calibrator for a model with another number of MTP heads")
+        scheduled = self.calls % self.every == 0
+        eval_options = {} if self.eval_objective is None else {
+            "eval_objective": self.eval_objective, "eval_batch": self.eval_batch}
+        values, info = [], {key: [] for key in ("measured", "c", "v2", "kappa_m", "r_gm")}
+        for k, probe in enumerate(probes):
+            measure = scheduled or self._kappa[k] is None
+            record = probe.measure(inputs.batch, inputs.lr, hvp=measure, gg_curvature=False, line_search=False,
+                                   crossfit=False, **eval_options)
+            c = record.c if self.eval_objective is None else record.c_eval
+            r_gm = None
+            if measure and record.v2 > 0:
+                r_gm = self._cross(record)
+                self._carry(k, -record.h_mm / record.v2, r_gm)
+                h_gm, h_mm = record.h_gm, record.h_mm
+            elif self._kappa[k] is not None:
+                r_gm = self._r_gm[k]
+                h_gm = r_gm * record.g_norm * record.m_norm
+                h_mm = -self._kappa[k] * record.v2
+            else:
+                h_gm = h_mm = None
+            eta = float(inputs.lr)
+            usable = record.v2 > 0 and h_mm is not None and h_mm < 0
+            values.append(self.scale * (c + eta * h_gm) / (-eta * h_mm) if usable else None)
+            info["measured"].append(1.0 if measure else 0.0)
+            info["c"].append(c)
+            info["v2"].append(record.v2)
+            info["kappa_m"].append(None if h_mm is None or record.v2 == 0 else -h_mm / record.v2)
+            info["r_gm"].append(r_gm)
+        self.calls += 1
+        return self._finish(values, info)
+
+    @staticmethod
+    def _cross(record) -> float:
+        """h_gm / (|g| |m|), or 0 when g = 0 on S: h_gm then has no scale to be carried by,
+        and the cross term is left out until the next measurement."""
+        norms = record.g_norm * record.m_norm
+        return record.h_gm / norms if norms > 0 else 0.0
+
+    def _carry(self, k: int, kappa: float, r_gm: float) -> None:
+        if self.ema is None or self._kappa[k] is None:
+            self._kappa[k], self._r_gm[k] = kappa, r_gm
+        else:
+            self._kappa[k] = self.ema * self._kappa[k] + (1 - self.ema) * kappa
+            self._r_gm[k] = self.ema * self._r_gm[k] + (1 - self.ema) * r_gm
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "calls": self.calls, "kappa_m": self._kappa, "r_gm": self._r_gm}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.calls = int(state["calls"])
+        self._kappa = None if state["kappa_m"] is None else [None if v is None else float(v) for v in state["kappa_m"]]
+        self._r_gm = None if state["r_gm"] is None else [None if v is None else float(v) for v in state["r_gm"]]
+
+
 class CosineGate(_ProbeCalibrator):
     """lambda_t = lambda0 * max(0, cos(g, m)) on the shared parameters (Du et al. 2018,
     arXiv 1812.02224): the MTP gradient is kept, scaled down, while it points the same
@@ -531,6 +664,7 @@ CALIBRATORS: dict[str, Callable[..., Calibrator]] = {
     "occ": lambda num_heads, **options: OCC(**options),
     "oracle": lambda num_heads, **options: Oracle(**options),
     "cosine": lambda num_heads, **options: CosineGate(**options),
+    "amortised-taylor": lambda num_heads, **options: AmortisedTaylor(**options),
 }
 
 
