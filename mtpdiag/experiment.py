@@ -81,6 +81,8 @@ SGD_ARMS = (
     Arm.of(OCC_REGIME.name, calibrator="occ-paper"),
     Arm.of(OCC_REGIME.name, calibrator="occ-reference", diagnostics=False),
     Arm.of(OCC_REGIME.name, calibrator="oracle"),
+    # mtpdiag's own calibrator (docs/theory.md s.5) end to end: lambda*_taylor with its curvature re-measured every 4th call
+    Arm.of(OCC_REGIME.name, calibrator="amortised-taylor", diagnostics=False),
 )
 # The paper's regime: AdamW at the trainer's default lr, detach against OCC (claims C6 and C7:
 # lambda*_precond against the optimizer-faithful lambda*_meas of the AdamW update)

@@ -255,7 +255,8 @@ class Frozen(Regime):
 
 
 # the report's names of the calibrators an OCC arm may train with
-CALIBRATOR_DISPLAY = {"occ-paper": "OCC paper", "occ-reference": "OCC reference", "oracle": "Oracle"}
+CALIBRATOR_DISPLAY = {"occ-paper": "OCC paper", "occ-reference": "OCC reference", "oracle": "Oracle",
+                      "amortised-taylor": "Amortised Taylor"}
 CALIBRATOR_FAMILIES = {"oracle": "Purples"}
 
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from . import regimes, schema
-from .calibrators import OCC, CalibrationInputs, CosineGate
+from .calibrators import OCC, AmortisedTaylor, CalibrationInputs, CosineGate
 from .config import make_optimizer
 from .diagnostics import Probe
 from .diagnostics.curves import default_grid
@@ -44,7 +44,9 @@ from .losses import aligned_logprobs, j_true
 ETA_SCALES = (0.25, 1.0, 4.0)
 FIXED_LAMBDAS = (0.1, 0.5, 1.0)
 # the calibrators of the experiment, in the report's order; occ readings get one entry per mini-batch
-DETACH, ORACLE = "detach", "lambda*_meas"
+DETACH, ORACLE = schema.REGRET_DETACH, schema.REGRET_ORACLE
+AMORTISED, AMORTISED_TRUE = schema.REGRET_PROPOSED  # mtpdiag's own (docs/theory.md s.5), on J_batch and on J_true
+AMORTISED_EVERY = 4  # the curvature measured on the first of the four mini-batches of a step, carried over the rest
 TAYLOR_BATCH, TAYLOR_TRUE = "lambda*_taylor(J_batch)", "lambda*_taylor(J_true)"
 STEP_PROXY, COSINE = "occ-step", "cosine"
 OCC_READINGS = {"occ-paper": OCC.paper, "occ-reference": lambda: OCC.reference(1)}
@@ -86,6 +88,9 @@ class RegretHook:
         self.readings = {(name, s): make() for name, make in OCC_READINGS.items() for s in self.eta_scales}
         self.step_proxy = OCC(proxy="step", label=STEP_PROXY)
         self.cosine = CosineGate()
+        # per eta scale and called in training order, so each carries its curvature as in a run
+        self.amortised = {s: AmortisedTaylor(every=AMORTISED_EVERY) for s in self.eta_scales}
+        self.amortised_true: dict[float, AmortisedTaylor] = {}  # built on the first call: it needs the J_true batch
 
     def __call__(self, ctx) -> None:
         if not self.schedule(ctx.step):
@@ -140,6 +145,11 @@ class RegretHook:
         )
         step_proxy, t_step = _timed(lambda: self.step_proxy(inputs))
         cosine, t_cos = _timed(lambda: self.cosine(inputs))
+        if scale not in self.amortised_true:
+            self.amortised_true[scale] = AmortisedTaylor(every=AMORTISED_EVERY, eval_objective=j_true,
+                                                         eval_batch=heldout)
+        amortised, t_amortised = _timed(lambda: self.amortised[scale](inputs))
+        amortised_true, t_amortised_true = _timed(lambda: self.amortised_true[scale](inputs))
         choices = [
             _Choice(DETACH, 0.0, 0.0),
             *(_Choice(f"fixed-{lam:g}", lam, 0.0) for lam in self.fixed),
@@ -148,6 +158,8 @@ class RegretHook:
             _Choice(COSINE, float(cosine.lambdas[0]), t_cos),
             _Choice(TAYLOR_BATCH, on_batch.lambda_star_taylor, t_batch),
             _Choice(TAYLOR_TRUE, on_true.lambda_star_taylor, t_true),
+            _Choice(AMORTISED, float(amortised.lambdas[0]), t_amortised),
+            _Choice(AMORTISED_TRUE, float(amortised_true.lambdas[0]), t_amortised_true),
         ]
         known = [c.lam for c in choices if c.lam is not None and np.isfinite(c.lam)]
         eps = torch.finfo(next(model.parameters()).dtype).eps

@@ -44,6 +44,9 @@ MINIBATCH = "minibatch.csv"
 DIAG_PREFIX = "diag_"
 DIAG_TABLES = ("steps", "curves", "blocks")
 REGRET_PREFIX = "regret_"  # a run's regret rows (mtpdiag.regret.RegretHook): regret_steps.csv
+# the regret rows' choices the report singles out: the detach step, the measured best, mtpdiag's own calibrators
+REGRET_DETACH, REGRET_ORACLE = "detach", "lambda*_meas"
+REGRET_PROPOSED = ("amortised-taylor", "amortised-taylor(J_true)")
 JOB_FILE = "job.json"
 ETA_SWEEP = "eta_sweep.csv"
 RUNS_DIR = "runs"

@@ -16,7 +16,7 @@ ARMS = (Arm.of("detach"), Arm.of("policy", 0.5))
 
 def test_the_default_arms_keep_their_labels_and_configs():
     assert [a.label for a in DEFAULT_ARMS] == ["detach", "ce-0.1", "ce-0.5", "policy-0.1", "policy-0.5", "policy-1.0",
-                                               "occ-paper", "occ-reference", "oracle", "detach@adamw",
+                                               "occ-paper", "occ-reference", "oracle", "amortised-taylor", "detach@adamw",
                                                "occ-paper@adamw"]  # fmt: skip
     assert DEFAULT_ARMS[4] == Arm("policy-0.5", "policy", 0.5, diagnostics=False)
     assert DEFAULT_ARMS[8] == Arm("oracle", "occ", None, "oracle")
@@ -25,7 +25,7 @@ def test_the_default_arms_keep_their_labels_and_configs():
     cfg = arm_config(base, DEFAULT_ARMS[8], seed=2)
     assert (cfg.regime, cfg.lam, cfg.calibrator, cfg.seed, cfg.optimizer) == ("occ", None, "oracle", 2, "sgd")
     assert cfg.with_values(regime="detach", calibrator=None, seed=0) == base
-    adamw = arm_config(base, DEFAULT_ARMS[10], seed=0)
+    adamw = arm_config(base, DEFAULT_ARMS[11], seed=0)
     assert (adamw.optimizer, adamw.lr, adamw.calibrator) == ("adamw", experiment.ADAMW_LR, "occ-paper")
     preset = PRESETS["quick"]
     assert Preset.from_dict(preset.to_dict()) == preset  # job.json round-trips, arms included

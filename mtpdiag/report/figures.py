@@ -141,12 +141,15 @@ def _curve_panel(ax, points: pd.DataFrame, record: pd.Series, color) -> str:
             numbers.append(f"{label} {record[column]:.3g}")
             if lam[0] <= record[column] <= lam[-1]:
                 ax.axvline(record[column], linestyle=line, color="0.3", linewidth=0.9, label=label)
+    # where the measured step is worse than detaching (Delta < 0, between measured points by linear
+    # interpolation), whatever the Taylor quadratic's 2 lambda* says
+    ordered = points.sort_values("lambda")
+    worse = np.interp(lam, ordered["lambda"], ordered["delta_meas"]) < 0
+    if worse.any():
+        ax.fill_between(lam, 0, 1, where=worse, transform=ax.get_xaxis_transform(), color="tab:red", alpha=0.1,
+                        linewidth=0, label="measured Δ < 0: worse than detach")
     if np.isfinite(record["harm_threshold"]):
-        # a concave Taylor quadratic is below 0, i.e. worse than detaching, for lambda > max(0, 2 lambda*)
-        harmful = max(0.0, record["harm_threshold"])
-        if harmful < lam[-1]:
-            ax.axvspan(harmful, lam[-1], color="tab:red", alpha=0.1, label="λ > max(0, 2λ*): worse than detach")
-        numbers.append(f"2λ* {record['harm_threshold']:.3g}")
+        numbers.append(f"2λ*_Taylor {record['harm_threshold']:.3g}")
     values = np.concatenate(shown)
     span = values.max() - values.min() or abs(values.max()) or 1.0
     ax.set_ylim(values.min() - 0.15 * span, values.max() + 0.15 * span)  # the L-smooth bound may run far below
@@ -180,19 +183,24 @@ DECOMPOSITION = (  # column, axis label, symlog axis, possible values
 
 
 def decomposition(job: Job, out_dir, objective: str = OBJECTIVE) -> list[Path]:
-    """F2: c, cos, v^2 and -h_mm over training, one line per arm (seed mean, 95% band)."""
+    """F2: c, cos, v^2 and -h_mm over training, one line per arm (seed mean, 95% band);
+    each arm also has its own marker, so arms of neighbouring colour families stay apart
+    where their bands overlap."""
     steps = diag_steps(job, "F2 (decomposition)", columns=("c", "cos", "v2", "h_mm"), objective=objective)
     steps = steps.assign(neg_h_mm=-pd.to_numeric(steps["h_mm"], errors="coerce"))
     colors = style.arm_colors(job.arms)
+    measured = [arm for arm in job.arms if (steps["arm"] == arm.label).any()]
+    markers = dict(zip((a.label for a in measured), style.cycle_markers(len(measured)), strict=True))
     plotted = []
     with style.styled():
         fig, axes = style.new_figure(2, 2)
         for ax, (column, label, log, bounds) in zip(axes.flat, DECOMPOSITION, strict=True):
-            for arm in job.arms:
+            for arm in measured:
                 summary = seed_bands(steps[steps["arm"] == arm.label], column)
                 if summary.empty:
                     continue
-                style.band(ax, summary, "step", arm.label, colors[arm.label], bounds)
+                style.band(ax, summary, "step", arm.label, colors[arm.label], bounds, marker=markers[arm.label],
+                           markersize=4)
                 plotted.append(summary.assign(quantity=column))
             if log:
                 style.symlog_scale(ax, steps[column])

@@ -22,15 +22,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..schema import REGRET_CSV, REGRET_MD, atomic_write
+from ..schema import REGRET_CSV, REGRET_DETACH, REGRET_MD, REGRET_ORACLE, REGRET_PROPOSED, atomic_write
 from .load import Job, JobError
 from .stats import over_seeds, spearman
 
 COLUMNS = ("calibrator", "eta_scale", "regret_median", "ci_low", "ci_high", "cost_over_detach", "proposed",
            "spearman_vs_meas", "n_seeds", "n_states")
 ROW_COLUMNS = ("eta_scale", "choice", "lambda", "regret", "gain_detach", "lambda_star_meas", "cost_s", "detach_s")
-PROPOSED: frozenset[str] = frozenset()  # calibrator names of mtpdiag's own design, as the regret rows name them
-ORACLE = "lambda*_meas"
+PROPOSED = frozenset(REGRET_PROPOSED)  # mtpdiag's own calibrators, as the regret rows name them
+ORACLE = REGRET_ORACLE
 
 
 def regret_rows(job: Job) -> pd.DataFrame:
@@ -38,7 +38,7 @@ def regret_rows(job: Job) -> pd.DataFrame:
     rows = job.table("regret_steps", columns=ROW_COLUMNS, needed_for="the regret experiment (regret.csv, F7)")
     rows = rows.copy()
     scale = rows.groupby(["seed", "eta_scale"])["gain_detach"].transform(
-        lambda g: g[rows.loc[g.index, "choice"] == "detach"].abs().mean())
+        lambda g: g[rows.loc[g.index, "choice"] == REGRET_DETACH].abs().mean())
     rows["r"] = pd.to_numeric(rows["regret"], errors="coerce") / scale.where(scale > 0)
     return rows
 

@@ -63,6 +63,22 @@ def per_seed(frame: pd.DataFrame, statistic) -> pd.Series:
     return series[np.isfinite(series)]
 
 
+def paired_seeds_needed(sd: float, gap: float, power: float = 0.8, alpha: float = 0.05, most: int = 1000) -> float:
+    """The fewest paired seeds at which a two-sided paired t-test at ``alpha`` detects a
+    true mean difference ``gap`` with probability ``power``, when the per-seed differences
+    have standard deviation ``sd`` (the noncentral t distribution; NaN for a non-finite or
+    non-positive sd or gap, inf past ``most``)."""
+    if not (np.isfinite(sd) and np.isfinite(gap) and sd > 0 and gap > 0):
+        return np.nan
+    for n in range(2, most + 1):
+        df, shift = n - 1, gap / (sd / np.sqrt(n))
+        critical = stats.t.ppf(1 - alpha / 2, df)
+        wrong_side = stats.nct.cdf(-critical, df, shift)  # scipy gives NaN where it underflows far in the tail
+        if stats.nct.sf(critical, df, shift) + np.nan_to_num(wrong_side) >= power:
+            return float(n)
+    return np.inf
+
+
 def spearman(x, y) -> float:
     """Spearman rank correlation of the finite pairs; NaN below 3 pairs or on a constant input."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)

@@ -83,6 +83,14 @@ def arm_colors(arms) -> dict[str, tuple]:
     return colors
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def cycle_markers(n: int) -> list[str]:
+    """``n`` line markers, repeating ``MARKERS`` past its length."""
+    return [MARKERS[i % len(MARKERS)] for i in range(n)]
+
+
 def band(ax, summary: pd.DataFrame, x: str, label: str, color, bounds=(-np.inf, np.inf), **line) -> None:
     """The seed mean as a line and its 95% t-interval as a band (where 2+ seeds
     have a value), cut to the quantity's possible ``bounds`` (v^2 >= 0, |cos| <= 1);

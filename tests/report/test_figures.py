@@ -33,7 +33,25 @@ def test_f1_draws_the_taylor_and_smooth_parabolas_of_the_csv_row():
     np.testing.assert_array_equal(taylor.get_ydata(), quantities.taylor_delta(0.4, 0.1, lam))
     # the curve objective's own c_eval enters the L-smooth expression, not the gradient's c
     np.testing.assert_array_equal(smooth.get_ydata(), quantities.smooth_delta(0.1, 2.0, 3.0, 5.0, 0.5, lam))
-    assert "L 5" in text and "2λ* 4" in text and "R² 0.990" in text
+    assert "L 5" in text and "2λ*_Taylor 4" in text and "R² 0.990" in text
+
+
+def test_f1_shades_where_the_measured_delta_is_below_zero_not_from_the_taylor_2_lambda_star():
+    """The shading used to start at 2 lambda*_Taylor (4 here) while the measured curve was
+    already below 0 from lambda = 1: it now follows the measured points."""
+    fig, axes = style.new_figure(1, 1)
+    lam = np.linspace(-1, 3, 9)
+    points = pd.DataFrame({"lambda": lam, "delta_meas": lam * (1 - lam)})  # below 0 left of 0 and right of 1
+    figures._curve_panel(axes[0, 0], points, pd.Series(ROW), "C0")
+    shaded = [c for c in axes[0, 0].collections if c.get_label() == "measured Δ < 0: worse than detach"]
+    assert len(shaded) == 1
+    x = np.concatenate([path.vertices[:, 0] for path in shaded[0].get_paths()])
+    inside = (x > 0.05) & (x < 0.95)
+    assert x.min() == pytest.approx(-1, abs=0.03) and x.max() == pytest.approx(3, abs=0.03) and not inside.any()
+    no_harm = pd.DataFrame({"lambda": lam, "delta_meas": np.abs(lam)})
+    fig, axes = style.new_figure(1, 1)
+    figures._curve_panel(axes[0, 0], no_harm, pd.Series(ROW), "C0")
+    assert not [c for c in axes[0, 0].collections if c.get_label().startswith("measured Δ < 0")]
 
 
 def test_f1_without_l_or_a_draws_neither_parabola():

@@ -58,3 +58,13 @@ def test_loglog_slope_recovers_the_power_across_series_with_their_own_intercepts
     assert (fit["n_series"], fit["n_points"], fit["n_dropped"]) == (6, 30, 1)
     two = stats.loglog_slope(pd.DataFrame(rows[:10]), "eta", "residual", ETA_SWEEP_SERIES)
     assert two["n_series"] == 2 and two["slope"] == pytest.approx(3.0) and np.isnan(two["low"])  # < 3 series: no CI
+
+
+def test_paired_seeds_needed_matches_the_textbook_one_sample_t_test():
+    from mtpdiag.report.stats import paired_seeds_needed
+
+    assert paired_seeds_needed(1.0, 1.0) == 10  # Cohen's d = 1, two-sided 0.05, 80% power: n = 10
+    assert paired_seeds_needed(1.0, 0.5) == 34  # d = 0.5: n = 34
+    assert paired_seeds_needed(0.004, 0.028) == 3  # d = 7, where scipy's far tail of the wrong side is NaN
+    assert paired_seeds_needed(0.0, 0.1) != paired_seeds_needed(0.0, 0.1)  # NaN: no spread, no estimate
+    assert paired_seeds_needed(1.0, 1e-3, most=50) == float("inf")

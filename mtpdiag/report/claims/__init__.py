@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from ... import regimes
 from ...schema import ACCEPTANCE_MD, CLAIMS_CSV, CLAIMS_MD, FIGURE_FILES, atomic_write
+from . import c6
 from ..data import describe_flags, flagged_runs
 from ..load import Job, JobError
 from ..table import fmt_ci, markdown_table
@@ -139,6 +141,14 @@ def _markdown(job: Job, table: pd.DataFrame, details: dict, skipped: dict[str, s
         columns = ["minibatch", "column", "n", "median", "q25", "q75", "median_abs", "frac_zero"]
         lines += ["", "## The first-mini-batch effect: λ of each reading per mini-batch index (oracle arm)", "",
                   markdown_table(effect[columns].round(4))]
+    power = c6.power_table(job) if any(job.arms_of(regimes.DETACH)) else pd.DataFrame()
+    if len(power):
+        lines += ["", "## Power: paired seeds for a difference in final J_true", "",
+                  f"Per arm against the detach arm of its optimizer: the SD over this job's {len(job.seeds)} seed(s) "
+                  "of the paired final J_true differences, and the paired seeds a two-sided t-test at 0.05 needs to "
+                  f"detect each gap (J_true units; {c6.POWER_GAPS[0]:g} is the paper's OCC gain) with 80% power at "
+                  "that SD. An SD from 3 seeds is itself uncertain: read these as the order of magnitude.", "",
+                  markdown_table(power.round(4))]
     lines += ["", "## Speculative-decoding acceptance (not a claim)", "",
               f"Which regimes keep the MTP heads' draft acceptance and what each costs in J_true: "
               f"[{ACCEPTANCE_MD}]({ACCEPTANCE_MD}), figure {FIGURE_FILES['F8']}."]
