@@ -90,8 +90,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _indices(text: str) -> tuple[int, ...]:
+    return tuple(int(name) for name in _names(text))
+
+
 PARSERS = {"int": int, "float": float, "str": str, "bool": _bool, "int | None": _optional(int),
-           "float | None": _optional(float), "str | None": _optional(str), "tuple[str, ...]": _names}
+           "float | None": _optional(float), "str | None": _optional(str), "tuple[str, ...]": _names,
+           "tuple[int, ...]": _indices}
 # what each flat TrainConfig key's flag does (units, range); the default and the choices are added
 HELP = {
     "task": "the RL task (each has a unique correct completion, so J_true is exact)",
@@ -137,6 +142,7 @@ HELP = {
     "diag_objectives": f"comma-separated curve objectives, of {','.join(CURVE_OBJECTIVES)} (j_batch included)",
     "diag_hvp_mode": "Hessian-vector products: forward-over-reverse or reverse-over-reverse",
     "diag_gg_curvature": "also measure g^T H g (kappa_g: one more Hessian-vector product per objective) (true/false)",
+    "diag_minibatches": "comma-separated mini-batch indices (from 0) measured on a measured step (empty: all)",
     "seed": "seed of the initialisation, SFT and every RL step (same seed: same SFT start)",
     "device": "torch device, e.g. cpu or cuda (may change on --resume)",
     "dtype": "floating-point type of the parameters and all computation",
@@ -145,7 +151,7 @@ HELP = {
 
 
 def _shown(value) -> str:
-    return ",".join(value) if isinstance(value, tuple) else str(value)
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:

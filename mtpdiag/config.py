@@ -60,7 +60,8 @@ DEFAULT_CURVE_OBJECTIVES = CURVE_OBJECTIVES[:2]
 class DiagnosticsConfig:
     """The exact MTP decomposition (Probe) of the trained update inside the trainer:
     on every mini-batch of every ``every``-th RL step (0: off), a curve Delta(lambda)
-    of the real optimizer step per objective in ``objectives``, per parameter block
+    of the real optimizer step per objective in ``objectives`` (on the mini-batches
+    ``minibatches`` lists, by index; empty: every one), per parameter block
     with ``per_block``, g^T H g (kappa_g: one more Hessian-vector product per objective
     and mini-batch) with ``gg_curvature``. The top curvature L (for the L-smooth
     form) costs about ten measurements: ``top_curvature`` takes it on no step,
@@ -72,9 +73,14 @@ class DiagnosticsConfig:
     objectives: tuple[str, ...] = DEFAULT_CURVE_OBJECTIVES
     hvp_mode: str = HVP_MODES[0]
     gg_curvature: bool = False
+    minibatches: tuple[int, ...] = ()  # the mini-batch indices measured on a measured step (empty: all)
 
     def __post_init__(self):
         self.objectives = tuple(self.objectives)  # config.json holds a list
+        self.minibatches = tuple(int(i) for i in self.minibatches)
+        if any(i < 0 for i in self.minibatches) or len(set(self.minibatches)) != len(self.minibatches):
+            raise ValueError(f"diag_minibatches={','.join(map(str, self.minibatches))}: list distinct mini-batch "
+                             "indices from 0 (or none, for every mini-batch)")
         if self.every < 0:
             raise ValueError(f"diag_every={self.every} must be >= 0 (0 turns the diagnostics off)")
         if self.top_curvature not in TOP_CURVATURE_STEPS:
@@ -116,6 +122,7 @@ class DiagnosticsConfig:
             per_block=self.per_block,
             gg_curvature=self.gg_curvature,
             top_curvature_schedule=self.top_curvature_schedule(steps),
+            minibatches=self.minibatches or None,
         )
 
 
@@ -188,6 +195,10 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
         if self.sft_target is not None and not 0 < self.sft_target <= 1:
             raise ValueError(f"sft_target={self.sft_target} is a J_true in (0, 1]; 'none' runs all sft_steps")
+        beyond = [i for i in self.diagnostics.minibatches if i >= self.minibatches]
+        if beyond:
+            raise ValueError(f"diag_minibatches lists {beyond}, but a step has mini-batches 0 to {self.minibatches - 1}: "
+                             "lower the indices or raise --minibatches")
         if self.minibatches > self.prompts_per_step * self.group_size:
             raise ValueError(
                 f"minibatches={self.minibatches} exceeds the {self.prompts_per_step * self.group_size} rollouts per "

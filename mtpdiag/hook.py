@@ -177,7 +177,8 @@ class DiagnosticsHook:
     ``loss(out, batch)``-like function of the mini-batch) is read at the end of the
     trained step. ``top_curvature_schedule`` picks the steps on which the probe's own
     objective also gets its top curvature L (Lanczos: about ten times the cost of a
-    measurement without it). Other keyword options go to
+    measurement without it). ``minibatches`` (indices; None: all) picks the mini-batches of
+    a scheduled step that are measured. Other keyword options go to
     :meth:`~mtpdiag.diagnostics.Probe.measure_update` (``grid``, ``hvp``,
     ``gg_curvature``, ``line_search``, ``top_curvature``, ``L``, ``per_block``, ``crossfit``).
 
@@ -213,6 +214,7 @@ class DiagnosticsHook:
         clip_fraction: Callable | None = None,
         top_curvature_schedule: int | Callable[[int], bool] | None = None,
         probe_options: dict | None = None,
+        minibatches=None,
         **measure_options,
     ):
         if probe is not None and not isinstance(probe, Probe):
@@ -234,6 +236,7 @@ class DiagnosticsHook:
         self.clip_fraction = clip_fraction
         self.top_curvature_schedule = None if top_curvature_schedule is None else _as_schedule(top_curvature_schedule)
         self.probe_options = probe_options or {}
+        self.minibatches = None if minibatches is None else frozenset(int(i) for i in minibatches)
         self.measure_options = measure_options
 
     def on_update(
@@ -244,7 +247,7 @@ class DiagnosticsHook:
         or one per head), if ``step`` is scheduled; returns the records by objective name
         (empty otherwise). ``batch`` is this mini-batch (on several ranks, this rank's rows
         of it); ``batch["group"]``, the prompt-group id of each row, enables cross-fitting."""
-        if not self.schedule(step):
+        if not self.schedule(step) or (self.minibatches is not None and minibatch not in self.minibatches):
             return {}
         if self.probe is None:
             raise ValueError("DiagnosticsHook has no probe: pass DiagnosticsHook(Probe(model, objective, aux_loss), ...)")

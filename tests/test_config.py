@@ -35,7 +35,8 @@ def test_a_config_json_written_before_the_split_reads_into_the_nested_config():
     assert (cfg.regime, cfg.calibrator, cfg.lr, cfg.steps) == ("occ", "oracle", 0.005, 4)
     flat = cfg.to_dict()
     assert {key: flat[key] for key in OLD_CONFIG} == OLD_CONFIG  # every old key, unchanged
-    assert sorted(set(flat) - set(OLD_CONFIG)) == ["diag_gg_curvature", "diag_hvp_mode", "diag_objectives",
+    assert sorted(set(flat) - set(OLD_CONFIG)) == ["diag_gg_curvature", "diag_hvp_mode", "diag_minibatches",
+                                                    "diag_objectives",
                                                     "diag_per_block", "diag_top_curvature", "lambda_placement",
                                                     "threads"]  # fmt: skip
 
@@ -49,7 +50,7 @@ def test_the_flat_dict_round_trips_and_lists_every_field_once():
     assert (flat["d_model"], flat["n_mtp"], flat["diag_every"], flat["diag_per_block"]) == (64, 2, 5, False)
     assert TrainConfig.from_dict(flat) == cfg
     assert {f.name: f.default for f in flat_fields()} == TrainConfig.from_dict({}).to_dict() | {
-        "diag_objectives": ("j_batch", "j_true")
+        "diag_objectives": ("j_batch", "j_true"), "diag_minibatches": ()
     }
 
 
@@ -174,3 +175,17 @@ def test_the_diagnostics_hook_is_built_from_every_diagnostics_option(tiny, tmp_p
     assert hook.probe.hvp_mode == "rev_rev" and not hook.probe.aux_sign_dependent  # lambda times the objective
     assert [s for s in range(10) if hook.top_curvature_schedule(s)] == [3, 6, 9]
     assert chosen.objectives == ("j_batch", "j_unclipped")  # config.json's list reads back as the tuple
+
+
+def test_diag_minibatches_picks_the_measured_mini_batches_and_rejects_indices_past_the_step(tiny, tmp_path):
+    cfg = tiny(regime="policy", lam=0.5, dtype="float64", minibatches=4, diag_every=1, diag_minibatches=[1, 3])
+    assert cfg.diagnostics.minibatches == (1, 3)  # config.json's list reads back as the tuple
+    model, losses = build_model(cfg, build_task(cfg)), regimes.get("policy").losses(cfg)
+    hook = cfg.diagnostics.hook(steps=2, out=tmp_path, model=model, losses=losses)
+    batch = {"input_ids": torch.zeros(1, 1, dtype=torch.long)}  # never read: these mini-batches are skipped
+    assert hook.on_update(1, 0, batch, None, 0.5) == {} and hook.on_update(1, 2, batch, None, 0.5) == {}
+    assert DiagnosticsConfig(every=1).hook(steps=2, out=tmp_path, model=model, losses=losses).minibatches is None
+    with pytest.raises(ValueError, match="mini-batches 0 to 3"):
+        tiny(minibatches=4, diag_every=1, diag_minibatches=[4])
+    with pytest.raises(ValueError, match="distinct mini-batch indices"):
+        DiagnosticsConfig(every=1, minibatches=(1, 1))

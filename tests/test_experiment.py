@@ -15,17 +15,18 @@ ARMS = (Arm.of("detach"), Arm.of("policy", 0.5))
 
 
 def test_the_default_arms_keep_their_labels_and_configs():
-    assert [a.label for a in DEFAULT_ARMS] == ["detach", "ce-0.1", "ce-0.5", "policy-0.1", "policy-0.5", "policy-1.0",
+    assert [a.label for a in DEFAULT_ARMS] == ["detach", "ce-0.5", "policy-0.1", "policy-0.5", "policy-1.0",
                                                "occ-paper", "occ-reference", "oracle", "amortised-taylor", "detach@adamw",
                                                "occ-paper@adamw"]  # fmt: skip
-    assert DEFAULT_ARMS[4] == Arm("policy-0.5", "policy", 0.5, diagnostics=False)
-    assert DEFAULT_ARMS[8] == Arm("oracle", "occ", None, "oracle")
-    assert [a.label for a in DEFAULT_ARMS if a.diagnostics] == ["ce-0.5", "occ-paper", "oracle", "occ-paper@adamw"]
+    assert DEFAULT_ARMS[3] == Arm("policy-0.5", "policy", 0.5)
+    assert DEFAULT_ARMS[7] == Arm("oracle", "occ", None, "oracle")
+    assert [a.label for a in DEFAULT_ARMS if a.diagnostics] == ["ce-0.5", "policy-0.5", "occ-paper", "oracle",
+                                                                "occ-paper@adamw"]
     base = PRESETS["default"].base
-    cfg = arm_config(base, DEFAULT_ARMS[8], seed=2)
+    cfg = arm_config(base, DEFAULT_ARMS[7], seed=2)
     assert (cfg.regime, cfg.lam, cfg.calibrator, cfg.seed, cfg.optimizer) == ("occ", None, "oracle", 2, "sgd")
     assert cfg.with_values(regime="detach", calibrator=None, seed=0) == base
-    adamw = arm_config(base, DEFAULT_ARMS[11], seed=0)
+    adamw = arm_config(base, DEFAULT_ARMS[10], seed=0)
     assert (adamw.optimizer, adamw.lr, adamw.calibrator) == ("adamw", experiment.ADAMW_LR, "occ-paper")
     preset = PRESETS["quick"]
     assert Preset.from_dict(preset.to_dict()) == preset  # job.json round-trips, arms included
@@ -45,8 +46,8 @@ def test_the_acceptance_arms_train_without_the_probe_and_the_eta_sweep_skips_the
     for arm in ACCEPTANCE_ARMS:
         assert not arm.diagnostics and arm_config(base, arm, seed=1).diagnostics.every == 0
         assert arm in PRESETS["default"].arms and arm in PRESETS["quick"].arms
-    assert arm_config(base, DEFAULT_ARMS[4], seed=1).diagnostics.every == base.diagnostics.every
-    only_detached = replace(PRESETS["quick"], arms=(Arm.of("detach"), *ACCEPTANCE_ARMS))
+    assert arm_config(base, DEFAULT_ARMS[3], seed=1).diagnostics.every == base.diagnostics.every
+    only_detached = replace(PRESETS["quick"], arms=(Arm.of("detach"), Arm.of("policy", 0.5, optimizer="adamw")))
     with pytest.raises(ValueError, match="the eta sweep needs an SGD arm"):
         eta_sweep_arm(only_detached)
 
