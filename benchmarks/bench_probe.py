@@ -232,15 +232,24 @@ def peak_memory(size: str, what: str, batch_size: int, mode: str, device) -> tup
     return peak, peak - before
 
 
+def peak_rss() -> int:
+    """This process's peak resident set in bytes: Linux's VmHWM, which starts afresh at exec
+    (``ru_maxrss`` does not: it keeps the forking parent's peak), else ``ru_maxrss`` (KiB)."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def peak_child(what: str, size: str, batch_size: int, mode: str) -> None:
-    """In the child: build, run ``what`` once, print the peak resident set before and after in
-    bytes (Linux: ru_maxrss in KiB)."""
+    """In the child: build, run ``what`` once, print the peak resident set before and after in bytes."""
     torch.set_num_threads(1)
     model, batch, optimizer = build(size, batch_size, torch.device("cpu"))
     fn = train_step_of(model, batch, optimizer) if what == "train" else measure_of(model, batch, mode)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = peak_rss()
     fn()
-    print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    print(before, peak_rss())
 
 
 def bench_size(size: str, args, device) -> dict:
