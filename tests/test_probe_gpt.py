@@ -426,3 +426,20 @@ def test_auto_hvp_mode_without_forward_mode_runs_rev_rev_and_says_why():
     assert record.hvp_time_fwd_rev_s is None and record.hvp_time_rev_rev_s > 0
     reference = Probe(SquareNet(OldStyleSquare), square_objective, square_aux, hvp_mode="rev_rev").measure(batch, 0.1, line_search=False)
     assert record.h_mm == reference.h_mm and record.h_gm == reference.h_gm
+
+
+def test_nested_forward_mode_is_wrong_on_the_gpt_and_the_probes_h_mm_is_not():
+    """Why no HVP path uses jvp of jvp: on this GPT under torch 2.13 it gives a wrong m^T H m
+    (docs/theory.md s.7); the Probe's h_mm, in both modes, is the materialised Hessian's."""
+    model = tiny_gpt("parallel")
+    batch = rl_batch(model)
+    g, m = reference_gradients(model, batch)
+    read = [n for n in g if (g[n] != 0).any()]
+    J, x0 = flat_objective(model, read, batch)
+    m_flat = torch.cat([(m[n] if n in m else torch.zeros_like(g[n])).reshape(-1) for n in read])
+    exact = (m_flat @ materialised_hessian(J, x0) @ m_flat).item()
+    nested = torch.func.jvp(lambda x: torch.func.jvp(J, (x,), (m_flat,))[1], (x0,), (m_flat,))[1].item()
+    assert abs(nested - exact) > 1e-3 * abs(exact), "torch fixed nested forward mode: docs/theory.md s.7's caveat can go"
+    for mode in ("fwd_rev", "rev_rev"):
+        record = Probe(model, losses.rl_objective, losses.mtp_policy_loss, hvp_mode=mode).measure(batch, 0.1, line_search=False)
+        assert record.h_mm == pytest.approx(exact, rel=1e-8), mode

@@ -264,6 +264,12 @@ def _sub(tree: Params, names: Iterable[str]) -> Params:
     return {n: tree[n] for n in names}
 
 
+def _along(g: Params, shared: Sequence[str], params: Params) -> Params:
+    """g on S and 0 elsewhere, keyed like ``params``: the direction of h_gg."""
+    chosen = set(shared)
+    return {n: g[n] if n in chosen else torch.zeros_like(t) for n, t in params.items()}
+
+
 def _trained_weights(lambdas) -> torch.Tensor | None:
     """The trained lambda (a scalar or one per head) as a 1-D float64 tensor."""
     if lambdas is None:
@@ -568,7 +574,7 @@ class Probe:
             for name, (loss, b) in specs.items()
         } if options.hvp else {}
 
-        grads, own_value, own_Hm = self._gradients(batch, params, rest, trained, options, hessians.get(own))
+        grads, own_value, own_Hm, own_Hg = self._gradients(batch, params, rest, shared, trained, options, hessians.get(own))
         g, m = grads.g, grads.m
         step = _Step(Replay(optimizer, dict(self.model.named_parameters())), grads, moved, trained)
         precond = self._precond(optimizer, m, shared, theta, step)
@@ -605,10 +611,14 @@ class Probe:
         for name, (loss, b) in specs.items():
             ebatch = batch if b is None else b
             hessian = hessians.get(name)
+            Hg = None
             if name == own:
-                e, value, Hm = g, own_value, own_Hm
+                e, value, Hm, Hg = g, own_value, own_Hm, own_Hg
             elif hessian is not None:
-                Hm = hessian(m)
+                if options.gg_curvature:
+                    Hm, Hg = hessian.products([m, _along(g, shared, params)])
+                else:
+                    Hm = hessian(m)
                 e, value = hessian.grad, hessian.value
             else:
                 (value,), (e,) = values_and_gradients(fm, [loss], ebatch, params, rest)
@@ -622,9 +632,8 @@ class Probe:
                 measured["h_gm"] = tree_dot(g, Hm).item()
                 extra["h_gm_jonly"] = measured["h_gm"] - tree_dot(g_S, _sub(Hm, shared)).item()
                 measured["h_mm"] = tree_dot(m_S, _sub(Hm, shared)).item()
-                if options.gg_curvature:
-                    along_g = {n: g[n] if n in g_S else torch.zeros_like(t) for n, t in params.items()}
-                    measured["h_gg"] = tree_dot(g_S, _sub(hessian(along_g), shared)).item()
+                if Hg is not None:
+                    measured["h_gg"] = tree_dot(g_S, _sub(Hg, shared)).item()
                 if precond is not None:
                     Q, Qm, u0 = precond
                     HQm = hessian(Qm)
@@ -696,10 +705,12 @@ class Probe:
         summed = summed.tolist()
         self.hvp_timings = {mode: None if timings[mode] is None else float(t) for mode, t in zip(timings, summed)}
 
-    def _gradients(self, batch, params, rest, trained, options, own_hessian):
-        """(g and the aux gradients, the objective's value, H m of the objective or None):
+    def _gradients(self, batch, params, rest, shared, trained, options, own_hessian):
+        """(g and the aux gradients, the objective's value, H m and H g_S of the objective or None):
         one forward for the aux gradients, and g and the value from the objective's own
-        Hessian with its first product H m where that is measured (else from the same forward)."""
+        Hessian with its first product H m where that is measured (else from the same forward).
+        With ``gg_curvature`` H m and H g_S are one batched pass (:meth:`HessianAt.products`);
+        forward over reverse needs g before it, so g then comes from the aux gradients' forward."""
         fm = self.functional
         varied = trained is not None and trained.numel() > 1 and not bool((trained == trained[0]).all())
         below_zero = (options.line_search and (options.grid is None or options.grid[0] < 0)) or (
@@ -710,20 +721,28 @@ class Probe:
             aux_losses["aux_minus"] = partial(self.aux_loss, head_weights=-1.0)
         if varied:
             aux_losses["aux_trained"] = partial(self.aux_loss, head_weights=trained)
-        losses = list(aux_losses.values()) if own_hessian is not None else [self.objective, *aux_losses.values()]
+        batched = own_hessian is not None and options.gg_curvature
+        g_first = own_hessian is None or (batched and own_hessian.mode == "fwd_rev")
+        losses = [self.objective, *aux_losses.values()] if g_first else list(aux_losses.values())
         values, found = values_and_gradients(fm, losses, batch, params, rest)
-        if own_hessian is None:
+        if g_first:
             value, g = values[0], found[0]
             found = found[1:]
         aux = dict(zip(aux_losses, found))
         for key, grad in aux.items():
             check_finite(grad, "aux_loss", aux_losses[key])
-        Hm = None
-        if own_hessian is not None:
-            Hm = own_hessian({n: -t for n, t in aux["aux"].items()})  # forward over reverse yields g and the value too
+        Hm = Hg = None
+        m = {n: -t for n, t in aux["aux"].items()}
+        if batched:
+            if not g_first:  # reverse over reverse: g and the value from the graph both products use
+                g, value = own_hessian.grad, own_hessian.value
+            check_finite(g, "objective", self.objective)
+            Hm, Hg = own_hessian.products([m, _along(g, shared, params)])
+        elif own_hessian is not None:
+            Hm = own_hessian(m)  # forward over reverse yields g and the value too
             g, value = own_hessian.grad, own_hessian.value
         check_finite(g, "objective", self.objective)
-        return _Gradients(g, aux["aux"], aux.get("aux_minus"), aux.get("aux_trained")), value, Hm
+        return _Gradients(g, aux["aux"], aux.get("aux_minus"), aux.get("aux_trained")), value, Hm, Hg
 
     def _precond(self, optimizer, m, shared, theta, step: _Step):
         """(Q, Q m, u0) of an Adam step (docs/theory.md s.6), None for another optimizer."""
