@@ -203,7 +203,15 @@ class HessianAt:
         # plain autograd, not torch.func: it also differentiates old-style autograd.Functions
         leaves = {k: t.detach().requires_grad_() for k, t in self.params.items()}
         with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
-            value = self.f(leaves)
+            self.adopt(leaves, self.f(leaves))
+
+    def adopt(self, leaves: Params, value: torch.Tensor) -> None:
+        """For ``rev_rev``: take ``value`` = f(``leaves``), computed by the caller on a forward it
+        shares (leaves: detached copies of ``params`` that require grad), as the point's value
+        and build the gradient's graph from it, instead of running f's forward again."""
+        if self.mode != "rev_rev":
+            raise ValueError(f"adopt builds the graph of rev_rev products; this HessianAt runs {self.mode}")
+        with torch.enable_grad():
             if value.requires_grad:
                 grads = torch.autograd.grad(
                     value, list(leaves.values()), create_graph=True, allow_unused=True, materialize_grads=True

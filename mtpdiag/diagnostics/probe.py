@@ -708,7 +708,8 @@ class Probe:
     def _gradients(self, batch, params, rest, shared, trained, options, own_hessian):
         """(g and the aux gradients, the objective's value, H m and H g_S of the objective or None):
         one forward for the aux gradients, and g and the value from the objective's own
-        Hessian with its first product H m where that is measured (else from the same forward).
+        Hessian with its first product H m where that is measured (else from the same forward;
+        reverse over reverse builds the objective's first-order graph on that forward too).
         With ``gg_curvature`` H m and H g_S are one batched pass (:meth:`HessianAt.products`);
         forward over reverse needs g before it, so g then comes from the aux gradients' forward."""
         fm = self.functional
@@ -724,7 +725,13 @@ class Probe:
         batched = own_hessian is not None and options.gg_curvature
         g_first = own_hessian is None or (batched and own_hessian.mode == "fwd_rev")
         losses = [self.objective, *aux_losses.values()] if g_first else list(aux_losses.values())
-        values, found = values_and_gradients(fm, losses, batch, params, rest)
+        then = None
+        if own_hessian is not None and own_hessian.mode == "rev_rev":  # its first-order graph from the same forward
+
+            def then(leaves, outputs):
+                own_hessian.adopt(leaves, checked_value(self.objective, outputs, batch))
+
+        values, found = values_and_gradients(fm, losses, batch, params, rest, then=then)
         if g_first:
             value, g = values[0], found[0]
             found = found[1:]
