@@ -176,7 +176,7 @@ def test_an_interrupt_inside_the_hvp_interrupts_and_never_falls_back():
 
 @pytest.mark.parametrize("mode", HVP_MODES)
 def test_batched_products_match_the_materialised_hessian_column_for_column(mode):
-    """``products`` (vmap over forward-mode tangents, or one batched double backward) is H v
+    """``products`` (vmap over forward-mode tangents, or one double backward each) is H v
     for each direction, also for a parameter f does not read (a zero row of H)."""
     f, params, H = small_problem()
     unused = {**params, "unused": torch.ones(2, dtype=torch.float64)}

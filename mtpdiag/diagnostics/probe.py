@@ -710,8 +710,9 @@ class Probe:
         one forward for the aux gradients, and g and the value from the objective's own
         Hessian with its first product H m where that is measured (else from the same forward;
         reverse over reverse builds the objective's first-order graph on that forward too).
-        With ``gg_curvature`` H m and H g_S are one batched pass (:meth:`HessianAt.products`);
-        forward over reverse needs g before it, so g then comes from the aux gradients' forward."""
+        With ``gg_curvature`` also H g_S: reverse over reverse over the same graph; forward over
+        reverse in a second product, as g comes from the first (batching both tangents would
+        need g from one more backward first, which costs what the batching saves)."""
         fm = self.functional
         varied = trained is not None and trained.numel() > 1 and not bool((trained == trained[0]).all())
         below_zero = (options.line_search and (options.grid is None or options.grid[0] < 0)) or (
@@ -722,9 +723,7 @@ class Probe:
             aux_losses["aux_minus"] = partial(self.aux_loss, head_weights=-1.0)
         if varied:
             aux_losses["aux_trained"] = partial(self.aux_loss, head_weights=trained)
-        batched = own_hessian is not None and options.gg_curvature
-        g_first = own_hessian is None or (batched and own_hessian.mode == "fwd_rev")
-        losses = [self.objective, *aux_losses.values()] if g_first else list(aux_losses.values())
+        losses = list(aux_losses.values()) if own_hessian is not None else [self.objective, *aux_losses.values()]
         then = None
         if own_hessian is not None and own_hessian.mode == "rev_rev":  # its first-order graph from the same forward
 
@@ -732,23 +731,19 @@ class Probe:
                 own_hessian.adopt(leaves, checked_value(self.objective, outputs, batch))
 
         values, found = values_and_gradients(fm, losses, batch, params, rest, then=then)
-        if g_first:
+        if own_hessian is None:
             value, g = values[0], found[0]
             found = found[1:]
         aux = dict(zip(aux_losses, found))
         for key, grad in aux.items():
             check_finite(grad, "aux_loss", aux_losses[key])
         Hm = Hg = None
-        m = {n: -t for n, t in aux["aux"].items()}
-        if batched:
-            if not g_first:  # reverse over reverse: g and the value from the graph both products use
-                g, value = own_hessian.grad, own_hessian.value
-            check_finite(g, "objective", self.objective)
-            Hm, Hg = own_hessian.products([m, _along(g, shared, params)])
-        elif own_hessian is not None:
-            Hm = own_hessian(m)  # forward over reverse yields g and the value too
+        if own_hessian is not None:
+            Hm = own_hessian({n: -t for n, t in aux["aux"].items()})  # forward over reverse yields g and the value too
             g, value = own_hessian.grad, own_hessian.value
         check_finite(g, "objective", self.objective)
+        if own_hessian is not None and options.gg_curvature:
+            Hg = own_hessian(_along(g, shared, params))
         return _Gradients(g, aux["aux"], aux.get("aux_minus"), aux.get("aux_trained")), value, Hm, Hg
 
     def _precond(self, optimizer, m, shared, theta, step: _Step):
