@@ -19,7 +19,7 @@ import warnings
 from . import __version__, regimes
 from .calibrators import CALIBRATORS
 from .config import CURVE_OBJECTIVES, DTYPES, OPTIMIZERS, TOP_CURVATURE_STEPS, TrainConfig, flat_fields
-from .diagnostics import HVP_MODES
+from .diagnostics import PROBE_HVP_MODES
 from .distributed import is_main_process
 from .experiment import PRESETS, micro, run_job
 from .losses import NonFiniteLossError
@@ -49,7 +49,7 @@ def choices() -> dict:
         "attention": ATTENTION_IMPLS,
         "calibrator": [*sorted(CALIBRATORS), None],
         "diag_top_curvature": TOP_CURVATURE_STEPS,
-        "diag_hvp_mode": HVP_MODES,
+        "diag_hvp_mode": PROBE_HVP_MODES,
     }
 
 
@@ -140,7 +140,7 @@ HELP = {
     "diag_per_block": "also measure c and v^2 per parameter block (true/false)",
     "diag_top_curvature": "measured steps that also get the top curvature L (Lanczos, ~10 HVPs)",
     "diag_objectives": f"comma-separated curve objectives, of {','.join(CURVE_OBJECTIVES)} (j_batch included)",
-    "diag_hvp_mode": "Hessian-vector products: forward-over-reverse or reverse-over-reverse",
+    "diag_hvp_mode": "Hessian-vector products: forward-over-reverse, reverse-over-reverse, or auto (the faster, timed once)",
     "diag_gg_curvature": "also measure g^T H g (kappa_g: one more Hessian-vector product per objective) (true/false)",
     "diag_minibatches": "comma-separated mini-batch indices (from 0) measured on a measured step (empty: all)",
     "seed": "seed of the initialisation, SFT and every RL step (same seed: same SFT start)",

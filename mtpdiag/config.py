@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from . import regimes
-from .diagnostics import HVP_MODES, Probe, default_forward
+from .diagnostics import HVP_MODES, PROBE_HVP_MODES, Probe, default_forward
 from .distributed import is_main_process
 from .evaluation import j_true_batch
 from .hook import CSVSink, DiagnosticsHook, MemorySink, every
@@ -85,8 +85,8 @@ class DiagnosticsConfig:
             raise ValueError(f"diag_every={self.every} must be >= 0 (0 turns the diagnostics off)")
         if self.top_curvature not in TOP_CURVATURE_STEPS:
             raise ValueError(f"diag_top_curvature={self.top_curvature!r}: choose one of {list(TOP_CURVATURE_STEPS)}")
-        if self.hvp_mode not in HVP_MODES:
-            raise ValueError(f"diag_hvp_mode={self.hvp_mode!r}: choose one of {list(HVP_MODES)}")
+        if self.hvp_mode not in PROBE_HVP_MODES:
+            raise ValueError(f"diag_hvp_mode={self.hvp_mode!r}: choose one of {list(PROBE_HVP_MODES)}")
         unknown = sorted(set(self.objectives) - set(CURVE_OBJECTIVES))
         if unknown or len(set(self.objectives)) != len(self.objectives) or CURVE_OBJECTIVES[0] not in self.objectives:
             raise ValueError(

@@ -81,7 +81,7 @@ def test_with_values_routes_each_flat_key_to_its_home_and_leaves_the_original_al
         ({"regime": "occ", "calibrator": "occ-paper", "lam": 0.5}, "drop --lam"),
         ({"diag_every": -1}, "diag_every=-1 must be >= 0"),
         ({"diag_top_curvature": "last"}, r"diag_top_curvature='last': choose one of \['none', 'first_last', 'all'\]"),
-        ({"diag_hvp_mode": "fwd_fwd"}, r"diag_hvp_mode='fwd_fwd': choose one of \['fwd_rev', 'rev_rev'\]"),
+        ({"diag_hvp_mode": "fwd_fwd"}, r"diag_hvp_mode='fwd_fwd': choose one of \['fwd_rev', 'rev_rev', 'auto'\]"),
         ({"diag_objectives": ("j_true",)}, "j_batch included"),
         ({"diag_objectives": ("j_batch", "loss")}, r"diag_objectives=j_batch,loss: list each of \['j_batch', 'j_true', 'j_unclipped'\]"),
         ({"n_head": 3}, "d_model=32 must be divisible by n_head=3"),

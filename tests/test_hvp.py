@@ -172,3 +172,39 @@ def test_an_interrupt_inside_the_hvp_interrupts_and_never_falls_back():
 
     with pytest.raises(RuntimeError, match="a bug that mentions jvp"):  # raised as it is, no silent switch
         HessianAt(broken, params, "fwd_rev")({"x": torch.ones(2, dtype=torch.float64)})
+
+
+@pytest.mark.parametrize("mode", HVP_MODES)
+def test_batched_products_match_the_materialised_hessian_column_for_column(mode):
+    """``products`` (vmap over forward-mode tangents, or one double backward each) is H v
+    for each direction, also for a parameter f does not read (a zero row of H)."""
+    f, params, H = small_problem()
+    unused = {**params, "unused": torch.ones(2, dtype=torch.float64)}
+    generator = torch.Generator().manual_seed(4)
+    vectors = [torch.randn(H.shape[0] + 2, generator=generator, dtype=torch.float64) for _ in range(3)]
+    hessian = HessianAt(f, unused, mode)
+    products = hessian.products([unflatten(v, unused) for v in vectors])
+    assert hessian.n_products == 3 and (hessian.mode, hessian.fallback) == (mode, None)
+    for v, product in zip(vectors, products):
+        assert list(product) == list(unused)
+        expected = torch.cat([H @ v[: H.shape[0]], torch.zeros(2, dtype=torch.float64)])
+        torch.testing.assert_close(flatten(product), expected, rtol=1e-10, atol=1e-12)
+    leaves = {k: t.clone().requires_grad_() for k, t in params.items()}
+    expected = torch.autograd.grad(f(leaves), list(leaves.values()))
+    torch.testing.assert_close(flatten({k: hessian.grad[k] for k in params}), torch.cat([g.reshape(-1) for g in expected]),
+                               rtol=1e-12, atol=0)
+    assert hessian.value.item() == pytest.approx(f(params).item(), rel=1e-14)
+
+
+def test_batched_products_without_forward_mode_switch_to_rev_rev_with_the_reason():
+    params = {"x": torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64)}
+
+    def f(p):
+        return NoForwardMode.apply(p["x"]).pow(2).sum()  # x^4: H = diag(12 x^2)
+
+    hessian = HessianAt(f, params, "fwd_rev")
+    ones, basis = torch.ones(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64)[1]
+    along_ones, along_basis = hessian.products([{"x": ones}, {"x": basis}])
+    torch.testing.assert_close(along_ones["x"], 12 * params["x"] ** 2, rtol=1e-14, atol=0)
+    torch.testing.assert_close(along_basis["x"], 12 * params["x"] ** 2 * basis, rtol=1e-14, atol=0)
+    assert hessian.mode == "rev_rev" and "jvp" in hessian.fallback and hessian.n_products == 2

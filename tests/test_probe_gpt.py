@@ -1,5 +1,6 @@
 """Probe on a tiny GPT with MTP heads, against independently computed references (float64)."""
 import copy
+import time
 
 import numpy as np
 import pytest
@@ -379,3 +380,66 @@ def test_bad_inputs_get_messages_that_name_the_fix():
     other = tiny_gpt("parallel")
     with pytest.raises(ValueError, match="that model's optimizer"):
         probe.measure_update(batch, torch.optim.SGD(other.parameters(), lr=0.1), 1.0)
+
+
+def test_auto_hvp_mode_times_both_once_picks_the_faster_and_gives_that_modes_numbers(monkeypatch):
+    """hvp_mode="auto" equals the mode it chose bit for bit, and that mode the materialised Hessian."""
+    from mtpdiag.diagnostics import probe as probe_module
+
+    model = tiny_gpt("parallel")
+    batch = rl_batch(model)
+    for slow, fast in (("rev_rev", "fwd_rev"), ("fwd_rev", "rev_rev")):
+
+        class Slowed(HessianAt):
+            def __call__(self, direction):
+                if self.mode == slow:
+                    time.sleep(0.3)
+                return super().__call__(direction)
+
+        monkeypatch.setattr(probe_module, "HessianAt", Slowed)
+        auto = Probe(model, losses.rl_objective, losses.mtp_policy_loss, hvp_mode="auto")
+        record = auto.measure(batch, 0.1, line_search=False)
+        assert record.hvp_mode == fast and auto.hvp_mode == "auto" and record.hvp_fallback is None
+        assert record.hvp_time_fwd_rev_s == auto.hvp_timings["fwd_rev"] and record.hvp_time_rev_rev_s == auto.hvp_timings["rev_rev"]
+        assert auto.hvp_timings[slow] > 0.3 > auto.hvp_timings[fast] > 0
+        timings = dict(auto.hvp_timings)
+        again = auto.measure(batch, 0.1, line_search=False)
+        assert auto.hvp_timings == timings and again.hvp_mode == fast, "timed once, on the first batch"
+        monkeypatch.undo()
+        chosen = Probe(model, losses.rl_objective, losses.mtp_policy_loss, hvp_mode=fast).measure(batch, 0.1, line_search=False)
+        assert chosen.hvp_time_fwd_rev_s is None and chosen.hvp_time_rev_rev_s is None
+        for key in ("c", "v2", "h_gm", "h_mm", "h_gg", "lambda_star_taylor"):
+            assert getattr(record, key) == getattr(chosen, key), key
+
+    g, m = reference_gradients(model, batch)
+    read = [n for n in g if (g[n] != 0).any()]
+    J, x0 = flat_objective(model, read, batch)
+    m_flat = torch.cat([(m[n] if n in m else torch.zeros_like(g[n])).reshape(-1) for n in read])
+    assert record.h_mm == pytest.approx((m_flat @ materialised_hessian(J, x0) @ m_flat).item(), rel=1e-8)
+
+
+def test_auto_hvp_mode_without_forward_mode_runs_rev_rev_and_says_why():
+    batch = {"input_ids": torch.randn(6, 3, dtype=torch.float64)}
+    auto = Probe(SquareNet(OldStyleSquare), square_objective, square_aux, hvp_mode="auto")
+    record = auto.measure(batch, 0.1, line_search=False)
+    assert record.hvp_mode == "rev_rev" and "jvp" in record.hvp_fallback
+    assert record.hvp_time_fwd_rev_s is None and record.hvp_time_rev_rev_s > 0
+    reference = Probe(SquareNet(OldStyleSquare), square_objective, square_aux, hvp_mode="rev_rev").measure(batch, 0.1, line_search=False)
+    assert record.h_mm == reference.h_mm and record.h_gm == reference.h_gm
+
+
+def test_nested_forward_mode_is_wrong_on_the_gpt_and_the_probes_h_mm_is_not():
+    """Why no HVP path uses jvp of jvp: on this GPT under torch 2.13 it gives a wrong m^T H m
+    (docs/theory.md s.7); the Probe's h_mm, in both modes, is the materialised Hessian's."""
+    model = tiny_gpt("parallel")
+    batch = rl_batch(model)
+    g, m = reference_gradients(model, batch)
+    read = [n for n in g if (g[n] != 0).any()]
+    J, x0 = flat_objective(model, read, batch)
+    m_flat = torch.cat([(m[n] if n in m else torch.zeros_like(g[n])).reshape(-1) for n in read])
+    exact = (m_flat @ materialised_hessian(J, x0) @ m_flat).item()
+    nested = torch.func.jvp(lambda x: torch.func.jvp(J, (x,), (m_flat,))[1], (x0,), (m_flat,))[1].item()
+    assert abs(nested - exact) > 1e-3 * abs(exact), "torch fixed nested forward mode: docs/theory.md s.7's caveat can go"
+    for mode in ("fwd_rev", "rev_rev"):
+        record = Probe(model, losses.rl_objective, losses.mtp_policy_loss, hvp_mode=mode).measure(batch, 0.1, line_search=False)
+        assert record.h_mm == pytest.approx(exact, rel=1e-8), mode

@@ -18,10 +18,10 @@
 from .curves import GRID_MULTIPLIERS, Curve, Fit, Replay
 from .functional import FunctionalModel, default_forward, find_shared, isolated, values_and_gradients
 from .hvp import HVP_MODES, HessianAt, HessianOperator, top_curvature, tree_dot
-from .probe import NO_MTP_SIGNAL, NOT_CONCAVE, MeasureOptions, Probe, ProbeRecord, block_of
+from .probe import NO_MTP_SIGNAL, NOT_CONCAVE, PROBE_HVP_MODES, MeasureOptions, Probe, ProbeRecord, block_of
 
 __all__ = [
-    "GRID_MULTIPLIERS", "HVP_MODES", "NOT_CONCAVE", "NO_MTP_SIGNAL", "Curve", "Fit", "FunctionalModel", "HessianAt",
+    "GRID_MULTIPLIERS", "HVP_MODES", "NOT_CONCAVE", "NO_MTP_SIGNAL", "PROBE_HVP_MODES", "Curve", "Fit", "FunctionalModel", "HessianAt",
     "HessianOperator", "MeasureOptions", "Probe", "ProbeRecord", "Replay", "block_of", "default_forward", "find_shared",
     "isolated", "top_curvature", "tree_dot", "values_and_gradients",
 ]

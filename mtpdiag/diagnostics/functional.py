@@ -240,11 +240,14 @@ def function_of(
 
 
 def values_and_gradients(
-    fm: FunctionalModel, losses: Sequence[Loss], batch: dict, params: Params, fixed: Params
+    fm: FunctionalModel, losses: Sequence[Loss], batch: dict, params: Params, fixed: Params,
+    then: Callable[[Params, object], None] | None = None,
 ) -> tuple[list[torch.Tensor], list[Params]]:
     """Values of several losses of the same outputs and their gradients with respect to
     ``params`` (``fixed`` held): one forward, one backward per loss; both summed over
-    ranks. A loss that does not read ``params`` (a detached MTP head) has a zero gradient."""
+    ranks. A loss that does not read ``params`` (a detached MTP head) has a zero gradient.
+    ``then(leaves, outputs)`` runs last on the same forward's graph (kept for it), e.g. to
+    build a Hessian's first-order graph without another forward."""
     leaves = {k: t.detach().requires_grad_() for k, t in params.items()}
     with torch.enable_grad():
         outputs = fm({**fixed, **leaves}, batch)
@@ -255,9 +258,12 @@ def values_and_gradients(
                 grads.append({k: torch.zeros_like(t) for k, t in params.items()})
                 continue
             grad = torch.autograd.grad(
-                value, list(leaves.values()), retain_graph=i < len(values) - 1, allow_unused=True, materialize_grads=True
+                value, list(leaves.values()), retain_graph=then is not None or i < len(values) - 1, allow_unused=True,
+                materialize_grads=True,
             )
             grads.append(dict(zip(leaves, grad)))
+        if then is not None:
+            then(leaves, outputs)
     values = all_reduce_sum(torch.stack([v.detach() for v in values])).unbind()
     return list(values), [all_reduce_tree(grad) for grad in grads]
 

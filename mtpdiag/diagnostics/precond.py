@@ -66,10 +66,11 @@ def frozen_preconditioner(
             if weight_decay and not group["decoupled_weight_decay"]:  # Adam's L2 term joins the gradient
                 d = d + weight_decay * p.detach()
             v_previous = state["exp_avg_sq"] if "exp_avg_sq" in state else torch.zeros_like(d)
-            v = beta2 * v_previous + (1 - beta2) * d * d
+            fresh = (1 - beta2) * d * d  # one tensor in both sums: on a first step new / total is exactly 1
+            v = beta2 * v_previous + fresh
             P = 1 / (v.sqrt() / math.sqrt(1 - beta2**t) + eps)
             scale[name] = lr * (1 - beta1) / (1 - beta1**t) * P
             if name in shared:
-                new += (1 - beta2) * (d * d).sum().item()
+                new += fresh.sum().item()
                 total += v.sum().item()
     return Preconditioner(scale, new / total if total > 0 else None)

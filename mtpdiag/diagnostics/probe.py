@@ -54,6 +54,9 @@ from .functional import (
 from .hvp import HVP_MODES, HessianAt, top_curvature, tree_dot
 from .precond import frozen_preconditioner, unsupported
 
+AUTO = "auto"
+PROBE_HVP_MODES = (*HVP_MODES, AUTO)
+
 NO_MTP_SIGNAL = "no MTP signal on shared parameters"
 NOT_CONCAVE = "direction not concave (h_mm >= 0): no lambda*"
 NO_SMOOTH_OPTIMUM = "L <= 0 (no negative curvature): no lambda*_smooth"
@@ -83,7 +86,10 @@ class ProbeRecord:
     ``adam``); ``lr`` its (first group's) learning rate, the eta of the Taylor
     quantities. ``hvp_mode`` is the Hessian-vector path that ran (``fwd_rev`` or
     ``rev_rev``; None without products); ``hvp_fallback`` is why ``rev_rev`` ran
-    although the Probe was configured for ``fwd_rev`` (the forward-mode error), else None.
+    although the Probe was configured for ``fwd_rev`` or ``auto`` (the forward-mode error),
+    else None. ``hvp_time_fwd_rev_s`` and ``hvp_time_rev_rev_s``: with ``hvp_mode="auto"``,
+    the one-time timings of one HVP in each mode that chose ``hvp_mode`` (None for a mode
+    that could not run, and without ``auto``).
     ``gradient_checkpointing`` is ``"suspended"`` when the model had Hugging Face
     gradient checkpointing on and the measurement ran with it off (restored after), else None.
     ``time_s`` is the time of the whole measurement, every objective included."""
@@ -128,6 +134,8 @@ class ProbeRecord:
     c_crossfit: float | None = None
     cos_crossfit: float | None = None
     hvp_fallback: str | None = None
+    hvp_time_fwd_rev_s: float | None = None
+    hvp_time_rev_rev_s: float | None = None
     gradient_checkpointing: str | None = None
     note: str = ""
     time_s: float = 0.0
@@ -195,6 +203,13 @@ class ProbeRecord:
         return list(self.blocks)
 
 
+def _synchronize(params: Params) -> None:
+    """Wait for the CUDA kernels of ``params``' device, so a wall-clock timing covers them."""
+    some = next(iter(params.values()))
+    if some.is_cuda:
+        torch.cuda.synchronize(some.device)
+
+
 def _float(x) -> float | None:
     return None if x is None else float(x)
 
@@ -247,6 +262,12 @@ def per_block(g: Params, m: Params, Hm: Params | None) -> list[dict]:
 
 def _sub(tree: Params, names: Iterable[str]) -> Params:
     return {n: tree[n] for n in names}
+
+
+def _along(g: Params, shared: Sequence[str], params: Params) -> Params:
+    """g on S and 0 elsewhere, keyed like ``params``: the direction of h_gg."""
+    chosen = set(shared)
+    return {n: g[n] if n in chosen else torch.zeros_like(t) for n, t in params.items()}
 
 
 def _trained_weights(lambdas) -> torch.Tensor | None:
@@ -336,8 +357,12 @@ class Probe:
     aux_loss(lambda) = lambda aux_loss. ``aux_loss`` is also called with
     ``head_weights=`` the trained lambdas where they differ by head.
 
-    ``hvp_mode`` is ``fwd_rev`` (default) or ``rev_rev``; see :mod:`mtpdiag.diagnostics.hvp`.
-    It is the configuration and never changes. When ``fwd_rev`` fails on an
+    ``hvp_mode`` is ``fwd_rev`` (default), ``rev_rev`` (see :mod:`mtpdiag.diagnostics.hvp`)
+    or ``auto``: the first measurement that needs products times one HVP of the objective's
+    Hessian in each mode (each after an untimed call, so fwd_rev's one-time setup is not
+    counted; the times summed over ranks, so every rank picks the same), and this Probe uses
+    the faster from then on (``hvp_timings``; every record carries both times). Both modes
+    are exact; they differ only in rounding. ``hvp_mode`` is the configuration and never changes. When ``fwd_rev`` fails on an
     operation without a forward-mode derivative, the measurement falls back to
     ``rev_rev``, the Probe keeps the reason in ``hvp_fallback`` so later
     measurements go straight to ``rev_rev``, and every such record says so
@@ -365,8 +390,8 @@ class Probe:
         shared_forward: Callable | None = None,
         aux_sign_dependent: bool = False,
     ):
-        if hvp_mode not in HVP_MODES:
-            raise ValueError(f"hvp_mode={hvp_mode!r}: choose one of {HVP_MODES}")
+        if hvp_mode not in PROBE_HVP_MODES:
+            raise ValueError(f"hvp_mode={hvp_mode!r}: choose one of {PROBE_HVP_MODES}")
         if isinstance(shared, str) and shared != "auto":
             raise ValueError(f"shared={shared!r}: pass 'auto', a list of parameter names, or a predicate name -> bool")
         self.model = require_unwrapped(model)
@@ -378,6 +403,7 @@ class Probe:
         self._shared_spec = shared
         self.hvp_mode = hvp_mode
         self.hvp_fallback: str | None = None
+        self.hvp_timings: dict[str, float | None] | None = None  # hvp_mode="auto": seconds of one HVP per mode
         self.shared_names: list[str] | None = None
         self._moved: set[str] | None = None  # what either loss reaches through ``forward``: what the update moves
 
@@ -540,13 +566,15 @@ class Probe:
         params = {n: t for n, t in theta.items() if n in set(moved) | set(shared)}
         rest = {n: t for n, t in theta.items() if n not in params}
         own = next((name for name, (loss, b) in specs.items() if loss is self.objective and b is None), None)
-        mode = "rev_rev" if self.hvp_fallback else self.hvp_mode  # a remembered fallback skips the failing attempt
+        if self.hvp_mode == AUTO and self.hvp_timings is None and (options.hvp or options.top_curvature):
+            self._choose_mode(function_of(fm, self.objective, batch, rest), params)
+        mode = self._mode()
         hessians = {
             name: HessianAt(function_of(fm, loss, batch if b is None else b, rest), params, mode, across_ranks=True)
             for name, (loss, b) in specs.items()
         } if options.hvp else {}
 
-        grads, own_value, own_Hm = self._gradients(batch, params, rest, trained, options, hessians.get(own))
+        grads, own_value, own_Hm, own_Hg = self._gradients(batch, params, rest, shared, trained, options, hessians.get(own))
         g, m = grads.g, grads.m
         step = _Step(Replay(optimizer, dict(self.model.named_parameters())), grads, moved, trained)
         precond = self._precond(optimizer, m, shared, theta, step)
@@ -568,6 +596,8 @@ class Probe:
             "c_crossfit": crossfit[0] if crossfit else None,
             "cos_crossfit": crossfit[1] if crossfit else None,
             "precond_new_share": precond[0].new_share if precond else None,
+            "hvp_time_fwd_rev_s": self.hvp_timings.get("fwd_rev") if self.hvp_timings else None,
+            "hvp_time_rev_rev_s": self.hvp_timings.get("rev_rev") if self.hvp_timings else None,
         }
         notes = []
         if len(lrs) > 1:
@@ -581,10 +611,14 @@ class Probe:
         for name, (loss, b) in specs.items():
             ebatch = batch if b is None else b
             hessian = hessians.get(name)
+            Hg = None
             if name == own:
-                e, value, Hm = g, own_value, own_Hm
+                e, value, Hm, Hg = g, own_value, own_Hm, own_Hg
             elif hessian is not None:
-                Hm = hessian(m)
+                if options.gg_curvature:
+                    Hm, Hg = hessian.products([m, _along(g, shared, params)])
+                else:
+                    Hm = hessian(m)
                 e, value = hessian.grad, hessian.value
             else:
                 (value,), (e,) = values_and_gradients(fm, [loss], ebatch, params, rest)
@@ -598,9 +632,8 @@ class Probe:
                 measured["h_gm"] = tree_dot(g, Hm).item()
                 extra["h_gm_jonly"] = measured["h_gm"] - tree_dot(g_S, _sub(Hm, shared)).item()
                 measured["h_mm"] = tree_dot(m_S, _sub(Hm, shared)).item()
-                if options.gg_curvature:
-                    along_g = {n: g[n] if n in g_S else torch.zeros_like(t) for n, t in params.items()}
-                    measured["h_gg"] = tree_dot(g_S, _sub(hessian(along_g), shared)).item()
+                if Hg is not None:
+                    measured["h_gg"] = tree_dot(g_S, _sub(Hg, shared)).item()
                 if precond is not None:
                     Q, Qm, u0 = precond
                     HQm = hessian(Qm)
@@ -643,10 +676,43 @@ class Probe:
             records[name] = record
         return records
 
-    def _gradients(self, batch, params, rest, trained, options, own_hessian):
-        """(g and the aux gradients, the objective's value, H m of the objective or None):
+    def _mode(self) -> str:
+        """The HVP mode a measurement runs: rev_rev after a remembered fallback (which skips the
+        failing attempt), else the configured one, or for ``auto`` the faster one timed."""
+        if self.hvp_fallback:
+            return "rev_rev"
+        if self.hvp_mode == AUTO:
+            timings = self.hvp_timings or {}
+            return min((mode for mode in HVP_MODES if timings.get(mode) is not None), key=timings.get, default="fwd_rev")
+        return self.hvp_mode
+
+    def _choose_mode(self, f, params: Params) -> None:
+        """``hvp_mode="auto"``: time one product of ``f``'s Hessian in each mode (the second of
+        two calls), summed over ranks; a mode that fell back to rev_rev is not timed."""
+        timings = {}
+        for mode in HVP_MODES:
+            for _ in range(2):
+                hessian = HessianAt(f, params, mode, across_ranks=True)
+                _synchronize(params)
+                started = time.perf_counter()
+                hessian(params)  # the direction's values do not change the cost
+                _synchronize(params)
+                timings[mode] = time.perf_counter() - started
+            if hessian.fallback is not None:
+                self.hvp_fallback, timings[mode] = hessian.fallback, None
+        device = next(iter(params.values())).device  # the collective's device (NCCL reduces CUDA tensors only)
+        summed = all_reduce_sum(torch.tensor([t or 0.0 for t in timings.values()], dtype=torch.float64, device=device))
+        summed = summed.tolist()
+        self.hvp_timings = {mode: None if timings[mode] is None else float(t) for mode, t in zip(timings, summed)}
+
+    def _gradients(self, batch, params, rest, shared, trained, options, own_hessian):
+        """(g and the aux gradients, the objective's value, H m and H g_S of the objective or None):
         one forward for the aux gradients, and g and the value from the objective's own
-        Hessian with its first product H m where that is measured (else from the same forward)."""
+        Hessian with its first product H m where that is measured (else from the same forward;
+        reverse over reverse builds the objective's first-order graph on that forward too).
+        With ``gg_curvature`` also H g_S: reverse over reverse over the same graph; forward over
+        reverse in a second product, as g comes from the first (batching both tangents would
+        need g from one more backward first, which costs what the batching saves)."""
         fm = self.functional
         varied = trained is not None and trained.numel() > 1 and not bool((trained == trained[0]).all())
         below_zero = (options.line_search and (options.grid is None or options.grid[0] < 0)) or (
@@ -658,19 +724,27 @@ class Probe:
         if varied:
             aux_losses["aux_trained"] = partial(self.aux_loss, head_weights=trained)
         losses = list(aux_losses.values()) if own_hessian is not None else [self.objective, *aux_losses.values()]
-        values, found = values_and_gradients(fm, losses, batch, params, rest)
+        then = None
+        if own_hessian is not None and own_hessian.mode == "rev_rev":  # its first-order graph from the same forward
+
+            def then(leaves, outputs):
+                own_hessian.adopt(leaves, checked_value(self.objective, outputs, batch))
+
+        values, found = values_and_gradients(fm, losses, batch, params, rest, then=then)
         if own_hessian is None:
             value, g = values[0], found[0]
             found = found[1:]
         aux = dict(zip(aux_losses, found))
         for key, grad in aux.items():
             check_finite(grad, "aux_loss", aux_losses[key])
-        Hm = None
+        Hm = Hg = None
         if own_hessian is not None:
             Hm = own_hessian({n: -t for n, t in aux["aux"].items()})  # forward over reverse yields g and the value too
             g, value = own_hessian.grad, own_hessian.value
         check_finite(g, "objective", self.objective)
-        return _Gradients(g, aux["aux"], aux.get("aux_minus"), aux.get("aux_trained")), value, Hm
+        if own_hessian is not None and options.gg_curvature:
+            Hg = own_hessian(_along(g, shared, params))
+        return _Gradients(g, aux["aux"], aux.get("aux_minus"), aux.get("aux_trained")), value, Hm, Hg
 
     def _precond(self, optimizer, m, shared, theta, step: _Step):
         """(Q, Q m, u0) of an Adam step (docs/theory.md s.6), None for another optimizer."""

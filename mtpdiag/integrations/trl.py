@@ -68,6 +68,7 @@ from .. import regimes
 from ..calibrators import OCC, CalibrationInputs, Calibrator, WithShadows, make_calibrator
 from ..diagnostics import Probe
 from ..diagnostics.hvp import HVP_MODES
+from ..diagnostics.probe import PROBE_HVP_MODES
 from ..distributed import global_count, is_main_process, world_size
 from ..hook import SUMMARY_FIELDS, CSVSink, DiagnosticsHook, MemorySink, every
 from ..losses import ADVANTAGES, LAMBDA_PLACEMENTS, AlignedLogprobs, aligned_logprobs, head_weight_vector, rl_objective
@@ -123,7 +124,7 @@ class MTPGRPOConfig(GRPOConfig):
     diag_dir: str | None = field(
         default=None, metadata={"help": "where the diagnostics CSVs go (default <output_dir>/mtpdiag)"}
     )
-    diag_hvp_mode: str = field(default=HVP_MODES[0], metadata={"help": f"Hessian-vector products: one of {HVP_MODES}"})
+    diag_hvp_mode: str = field(default=HVP_MODES[0], metadata={"help": f"Hessian-vector products: one of {PROBE_HVP_MODES}"})
     diag_per_block: bool = field(default=False, metadata={"help": "also measure per parameter block"})
     diag_line_search: bool = field(default=True, metadata={"help": "also measure the curve Delta(lambda)"})
 
@@ -163,8 +164,8 @@ class MTPGRPOConfig(GRPOConfig):
                 ) from None
         if self.diag_every < 0:
             raise ValueError(f"diag_every={self.diag_every} must be >= 0 (0 turns the diagnostics off)")
-        if self.diag_hvp_mode not in HVP_MODES:
-            raise ValueError(f"diag_hvp_mode={self.diag_hvp_mode!r}: choose one of {HVP_MODES}")
+        if self.diag_hvp_mode not in PROBE_HVP_MODES:
+            raise ValueError(f"diag_hvp_mode={self.diag_hvp_mode!r}: choose one of {PROBE_HVP_MODES}")
 
 
 # ----------------------------------------------------------------------------- TRL batch -> mtpdiag batch
