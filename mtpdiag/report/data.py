@@ -9,9 +9,8 @@ from .load import Job, JobError
 
 OBJECTIVE = "j_batch"  # the curve of the gradient's own objective (docs/theory.md s.2); "j_true" is the held-out one
 STAR_COLUMNS = ("lambda_star_taylor", "lambda_star_meas")
-# the diagnostics measure every mini-batch's update; the report reads each measured step's first,
-# whose update starts from the step's own parameters
-FIRST_MINIBATCH = 0
+# the diagnostics measure the update of each mini-batch diag_minibatches lists (default: all); the
+# figures read each measured step's first measured one
 # the calibrators the report singles out by name: the paper's OCC reading (claim C6, Table 1) and the oracle,
 # which measures lambda*_Taylor on every mini-batch (the per-mini-batch tables of C5)
 PAPER_CALIBRATOR, ORACLE_CALIBRATOR = "occ-paper", "oracle"
@@ -19,12 +18,14 @@ CALIBRATED_READING_PREFIX = "occ-"  # occ-paper and a shadow shadow_paper are th
 
 
 def first_minibatch(frame: pd.DataFrame) -> pd.DataFrame:
-    """The rows of a diagnostics table that are about each step's first mini-batch."""
-    return frame[frame["minibatch"] == FIRST_MINIBATCH]
+    """The rows of a diagnostics table that are about each step's first measured mini-batch
+    (per run: ``diag_minibatches`` may leave mini-batch 0 out)."""
+    first = frame.groupby(["arm", "seed", "step"])["minibatch"].transform("min")
+    return frame[frame["minibatch"] == first]
 
 
 def diag_steps(job: Job, needed_for: str, columns=(), arms=None, objective: str = OBJECTIVE) -> pd.DataFrame:
-    """The diagnostics rows of one curve objective, on each measured step's first mini-batch."""
+    """The diagnostics rows of one curve objective, on each measured step's first measured mini-batch."""
     steps = first_minibatch(job.table("diag_steps", columns=columns, needed_for=needed_for, arms=arms))
     rows = steps[steps["objective"] == objective]
     if rows.empty:

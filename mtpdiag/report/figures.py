@@ -535,6 +535,10 @@ def regret(job: Job, out_dir) -> list[Path]:
                                                                        strict=True)], fontsize=7)
             ax.axvline(0, color="black", linewidth=0.8)
             ax.set_xscale("symlog", linthresh=0.1)
+            shown = group[["regret_median", "ci_low", "ci_high"]].to_numpy(dtype=float)
+            shown = shown[np.isfinite(shown)]
+            if shown.size:  # symlog's autoscale cuts the largest points at the edge
+                ax.set_xlim(min(shown.min() * 1.5, -0.02), max(shown.max() * 1.5, 0.2))
             ax.set_xlabel("regret (detach-step gains of ΔJ_true)")
             ax.set_title(f"η = {scale:g} × lr", fontsize=9)
         fig.suptitle(textwrap.fill(

@@ -58,7 +58,9 @@ def summary(job: Job) -> pd.DataFrame:
                     "proposed": calibrator in PROPOSED, "spearman_vs_meas": float(np.nanmean(rho)) if np.isfinite(rho).any()
                     else np.nan, "n_seeds": interval.n, "n_states": int(group.groupby("seed").size().median())})
     frame = pd.DataFrame(out, columns=COLUMNS)
-    frame["order"] = frame["calibrator"].map({c: i for i, c in enumerate(order)})
+    # the rows' own order of choices, each OCC reading's mini-batches together (occ-paper[mb0..3])
+    bases = list(dict.fromkeys(name.split("[")[0] for name in order))
+    frame["order"] = frame["calibrator"].map(lambda c: (bases.index(c.split("[")[0]), c))
     return frame.sort_values(["eta_scale", "order"]).drop(columns="order").reset_index(drop=True)
 
 
