@@ -87,10 +87,14 @@ def summary(job: Job) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """(one row per arm that logs acceptance, in job order: ``arm, name, regime, seeds,
     step`` and, each as ``<x>_mean/_low/_high/_n`` over seeds, ``accept`` (final
     accept_tv_1), ``j_true``, ``greedy``, ``entropy``, ``accept_change`` (final minus
-    start), ``accept_vs_detach`` and ``j_true_vs_detach`` (paired per seed), and
+    start), ``accept_vs_detach`` and ``j_true_vs_detach`` (paired per seed with the detach
+    arm of the arm's own optimizer), and
     ``accept_tv_<k>`` for each head; the per-run rows; the arms without acceptance)."""
     runs, missing = final_runs(job)
-    detach = next((a.label for a in job.arms_of(regimes.DETACH) if a.label not in missing), None)
+    detach = {}  # per optimizer: an AdamW arm is paired with the AdamW detach arm
+    for a in job.arms_of(regimes.DETACH):
+        if a.label not in missing:
+            detach.setdefault(getattr(a, "optimizer", None), a.label)
     rows = []
     for arm in job.arms:
         of_arm = runs[runs["arm"] == arm.label]
@@ -105,7 +109,7 @@ def summary(job: Job) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
             row.update(_interval(prefix, of_arm[column] if column in of_arm else []))
         row.update(_interval("accept_change", of_arm[ACCEPT] - of_arm["accept_start"]))
         for prefix, column in (("accept_vs_detach", ACCEPT), ("j_true_vs_detach", "j_true")):
-            mean, low, high, n = _paired(runs, arm.label, detach, column)
+            mean, low, high, n = _paired(runs, arm.label, detach.get(getattr(arm, "optimizer", None)), column)
             row.update({f"{prefix}_mean": mean, f"{prefix}_low": low, f"{prefix}_high": high, f"{prefix}_n": n})
         for column in head_columns(runs):
             row.update(_interval(column, of_arm[column]))

@@ -24,6 +24,18 @@ def first_minibatch(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[frame["minibatch"] == first]
 
 
+def trained_lrs(job: Job, arms=None) -> pd.DataFrame:
+    """Each run's learning rate, from the trainer's own ``lr`` column of metrics.csv (every
+    arm logs it, measured or not), else from its diag_steps.csv: columns ``arm, seed,
+    trained_lr`` (median over steps)."""
+    try:
+        rows = job.table("metrics", columns=("lr",), needed_for="the trained learning rate", arms=arms)
+    except JobError:  # a metrics.csv without lr (written by hand or by an older trainer)
+        rows = job.table("diag_steps", columns=("lr",), needed_for="the trained learning rate", arms=arms)
+    rows = rows.assign(lr=pd.to_numeric(rows["lr"], errors="coerce"))
+    return rows.groupby(["arm", "seed"])["lr"].median().rename("trained_lr").reset_index()
+
+
 def diag_steps(job: Job, needed_for: str, columns=(), arms=None, objective: str = OBJECTIVE) -> pd.DataFrame:
     """The diagnostics rows of one curve objective, on each measured step's first measured mini-batch."""
     steps = first_minibatch(job.table("diag_steps", columns=columns, needed_for=needed_for, arms=arms))

@@ -18,7 +18,8 @@ from ..diagnostics import quantities
 from ..occ_analysis import correlation_ci
 from ..schema import COLLAPSED, ETA_SWEEP, ETA_SWEEP_SERIES, FIGURE_FILES, atomic_write, figure_data_file
 from . import acceptance, stats, style
-from .data import OBJECTIVE, STAR_COLUMNS, checkpoints, diag_steps, first_minibatch, flagged_runs, tracking_frame
+from .data import (OBJECTIVE, STAR_COLUMNS, checkpoints, diag_steps, first_minibatch, flagged_runs, tracking_frame,
+                   trained_lrs)
 from .load import Job, JobError
 from .regret import ORACLE as REGRET_ORACLE, summary as regret_summary
 from .stats import loglog_slope, seed_bands
@@ -291,10 +292,11 @@ def _rank_correlation(paired: pd.DataFrame) -> str:
 
 # ----------------------------------------------------------------------------- F4
 
-def _trained_lr(job: Job) -> float | None:
-    """The learning rate the measured runs trained with (their diag_steps' ``lr``), if one."""
+def _trained_lr(job: Job, sweep: pd.DataFrame) -> float | None:
+    """The learning rate the swept arm trained with (its metrics.csv ``lr``), if one."""
+    swept = [job.arm(label) for label in sweep["arm"].unique() if label in {a.label for a in job.arms}]
     try:
-        lrs = pd.to_numeric(job.table("diag_steps", needed_for="F4's trained η")["lr"], errors="coerce").dropna()
+        lrs = trained_lrs(job, arms=swept)["trained_lr"].dropna() if swept else pd.Series(dtype=float)
     except JobError:
         return None
     return float(lrs.iloc[0]) if lrs.nunique() == 1 else None
@@ -330,7 +332,7 @@ def taylor_residual(job: Job, out_dir) -> list[Path]:
         centre = np.exp(np.log(eta).mean())
         ax.plot(eta, np.exp(fit["intercept"]) * centre ** fit["slope"] * (eta / centre) ** EXPECTED_ETA_SLOPE, "--",
                 color="tab:red", label=f"slope {EXPECTED_ETA_SLOPE} (Taylor remainder O(η³))")
-        trained = _trained_lr(job)
+        trained = _trained_lr(job, sweep)
         if trained is not None:
             ax.axvline(trained, color="0.3", linestyle=":", label=f"trained η = {trained:g}")
         ax.set_xscale("log")
@@ -529,7 +531,9 @@ def regret(job: Job, out_dir) -> list[Path]:
             for yi, row in zip(y, group.itertuples(), strict=True):
                 color = "tab:green" if row.proposed else ("black" if row.calibrator == REGRET_ORACLE else "tab:blue")
                 finite = np.isfinite([row.ci_low, row.ci_high]).all()
-                xerr = [[row.regret_median - row.ci_low], [row.ci_high - row.regret_median]] if finite else None
+                # a regret is >= 0 by construction: the drawn interval stops at 0 (the data file keeps the t-interval)
+                low = max(row.ci_low, 0.0)
+                xerr = [[row.regret_median - low], [row.ci_high - row.regret_median]] if finite else None
                 ax.errorbar(row.regret_median, yi, xerr=xerr, fmt="o", color=color, capsize=2, markersize=4)
             ax.set_yticks(y, [f"{c} ({cost:.2g}×)" for c, cost in zip(group["calibrator"], group["cost_over_detach"],
                                                                        strict=True)], fontsize=7)
@@ -543,7 +547,8 @@ def regret(job: Job, out_dir) -> list[Path]:
             ax.set_title(f"η = {scale:g} × lr", fontsize=9)
         fig.suptitle(textwrap.fill(
             f"F7: regret of each calibrator's λ against λ*_meas on the detach trajectories ({len(job.seeds)} seed(s); "
-            "mean of per-seed medians, 95% t-interval over seeds; label: cost over a detach step)", 110), fontsize=8)
+            "mean of per-seed medians, 95% t-interval over seeds drawn from 0; label: cost over a detach step)", 110),
+            fontsize=8)
         return _finish(fig, out_dir, "F7", frame)
 
 

@@ -3,7 +3,9 @@
 The rows are the SGD detach arm's ``regret_steps.csv`` (:mod:`mtpdiag.regret`): one per
 (seed, step, mini-batch, eta scale, calibrator). A state's regret is put in units of
 the detach step's gain on that seed and eta scale, mean |gain_detach| over the seed's
-states (a per-state ratio explodes where one detach step barely moves J_true):
+states (a per-state ratio explodes where one detach step barely moves J_true). An OCC
+reading's rows are per mini-batch (``occ-paper[mb1]``) and, all together, the calibrator
+on every state (``occ-paper``):
 
     r = (Delta_true(lambda*_meas) - Delta_true(lambda_k)) / mean |gain_detach|.
 
@@ -36,7 +38,11 @@ ORACLE = REGRET_ORACLE
 def regret_rows(job: Job) -> pd.DataFrame:
     """Every regret row of the job, with the normalised regret ``r`` (see the module docstring)."""
     rows = job.table("regret_steps", columns=ROW_COLUMNS, needed_for="the regret experiment (regret.csv, F7)")
-    rows = rows.copy()
+    # an OCC reading's choice on mini-batch j is occ-<reading>[mbj]: together they are the calibrator on every state
+    per_minibatch = rows[rows["choice"].str.contains(r"\[mb\d+\]$", regex=True)]
+    rows = pd.concat([rows, per_minibatch.assign(choice=per_minibatch["choice"].str.replace(r"\[mb\d+\]$", "",
+                                                                                             regex=True))],
+                     ignore_index=True)
     scale = rows.groupby(["seed", "eta_scale"])["gain_detach"].transform(
         lambda g: g[rows.loc[g.index, "choice"] == REGRET_DETACH].abs().mean())
     rows["r"] = pd.to_numeric(rows["regret"], errors="coerce") / scale.where(scale > 0)
@@ -74,6 +80,31 @@ def write_regret(job: Job, out_dir) -> list[Path]:
     return [csv, md]
 
 
+# issue 16's goals for a proposed calibrator, against the OCC paper reading on every state
+GOAL_RHO, GOAL_REGRET_SHARE, GOAL_COST = 0.9, 0.1, 1.1
+OCC_PAPER = "occ-paper"
+
+
+def _goals(frame: pd.DataFrame) -> list[str]:
+    """Per proposed calibrator and eta scale: met or missed, for each goal, with the numbers."""
+    proposed = frame[frame["proposed"]]
+    if proposed.empty:
+        return []
+    lines = ["## mtpdiag's own calibrators against their goals", "",
+             f"Goals: ρ with λ*_meas ≥ {GOAL_RHO:g}, regret ≤ {GOAL_REGRET_SHARE:g} × OCC paper's (on every state), "
+             f"cost ≤ {GOAL_COST:g} × a detach step.", "",
+             "| calibrator | η scale | ρ | regret / OCC paper's | cost | goals met |", "|---|---|---|---|---|---|"]
+    occ = frame[frame["calibrator"] == OCC_PAPER].set_index("eta_scale")["regret_median"]
+    for row in proposed.itertuples():
+        share = row.regret_median / occ.get(row.eta_scale, np.nan)
+        met = [row.spearman_vs_meas >= GOAL_RHO, share <= GOAL_REGRET_SHARE, row.cost_over_detach <= GOAL_COST]
+        names = ["ρ", "regret", "cost"]
+        said = ", ".join(n for n, ok in zip(names, met, strict=True) if ok) or "none"
+        lines.append(f"| {row.calibrator} | {row.eta_scale:g} | {row.spearman_vs_meas:.2f} | {share:.3g} | "
+                     f"{row.cost_over_detach:.3g} | {said} |")
+    return lines + [""]
+
+
 def _markdown(frame: pd.DataFrame) -> str:
     lines = ["# The regret experiment", "",
              textwrap.fill(
@@ -84,6 +115,7 @@ def _markdown(frame: pd.DataFrame) -> str:
                  "its states, then the mean over seeds with a 95% t-interval (the seed is the unit). cost: "
                  "(detach step + the choice's own computation) / detach step, median over states. ρ: rank "
                  "correlation of λ_k with λ*_meas over states, mean over seeds.", 100), ""]
+    lines += _goals(frame)
     for scale, group in frame.groupby("eta_scale", sort=True):
         lines += [f"## η = {scale:g} × lr", "", "| calibrator | regret (detach gains) | 95% CI | cost / detach | ρ with λ*_meas | seeds |",
                   "|---|---|---|---|---|---|"]

@@ -47,12 +47,19 @@ def _summary(finals: pd.DataFrame, arm: str, prefix: str) -> dict:
 
 
 def table1(job: Job) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(main table, fixed-lambda sweep). Main: one row per arm in job order.
+    """(main table, fixed-lambda sweep). Main: one row per arm in job order, its final
+    J_true paired against the Detach and OCC paper arms of its own optimizer.
     Sweep: the policy arms by lambda, against Detach and OCC paper."""
     j_true = final_values(job, "j_true", "Table 1")
     pass1 = final_values(job, "pass1", "Table 1")
-    detach = next((a.label for a in job.arms_of(regimes.DETACH)), None)
-    occ_paper = next((a.label for a in job.arms if a.calibrator == PAPER_CALIBRATOR), None)
+    # each arm is compared with the detach and OCC paper arms of its own optimizer (an AdamW arm with AdamW's)
+    detach, occ_paper = {}, {}
+    for a in job.arms:
+        optimizer = getattr(a, "optimizer", None)
+        if job.regime_of(a) is regimes.DETACH:
+            detach.setdefault(optimizer, a.label)
+        if a.calibrator == PAPER_CALIBRATOR:
+            occ_paper.setdefault(optimizer, a.label)
     flagged = flagged_runs(job)
     rows = []
     for arm in job.arms:
@@ -61,7 +68,8 @@ def table1(job: Job) -> tuple[pd.DataFrame, pd.DataFrame]:
                "lambda": fixed_lambda(arm.lam) if fixed else np.nan}
         row.update(_summary(j_true, arm.label, "j_true"))
         row.update(_summary(pass1, arm.label, "pass1"))
-        for reference, name in ((detach, "detach"), (occ_paper, "occ_paper")):
+        own = getattr(arm, "optimizer", None)
+        for reference, name in ((detach.get(own), "detach"), (occ_paper.get(own), "occ_paper")):
             compared = reference is not None and reference != arm.label
             mean, low, high, n = paired_difference(j_true, arm.label, reference) if compared else (np.nan,) * 3 + (0,)
             row.update({f"delta_vs_{name}": mean, f"delta_vs_{name}_low": low, f"delta_vs_{name}_high": high})
@@ -124,7 +132,8 @@ def write_table1(job: Job, out_dir) -> list[Path]:
         f"# Table 1: {job.name}\n\n"
         "Final exact J_true (probability of the target completion on the held-out prompts) and sampled pass@1, "
         "mean over seeds with a 95% t-interval; Δ is the paired per-seed difference of final J_true "
-        "(the same seed starts every arm from the same SFT weights). 'flagged runs' names the seeds whose run "
+        "(the same seed starts every arm from the same SFT weights), against the Detach and OCC paper arms of the "
+        "arm's own optimizer (an AdamW arm against the AdamW ones). 'flagged runs' names the seeds whose run "
         "collapsed or whose λ left the sane range (included in the means; see claims.md).\n\n"
         + markdown_table(_readable(main, "Arm"))
         + "\n\n## Fixed-λ sweep (policy loss)\n\n"

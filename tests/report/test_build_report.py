@@ -105,13 +105,18 @@ def test_every_plotted_number_traces_to_the_run_csvs(micro_job, report):
     pd.testing.assert_frame_equal(figure_data("F7"), regret)
     rows = {seed: run_csv(DETACH["label"], seed, schema.diag_file("steps", prefix=schema.REGRET_PREFIX))
             for seed in SEEDS}
-    for row in regret.sample(5, random_state=0).itertuples():
+    assert {"occ-paper", "occ-paper[mb0]", "amortised-taylor"} <= set(regret["calibrator"])
+    assert set(regret.loc[regret["proposed"], "calibrator"]) == set(schema.REGRET_PROPOSED)
+    for row in pd.concat([regret.sample(5, random_state=0), regret[regret["calibrator"] == "occ-paper"]]).itertuples():
         medians = []
         for frame in rows.values():  # the per-seed median of regret over the seed's mean |detach gain|
             at = frame[frame["eta_scale"] == row.eta_scale]
             gain = at.loc[at["choice"] == "detach", "gain_detach"].abs().mean()
-            medians.append((at.loc[at["choice"] == row.calibrator, "regret"] / gain).median())
+            # an OCC reading on every state: its per-mini-batch choices together
+            chosen = (at["choice"] == row.calibrator) | at["choice"].str.startswith(f"{row.calibrator}[mb")
+            medians.append((at.loc[chosen, "regret"] / gain).median())
         assert row.regret_median == pytest.approx(np.mean(medians), rel=1e-12)
+    assert "## mtpdiag's own calibrators against their goals" in (out / schema.REGRET_MD).read_text()
     assert f"({schema.ACCEPTANCE_MD})" in (out / schema.CLAIMS_MD).read_text()
 
 

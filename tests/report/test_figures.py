@@ -176,11 +176,18 @@ def test_f3_prints_no_rank_interval_from_too_few_points():
     assert label.startswith("ρ = ") and "[" in label and label.endswith(f"n = {x.size}")
 
 
-def test_f4_marks_the_trained_eta_of_the_measured_runs(tmp_path):
+def test_f4_marks_the_trained_eta_of_the_swept_arm_measured_or_not(tmp_path):
+    """The trained eta was read from diag_steps of every measured arm: an AdamW arm's lr made it
+    ambiguous, and an unmeasured swept arm had none. It is now the swept arm's own lr."""
+    sweep = pd.DataFrame({"arm": [POLICY["label"]]})
     diag = lambda arm, seed: [{"step": 2, "lr": 0.005}]  # noqa: E731
     job = hand_built_job(tmp_path / "j", [POLICY, CE], (0, 1), diag=diag)
-    assert figures._trained_lr(job) == 0.005
-    assert figures._trained_lr(hand_built_job(tmp_path / "k", [POLICY], (0,))) is None  # nothing measured
+    assert figures._trained_lr(job, sweep) == 0.005  # an older metrics.csv without lr: diag_steps' lr
+    logged = lambda arm, seed: [{"step": 0, "j_true": 0.5, "pass1": 0.5, "lr": 0.005 if arm == POLICY["label"] else 1e-4},  # noqa: E731
+                                {"step": 10, "j_true": 0.5, "pass1": 0.5, "lr": 0.005 if arm == POLICY["label"] else 1e-4}]
+    unmeasured = hand_built_job(tmp_path / "k", [POLICY, CE], (0,), metrics=logged)
+    assert figures._trained_lr(unmeasured, sweep) == 0.005  # from the trainer's lr column, no diagnostics at all
+    assert figures._trained_lr(hand_built_job(tmp_path / "l", [POLICY], (0,)), sweep) is None  # nothing logged
 
 
 def test_f6_draws_no_empty_row_for_a_policy_arm_trained_without_the_probe(tmp_path):

@@ -81,3 +81,30 @@ def test_table1_names_the_collapsed_run_of_an_arm(tmp_path):
     assert flags.loc["occ-paper"].tolist() == ["0", "0"] and flags.loc["detach"].tolist() == ["", ""]
     md = table.write_table1(collapsed_job(tmp_path / "k"), tmp_path)[-1].read_text()
     assert "flagged runs" in md and "collapsed: seed 0; λ out of range: seed 0" in md
+
+
+def test_an_adamw_arm_is_paired_with_the_adamw_detach_arm_in_table1_and_c6():
+    """Table 1 paired every arm with the first detach arm, so an AdamW arm was compared with
+    SGD detach; it is now compared with the detach arm of its own optimizer, and C6 reports
+    the AdamW pair beside its SGD verdict."""
+    import tempfile
+    from pathlib import Path
+
+    from mtpdiag.report import claims
+
+    adamw = lambda arm: {**arm, "label": f"{arm['label']}@adamw", "optimizer": "adamw", "lr": 1e-4}  # noqa: E731
+    arms = [DETACH, OCC_PAPER, adamw(DETACH), adamw(OCC_PAPER)]
+    final = {"detach": 0.50, "occ-paper": 0.52, "detach@adamw": 0.70, "occ-paper@adamw": 0.75}
+    with tempfile.TemporaryDirectory() as tmp:
+        job = hand_built_job(Path(tmp) / "j", arms, (0, 1, 2),
+                             final_j_true=lambda arm, seed: final[arm] + 0.001 * seed * (arm == "occ-paper@adamw"))
+        main, _ = table.table1(job)
+        rows = main.set_index("arm")
+        assert rows.loc["occ-paper@adamw", "delta_vs_detach"] == pytest.approx(0.051, abs=1e-12)  # 0.75 - 0.70 (+0.001)
+        assert rows.loc["occ-paper@adamw", "delta_vs_occ_paper"] != rows.loc["occ-paper@adamw", "delta_vs_occ_paper"]
+        assert rows.loc["occ-paper", "delta_vs_detach"] == pytest.approx(0.02, abs=1e-12)
+        assert rows.loc["detach@adamw", "name"] == "Detach, AdamW"
+        verdicts = claims.claims(job)[0].set_index("claim")
+        assert verdicts.loc["C6", "estimate"] == pytest.approx(0.02, abs=1e-12)  # the SGD pair decides
+        assert verdicts.loc["C6.adamw", "estimate"] == pytest.approx(0.051, abs=1e-12)
+        assert verdicts.loc["C6.adamw", "verdict"] == claims.REPORTED

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 
 from ...schema import ETA_SWEEP_SERIES, FIGURE_FILES
+from ..data import trained_lrs
 from ..load import JobError
 from ..stats import loglog_slope, over_seeds, per_seed
 from .base import INCONCLUSIVE, Claim, Estimate, Part, Threshold, equivalent, numeric, seed_ci, within
@@ -38,7 +39,7 @@ class TaylorAtTrainedEta(Claim):
     def test(self, job, details):
         steps = job.table("diag_steps", columns=("lambda_star_taylor", "lambda_star_meas"), needed_for="claim C1")
         parts = [self._ratio_part(steps, objective) for objective in OBJECTIVES]
-        parts.append(self._slope_part(job, steps))
+        parts.append(self._slope_part(job))
         return self.result(parts)
 
     def _ratio_part(self, steps: pd.DataFrame, objective: str) -> Part:
@@ -55,14 +56,19 @@ class TaylorAtTrainedEta(Claim):
                               statistic=statistic, margin=band, decides=objective == "j_true",
                               threshold="RATIO_LOW")
 
-    def _slope_part(self, job, steps: pd.DataFrame) -> Part:
+    def _slope_part(self, job) -> Part:
         statistic = "η log-log slope of |Δ_meas − Δ_Taylor| up to the trained η"
         band = f"[{self.SLOPE_LOW}, {self.SLOPE_HIGH}]"
         try:
             sweep = job.eta_sweep("claim C1")
         except JobError as err:
             return Part(f"no η sweep ({err})", INCONCLUSIVE, "slope", Estimate(statistic, margin=band))
-        trained = steps.groupby(["arm", "seed"])["lr"].median().rename("trained_lr").reset_index()
+        swept = [job.arm(label) for label in sweep["arm"].unique() if label in {a.label for a in job.arms}]
+        try:  # the swept arm's own lr: it need not be a measured arm
+            trained = trained_lrs(job, arms=swept)
+        except JobError as err:
+            return Part(f"no trained lr for the swept arm ({err})", INCONCLUSIVE, "slope",
+                        Estimate(statistic, margin=band))
         sweep = sweep.merge(trained, on=["arm", "seed"], how="inner")
         top, lr = sweep["eta"].max(), sweep["trained_lr"].min()
         reaching = sweep.groupby("seed").filter(lambda s: s["eta"].max() >= s["trained_lr"].iloc[0])

@@ -14,9 +14,10 @@ from ...schema import COLLAPSED, FIGURE_FILES
 from ..data import PAPER_CALIBRATOR, final_values, flagged_runs
 from ..stats import over_seeds, paired_seeds_needed, t_interval
 from ..table import display_name
-from .base import EQUIVALENT, FAILS, HOLDS, INCONCLUSIVE, Claim, InsufficientData, Threshold, ci, seed_ci
+from .base import EQUIVALENT, FAILS, HOLDS, INCONCLUSIVE, REPORTED, Claim, InsufficientData, Threshold, ci, seed_ci
 
 
+ADAMW = "adamw"  # Arm.optimizer of the paper's regime
 POWER_GAPS = (0.028, 0.016)  # the paper's OCC gain, and about half of it, in J_true units
 
 
@@ -59,8 +60,9 @@ class EndToEnd(Claim):
     MIN_GAIN = Threshold(0.0, "'holds' when the 95% interval of the paired difference lies above this")
 
     def test(self, job, details):
-        detach = next(iter(job.arms_of(regimes.DETACH)), None)
-        occ = next((a for a in job.arms if a.calibrator == PAPER_CALIBRATOR), None)
+        # the theory's regime decides: the SGD arms (the preset's optimizer), AdamW's pair is reported beside it
+        detach = next((a for a in job.arms_of(regimes.DETACH) if a.optimizer != ADAMW), None)
+        occ = next((a for a in job.arms if a.calibrator == PAPER_CALIBRATOR and a.optimizer != ADAMW), None)
         if detach is None or occ is None:
             raise InsufficientData("the job needs a detach arm and an occ-paper arm")
         finals = final_values(job, "j_true", "claim C6")
@@ -86,8 +88,18 @@ class EndToEnd(Claim):
             text = f"{display_name(arm)} {ci(*t_interval(finals[finals['arm'] == arm.label]['value'])[:3])}"
             return text + (f" (seed {','.join(map(str, seeds))} collapsed)" if seeds else "")
 
+        parts = [part]
+        adamw = [next((a for a in arms if a.optimizer == ADAMW), None)
+                 for arms in (job.arms_of(regimes.DETACH), [a for a in job.arms if a.calibrator == PAPER_CALIBRATOR])]
+        if None not in adamw:  # the paper's own regime, beside the theory's SGD: reported, not deciding
+            detach_adamw, occ_adamw = adamw
+            gap_adamw = over_seeds(paired_differences(finals, occ_adamw.label, detach_adamw.label))
+            parts.append(self.seed_part(
+                f"under AdamW, {self.statistic} {seed_ci(gap_adamw)} (90%: [{gap_adamw.low90:.3g}, "
+                f"{gap_adamw.high90:.3g}]), the verdict this rule would give: {self.verdict(gap_adamw)}", gap_adamw,
+                REPORTED, key="adamw", statistic=f"{self.statistic} (AdamW arms)", margin=margin, decides=False))
         per_arm = "; ".join(final(arm) for arm in job.arms)
-        result = self.result([part], verdict=part.verdict)
+        result = self.result(parts, verdict=part.verdict)
         result.reason += f"; final J_true: {per_arm}"
         return result
 
