@@ -104,7 +104,7 @@ class RegretHook:
             optimizer = _optimizer_copy(ctx.cfg, ctx.optimizer, model)
             for mb, batch in enumerate(batches):
                 rows = [row for s in self.eta_scales
-                        for row in self._rows(ctx.losses, model, batch, ctx.j_true_batch, ctx.lr * s, s, occ[s][mb], mb)]
+                        for row in self._rows(ctx, model, batch, ctx.lr * s, s, occ[s][mb], mb)]
                 self.sink.write(ctx.step, mb, {"steps": [{"step": ctx.step, "minibatch": mb, **r} for r in rows]})
                 _detach_update(ctx.losses, model, optimizer, batch)  # on to the trajectory's next state
         return None
@@ -131,15 +131,16 @@ class RegretHook:
             _detach_update(ctx.losses, model, optimizer, batch)
         return chosen
 
-    def _rows(self, detach, model, batch, heldout, eta, scale, occ: dict[str, _Choice], mb) -> list[dict]:
-        losses = self.joint
+    def _rows(self, ctx, model, batch, eta, scale, occ: dict[str, _Choice], mb) -> list[dict]:
+        """The rows of one state (``model`` before mini-batch ``mb``'s update) at step size ``eta``."""
+        losses, heldout = self.joint, ctx.j_true_batch
         probe = Probe(model, losses.objective, losses.aux_loss, forward=losses.forward)
         measure = dict(gg_curvature=False, line_search=False, crossfit=False)
         on_batch, t_batch = _timed(lambda: probe.measure(batch, eta, **measure))
         on_true, t_true = _timed(lambda: probe.measure(batch, eta, eval_objective=j_true, eval_batch=heldout,
                                                        **measure))
         inputs = CalibrationInputs(
-            step=0, minibatch=mb, logprobs=aligned_logprobs(losses.forward(model, batch)),
+            step=ctx.step, minibatch=mb, logprobs=aligned_logprobs(losses.forward(model, batch)),
             old_logprobs=batch["old_logprobs"], response_mask=batch["response_mask"], lr=eta, model=model,
             batch=batch, forward=losses.forward, objective=losses.objective, aux_loss=losses.aux_loss,
         )
@@ -171,7 +172,7 @@ class RegretHook:
         curve_record, t_curve = _timed(lambda: probe.measure(batch, eta, eval_objective=j_true, eval_batch=heldout,
                                                              grid=grid, hvp=False, gg_curvature=False, crossfit=False))
         curve = curve_record.curve
-        gain, t_detach = _detach_gain(detach, model, batch, heldout, eta)
+        gain, t_detach = _detach_gain(ctx.losses, model, batch, heldout, eta)
         if curve is None:  # m = 0 on S: every lambda is the detach step
             return []
         delta_at = dict(zip(curve.lambdas.tolist(), curve.delta.tolist()))
