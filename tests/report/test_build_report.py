@@ -136,6 +136,7 @@ def test_every_analyses_script_explains_bad_input(tmp_path, monkeypatch, capsys,
     ("performance.py", ["F5_performance.png", "F5_performance.pdf", "table1.md", "table1.csv"]),
     ("claims_report.py", ["claims.md", "claims.csv"]),
     ("acceptance.py", ["F8_acceptance_tradeoff.png", "F8_acceptance_tradeoff_data.csv", "acceptance.md"]),
+    ("regret.py", ["F7_regret.png", "F7_regret_data.csv", "regret.csv", "regret.md"]),
 ])  # fmt: skip
 def test_analyses_scripts_write_their_files(micro_job, tmp_path, monkeypatch, script, outputs):
     monkeypatch.setattr(sys, "argv", [script, str(micro_job), "--out", str(tmp_path)])
