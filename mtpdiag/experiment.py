@@ -98,6 +98,8 @@ ACCEPTANCE_ARMS = (
     Arm.of(TV_REGIME.name, 0.5, diagnostics=False),
     Arm.of(FROZEN.name, diagnostics=False),
 )
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str
