@@ -80,7 +80,7 @@ class RegretHook:
         if cfg.optimizer != "sgd" or cfg.model.n_mtp != 1:
             raise ValueError(f"the regret experiment is for one MTP head trained with SGD (the theory's step): "
                              f"got optimizer {cfg.optimizer!r}, n_mtp {cfg.model.n_mtp}")
-        self.cfg, self.schedule = cfg, schedule
+        self.schedule = schedule
         self.eta_scales, self.fixed = tuple(float(s) for s in eta_scales), tuple(float(v) for v in fixed)
         self.joint = JOINT_REGIME.losses(replace(cfg, regime=JOINT_REGIME.name, lam=1.0))
         self.sink = CSVSink(out, prefix=schema.REGRET_PREFIX) if out is not None and is_main_process() else MemorySink()
@@ -139,8 +139,10 @@ class RegretHook:
         on_batch, t_batch = _timed(lambda: probe.measure(batch, eta, **measure))
         on_true, t_true = _timed(lambda: probe.measure(batch, eta, eval_objective=j_true, eval_batch=heldout,
                                                        **measure))
+        with torch.no_grad():
+            logprobs = aligned_logprobs(losses.forward(model, batch))
         inputs = CalibrationInputs(
-            step=ctx.step, minibatch=mb, logprobs=aligned_logprobs(losses.forward(model, batch)),
+            step=ctx.step, minibatch=mb, logprobs=logprobs,
             old_logprobs=batch["old_logprobs"], response_mask=batch["response_mask"], lr=eta, model=model,
             batch=batch, forward=losses.forward, objective=losses.objective, aux_loss=losses.aux_loss,
         )

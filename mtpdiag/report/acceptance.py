@@ -25,6 +25,7 @@ from ..schema import (ACCEPTANCE_CSV, ACCEPTANCE_MD, ENTROPY, FIGURE_FILES, acce
 from .. import regimes
 from .load import Job
 from .stats import t_interval
+from .data import same_optimizer
 from .table import display_name, fmt_ci, markdown_table
 
 ACCEPT = accept_tv_column(1)  # the acceptance F8 and the verdicts are about: head 1, the draft every MTP decoder uses
@@ -91,10 +92,7 @@ def summary(job: Job) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     arm of the arm's own optimizer), and
     ``accept_tv_<k>`` for each head; the per-run rows; the arms without acceptance)."""
     runs, missing = final_runs(job)
-    detach = {}  # per optimizer: an AdamW arm is paired with the AdamW detach arm
-    for a in job.arms_of(regimes.DETACH):
-        if a.label not in missing:
-            detach.setdefault(getattr(a, "optimizer", None), a.label)
+    detach = [a for a in job.arms_of(regimes.DETACH) if a.label not in missing]
     rows = []
     for arm in job.arms:
         of_arm = runs[runs["arm"] == arm.label]
@@ -109,7 +107,7 @@ def summary(job: Job) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
             row.update(_interval(prefix, of_arm[column] if column in of_arm else []))
         row.update(_interval("accept_change", of_arm[ACCEPT] - of_arm["accept_start"]))
         for prefix, column in (("accept_vs_detach", ACCEPT), ("j_true_vs_detach", "j_true")):
-            mean, low, high, n = _paired(runs, arm.label, detach.get(getattr(arm, "optimizer", None)), column)
+            mean, low, high, n = _paired(runs, arm.label, same_optimizer(job, arm, detach), column)
             row.update({f"{prefix}_mean": mean, f"{prefix}_low": low, f"{prefix}_high": high, f"{prefix}_n": n})
         for column in head_columns(runs):
             row.update(_interval(column, of_arm[column]))

@@ -11,6 +11,16 @@ OBJECTIVE = "j_batch"  # the curve of the gradient's own objective (docs/theory.
 STAR_COLUMNS = ("lambda_star_taylor", "lambda_star_meas")
 # the diagnostics measure the update of each mini-batch diag_minibatches lists (default: all); the
 # figures read each measured step's first measured one
+ADAMW = "adamw"  # Arm.optimizer and ProbeRecord.optimizer of an AdamW arm or update
+
+
+def same_optimizer(job: Job, arm, candidates) -> str | None:
+    """The label of the first of ``candidates`` (arms, in job order) trained with ``arm``'s
+    optimizer override (an AdamW arm is compared with an AdamW arm), or None."""
+    own = getattr(arm, "optimizer", None)
+    return next((c.label for c in candidates if getattr(c, "optimizer", None) == own), None)
+
+
 # the calibrators the report singles out by name: the paper's OCC reading (claim C6, Table 1) and the oracle,
 # which measures lambda*_Taylor on every mini-batch (the per-mini-batch tables of C5)
 PAPER_CALIBRATOR, ORACLE_CALIBRATOR = "occ-paper", "oracle"

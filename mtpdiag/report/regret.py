@@ -43,9 +43,9 @@ def regret_rows(job: Job) -> pd.DataFrame:
     rows = pd.concat([rows, per_minibatch.assign(choice=per_minibatch["choice"].str.replace(r"\[mb\d+\]$", "",
                                                                                              regex=True))],
                      ignore_index=True)
-    scale = rows.groupby(["seed", "eta_scale"])["gain_detach"].transform(
-        lambda g: g[rows.loc[g.index, "choice"] == REGRET_DETACH].abs().mean())
-    rows["r"] = pd.to_numeric(rows["regret"], errors="coerce") / scale.where(scale > 0)
+    detach = rows[rows["choice"] == REGRET_DETACH].assign(scale=lambda f: f["gain_detach"].abs())
+    rows = rows.join(detach.groupby(["seed", "eta_scale"])["scale"].mean(), on=["seed", "eta_scale"])
+    rows["r"] = pd.to_numeric(rows["regret"], errors="coerce") / rows["scale"].where(rows["scale"] > 0)
     return rows
 
 

@@ -13,7 +13,7 @@ import pandas as pd
 from .. import regimes
 from ..regimes import FIXED, fixed_lambda
 from ..schema import RUN_FLAGS, TABLE1_CSV, TABLE1_MD, atomic_write
-from .data import FLAG_WORDS, PAPER_CALIBRATOR, final_values, flagged_runs
+from .data import FLAG_WORDS, PAPER_CALIBRATOR, final_values, flagged_runs, same_optimizer
 from .load import Job
 from .stats import t_interval
 
@@ -52,14 +52,8 @@ def table1(job: Job) -> tuple[pd.DataFrame, pd.DataFrame]:
     Sweep: the policy arms by lambda, against Detach and OCC paper."""
     j_true = final_values(job, "j_true", "Table 1")
     pass1 = final_values(job, "pass1", "Table 1")
-    # each arm is compared with the detach and OCC paper arms of its own optimizer (an AdamW arm with AdamW's)
-    detach, occ_paper = {}, {}
-    for a in job.arms:
-        optimizer = getattr(a, "optimizer", None)
-        if job.regime_of(a) is regimes.DETACH:
-            detach.setdefault(optimizer, a.label)
-        if a.calibrator == PAPER_CALIBRATOR:
-            occ_paper.setdefault(optimizer, a.label)
+    detach = job.arms_of(regimes.DETACH)
+    occ_paper = [a for a in job.arms if a.calibrator == PAPER_CALIBRATOR]
     flagged = flagged_runs(job)
     rows = []
     for arm in job.arms:
@@ -68,8 +62,8 @@ def table1(job: Job) -> tuple[pd.DataFrame, pd.DataFrame]:
                "lambda": fixed_lambda(arm.lam) if fixed else np.nan}
         row.update(_summary(j_true, arm.label, "j_true"))
         row.update(_summary(pass1, arm.label, "pass1"))
-        own = getattr(arm, "optimizer", None)
-        for reference, name in ((detach.get(own), "detach"), (occ_paper.get(own), "occ_paper")):
+        for reference, name in ((same_optimizer(job, arm, detach), "detach"),
+                                (same_optimizer(job, arm, occ_paper), "occ_paper")):
             compared = reference is not None and reference != arm.label
             mean, low, high, n = paired_difference(j_true, arm.label, reference) if compared else (np.nan,) * 3 + (0,)
             row.update({f"delta_vs_{name}": mean, f"delta_vs_{name}_low": low, f"delta_vs_{name}_high": high})

@@ -11,13 +11,12 @@ import pandas as pd
 
 from ... import regimes
 from ...schema import COLLAPSED, FIGURE_FILES
-from ..data import PAPER_CALIBRATOR, final_values, flagged_runs
+from ..data import ADAMW, PAPER_CALIBRATOR, final_values, flagged_runs, same_optimizer
 from ..stats import over_seeds, paired_seeds_needed, t_interval
 from ..table import display_name
 from .base import EQUIVALENT, FAILS, HOLDS, INCONCLUSIVE, REPORTED, Claim, InsufficientData, Threshold, ci, seed_ci
 
 
-ADAMW = "adamw"  # Arm.optimizer of the paper's regime
 POWER_GAPS = (0.028, 0.016)  # the paper's OCC gain, and about half of it, in J_true units
 
 
@@ -26,15 +25,15 @@ def power_table(job) -> pd.DataFrame:
     final J_true differences and the paired seeds a two-sided t-test at 0.05 needs to see
     each gap of ``POWER_GAPS`` with 80% power at that SD (the design's power estimate)."""
     finals = final_values(job, "j_true", "the power estimate")
-    detach = {a.optimizer: a for a in job.arms_of(regimes.DETACH)}
+    detach = job.arms_of(regimes.DETACH)
     rows = []
     for arm in job.arms:
-        reference = detach.get(arm.optimizer)
-        if reference is None or arm is reference:
+        reference = same_optimizer(job, arm, detach)
+        if reference is None or reference == arm.label:
             continue
-        differences = paired_differences(finals, arm.label, reference.label)
+        differences = paired_differences(finals, arm.label, reference)
         sd = float(differences.std(ddof=1)) if len(differences) > 1 else np.nan
-        rows.append({"arm": arm.label, "against": reference.label, "n_seeds": len(differences), "paired_sd": sd,
+        rows.append({"arm": arm.label, "against": reference, "n_seeds": len(differences), "paired_sd": sd,
                      **{f"seeds_for_{gap:g}": paired_seeds_needed(sd, gap) for gap in POWER_GAPS}})
     return pd.DataFrame(rows, columns=["arm", "against", "n_seeds", "paired_sd",
                                        *(f"seeds_for_{gap:g}" for gap in POWER_GAPS)])

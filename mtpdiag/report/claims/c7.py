@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 
 from ...schema import FIGURE_FILES
-from ..data import OBJECTIVE
+from ..data import ADAMW, OBJECTIVE
 from ..stats import over_seeds, per_seed, spearman
 from .base import REPORTED, Claim, InsufficientData, Threshold, at_least, numeric, seed_ci
 
-ADAMW = "adamw"  # ProbeRecord.optimizer of an AdamW update
 
 
 class PreconditionedTracking(Claim):
