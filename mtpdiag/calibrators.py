@@ -41,7 +41,7 @@ from typing import Any, Callable
 
 import torch
 
-from .diagnostics import Probe
+from .diagnostics import Probe, UpdateGradients
 from .diagnostics.functional import FunctionalModel, find_shared, fork_rng, isolated, values_and_gradients
 from .distributed import all_reduce_tree
 from .losses import AlignedLogprobs, token_logprobs
@@ -63,6 +63,10 @@ class CalibrationInputs:
     ``forward(model, batch) -> GPTOutput``; ``objective(out, batch)`` is J_batch (to
     maximise); ``aux_loss(out, batch, head_weights=None)`` is the unweighted MTP loss
     (per-head calibrators call it with a one-hot ``head_weights``).
+    ``gradients``: for a calibrator that ``reads_gradients``, the trainer's own g and per-head
+    aux gradients of this mini-batch (:class:`~mtpdiag.diagnostics.UpdateGradients`, from
+    its backward passes over the forward it trains on), where that forward is the one the
+    calibrator would differentiate; None: the calibrator takes its own.
     """
 
     step: int
@@ -76,6 +80,7 @@ class CalibrationInputs:
     forward: Callable | None = None
     objective: Callable | None = None
     aux_loss: Callable | None = None
+    gradients: UpdateGradients | None = None
 
 
 @dataclass
@@ -86,6 +91,9 @@ class Calibration:
 
 class Calibrator(ABC):
     name: str
+    # reads g and the aux gradients: the trainer then takes them in its own backward passes
+    # and hands them over (CalibrationInputs.gradients) instead of one backward over the sum
+    reads_gradients: bool = False
 
     @abstractmethod
     def __call__(self, inputs: CalibrationInputs) -> Calibration: ...
@@ -304,6 +312,10 @@ class OCC(Calibrator, _WarningCounter):
         info["lambda_plus"] = self.lambda_plus
         return Calibration(lambdas, info)
 
+    @property
+    def reads_gradients(self) -> bool:
+        return self.proxy == "step"
+
     def _ratio_deltas(self, inputs: CalibrationInputs):
         lp = inputs.logprobs
         d_rl = (lp.main - inputs.old_logprobs).unsqueeze(0)  # [1, B, T-1]
@@ -334,11 +346,16 @@ class OCC(Calibrator, _WarningCounter):
 
     def _shared_gradients(self, inputs: CalibrationInputs, fm: FunctionalModel, num_heads: int):
         """theta_S, the other trainable parameters, g = grad J_batch on S and m_k = -grad
-        of head k's MTP loss on S (one forward, one backward per loss); on several
-        ranks, those of the whole mini-batch."""
+        of head k's MTP loss on S (the trainer's, or one forward and one backward per loss);
+        on several ranks, those of the whole mini-batch."""
         theta, fixed = fm.split(self._shared_names(inputs, fm))
-        losses = [inputs.objective, *head_losses(inputs, num_heads)]
-        _, (g, *aux_grads) = values_and_gradients(fm, losses, inputs.batch, theta, fixed)
+        given = inputs.gradients
+        if given is not None:
+            g = {n: given.g[n] for n in theta}
+            aux_grads = [{n: given.head(k)[n] for n in theta} for k in range(num_heads)]
+        else:
+            losses = [inputs.objective, *head_losses(inputs, num_heads)]
+            _, (g, *aux_grads) = values_and_gradients(fm, losses, inputs.batch, theta, fixed)
         return theta, fixed, g, [{n: -t for n, t in grad.items()} for grad in aux_grads]
 
     def _logprob_change(
@@ -631,6 +648,7 @@ class WithShadows(Calibrator):
         self.primary, self.shadows, self.every = primary, dict(shadows), int(every)
         self.calls = 0
         self.name = f"{primary.name}+shadows({','.join(f'{k}={c.name}' for k, c in self.shadows.items())})"
+        self.reads_gradients = primary.reads_gradients or any(c.reads_gradients for c in self.shadows.values())
 
     def __call__(self, inputs: CalibrationInputs) -> Calibration:
         result = self.primary(inputs)

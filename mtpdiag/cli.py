@@ -143,6 +143,9 @@ HELP = {
     "diag_hvp_mode": "Hessian-vector products: forward-over-reverse, reverse-over-reverse, or auto (the faster, timed once)",
     "diag_gg_curvature": "also measure g^T H g (kappa_g: one more Hessian-vector product per objective) (true/false)",
     "diag_minibatches": "comma-separated mini-batch indices (from 0) measured on a measured step (empty: all)",
+    "diag_reuse_gradients": "measured mini-batches: the Probe reads g and m from the trainer's split backward "
+                            "(true; the measured step is the trained one bit for bit) or takes its own (false; "
+                            "measuring changes no trained number) (true/false)",
     "seed": "seed of the initialisation, SFT and every RL step (same seed: same SFT start)",
     "device": "torch device, e.g. cpu or cuda (may change on --resume)",
     "dtype": "floating-point type of the parameters and all computation",

@@ -65,7 +65,11 @@ class DiagnosticsConfig:
     with ``per_block``, g^T H g (kappa_g: one more Hessian-vector product per objective
     and mini-batch) with ``gg_curvature``. The top curvature L (for the L-smooth
     form) costs about ten measurements: ``top_curvature`` takes it on no step,
-    on the first and the last measured step, or on all of them."""
+    on the first and the last measured step, or on all of them. ``reuse_gradients``: on a
+    measured mini-batch the trainer splits its backward and hands g and m over (the measured
+    step is then the trained one bit for bit, and the run's numbers differ from an unmeasured
+    run's by rounding from the first measured mini-batch on); off, the Probe takes its own and
+    measuring changes no trained number."""
 
     every: int = 0
     per_block: bool = True
@@ -74,6 +78,7 @@ class DiagnosticsConfig:
     hvp_mode: str = HVP_MODES[0]
     gg_curvature: bool = False
     minibatches: tuple[int, ...] = ()  # the mini-batch indices measured on a measured step (empty: all)
+    reuse_gradients: bool = True
 
     def __post_init__(self):
         self.objectives = tuple(self.objectives)  # config.json holds a list
@@ -123,6 +128,7 @@ class DiagnosticsConfig:
             gg_curvature=self.gg_curvature,
             top_curvature_schedule=self.top_curvature_schedule(steps),
             minibatches=self.minibatches or None,
+            reuse_gradients=self.reuse_gradients,
         )
 
 

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from . import schema
-from .diagnostics import MeasureOptions, Probe, ProbeRecord
+from .diagnostics import MeasureOptions, Probe, ProbeRecord, UpdateGradients
 
 TABLES = schema.DIAG_TABLES
 KEYS = ("step", "minibatch", "objective")  # every row of every table starts with these
@@ -178,7 +178,9 @@ class DiagnosticsHook:
     trained step. ``top_curvature_schedule`` picks the steps on which the probe's own
     objective also gets its top curvature L (Lanczos: about ten times the cost of a
     measurement without it). ``minibatches`` (indices; None: all) picks the mini-batches of
-    a scheduled step that are measured. Other keyword options go to
+    a scheduled step that are measured. ``reuse_gradients``: a trainer that can (mtpdiag's)
+    hands its own g and aux gradients to :meth:`on_update` (``gradients=``); a plain loop's
+    call without them has the Probe take its own. Other keyword options go to
     :meth:`~mtpdiag.diagnostics.Probe.measure_update` (``grid``, ``hvp``,
     ``gg_curvature``, ``line_search``, ``top_curvature``, ``L``, ``per_block``, ``crossfit``).
 
@@ -215,6 +217,7 @@ class DiagnosticsHook:
         top_curvature_schedule: int | Callable[[int], bool] | None = None,
         probe_options: dict | None = None,
         minibatches=None,
+        reuse_gradients: bool = True,
         **measure_options,
     ):
         if probe is not None and not isinstance(probe, Probe):
@@ -237,17 +240,32 @@ class DiagnosticsHook:
         self.top_curvature_schedule = None if top_curvature_schedule is None else _as_schedule(top_curvature_schedule)
         self.probe_options = probe_options or {}
         self.minibatches = None if minibatches is None else frozenset(int(i) for i in minibatches)
+        self.reuse_gradients = bool(reuse_gradients)
         self.measure_options = measure_options
 
+    def measures(self, step: int, minibatch: int) -> bool:
+        """Whether :meth:`on_update` measures mini-batch ``minibatch`` of ``step``: a trainer
+        asks first, to take the gradients it hands over (``gradients=``)."""
+        return self.schedule(step) and (self.minibatches is None or minibatch in self.minibatches)
+
+    def wants_aux_minus(self) -> bool:
+        """Whether the measurements need the aux gradient at head weight -1 whatever lambda
+        is trained (a sign-dependent aux loss and a curve reaching below 0): a trainer that
+        hands its gradients over takes it too."""
+        options = MeasureOptions(**self.measure_options)
+        return self.probe is not None and self.probe.wants_aux_minus(None, options)
+
     def on_update(
-        self, step: int, minibatch: int, batch: dict, optimizer, lambdas, *, eval_batch: dict | None = None
+        self, step: int, minibatch: int, batch: dict, optimizer, lambdas, *, eval_batch: dict | None = None,
+        gradients: UpdateGradients | None = None,
     ) -> dict[str, ProbeRecord]:
         """Measure the update ``optimizer`` is about to take on mini-batch ``minibatch`` of
         ``step`` (call it before ``optimizer.step()``) with the trained ``lambdas`` (a scalar
         or one per head), if ``step`` is scheduled; returns the records by objective name
         (empty otherwise). ``batch`` is this mini-batch (on several ranks, this rank's rows
-        of it); ``batch["group"]``, the prompt-group id of each row, enables cross-fitting."""
-        if not self.schedule(step) or (self.minibatches is not None and minibatch not in self.minibatches):
+        of it); ``batch["group"]``, the prompt-group id of each row, enables cross-fitting.
+        ``gradients``: the trainer's own (see :meth:`~mtpdiag.diagnostics.Probe.measure_update`)."""
+        if not self.measures(step, minibatch):
             return {}
         if self.probe is None:
             raise ValueError("DiagnosticsHook has no probe: pass DiagnosticsHook(Probe(model, objective, aux_loss), ...)")
@@ -258,7 +276,8 @@ class DiagnosticsHook:
         if self.eval_objective is not None and eval_batch is not None:
             objectives[self.eval_name] = (self.eval_objective, eval_batch)
         measured = self.probe.measure_update(
-            batch, optimizer, lambdas, objectives=objectives, clip_fraction=self.clip_fraction, **options
+            batch, optimizer, lambdas, objectives=objectives, clip_fraction=self.clip_fraction, gradients=gradients,
+            **options,
         )
         c_true = measured[self.eval_name].c_eval if self.eval_name in measured else None
         tables = {name: [] for name in TABLES}

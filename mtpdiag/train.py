@@ -32,6 +32,7 @@ import math
 import platform
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -40,6 +41,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import __version__, regimes
 from .calibrators import CalibrationInputs, Calibrator
@@ -48,6 +50,7 @@ from .config import (DTYPES, TrainConfig, build_model, build_task, check_model, 
 from .distributed import (all_reduce_gradients, all_reduce_sum, check_shards, global_means, is_main_process,
                           minibatch_rows, on_main_then_broadcast, process_group_from_env, rank_run_dir, run_on_main,
                           shard, world_size)
+from .diagnostics.gradients import UpdateGradients, needs_trained_aux, trained_weights, training_differs
 from .health import flag_row
 from .hook import DiagnosticsHook
 from .losses import AlignedLogprobs, NonFiniteLossError, aligned_logprobs
@@ -111,7 +114,16 @@ class Updater:
     loss on its rows, the gradients are summed over ranks, and the rows hold the
     whole mini-batch's numbers. ``diagnostics`` measures each mini-batch's update
     just before the optimiser takes it (on the held-out rows ``heldout`` too); its
-    summary and its time (``diag_time_s``) join the mini-batch's row."""
+    summary and its time (``diag_time_s``) join the mini-batch's row.
+
+    On a mini-batch the diagnostics measure, or for a calibrator that reads gradients
+    (the step proxy), the backward is split over the one forward: g, the aux gradient at
+    head weight +1 (and what the measurement needs besides), handed to the Probe and the
+    calibrator, and the update assembled from them as the Probe replays it
+    (:mod:`mtpdiag.diagnostics.gradients`): the measured step is the trained step bit for
+    bit, and it differs from one backward over the sum by rounding only (the hook's
+    ``reuse_gradients`` off keeps the one backward on measured mini-batches). A model whose
+    training forward has randomness (dropout) keeps the one backward."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -130,7 +142,8 @@ class Updater:
                 rows.append(self._minibatch({key: value[index] for key, value in batch.items()}, step, mb))
         return rows
 
-    def _lambdas(self, out: GPTOutput, mbatch: dict, step: int, mb: int, row: dict) -> torch.Tensor:
+    def _lambdas(self, out: GPTOutput, mbatch: dict, step: int, mb: int, row: dict,
+                 grads: UpdateGradients | None) -> torch.Tensor:
         """The MTP coefficients of one mini-batch: the regime's own, or its calibrator's
         (whose info joins ``row``)."""
         regime, K = self.losses.regime, self.cfg.model.n_mtp
@@ -144,6 +157,7 @@ class Updater:
                 old_logprobs=mbatch["old_logprobs"], response_mask=mbatch["response_mask"],
                 lr=self.optimizer.param_groups[0]["lr"], model=self.model, batch=mbatch,
                 forward=self.losses.forward, objective=self.losses.objective, aux_loss=self.losses.aux_loss,
+                gradients=grads,
             )
         )
         lambdas = calibration.lambdas.detach()
@@ -158,10 +172,16 @@ class Updater:
     def _minibatch(self, mbatch: dict, step: int, mb: int) -> dict:
         """The optimiser step on one mini-batch; its metrics row."""
         losses, model = self.losses, self.model
-        out = losses.forward(model, mbatch)
+        measured = self.diagnostics is not None and self.diagnostics.measures(step, mb)
+        reused = measured and self.diagnostics.reuse_gradients
+        # g and m wanted: the backward passes are split over the one forward (the class docstring)
+        split = (reused or (self.calibrator is not None and self.calibrator.reads_gradients)) and not self._stochastic
+        with sdpa_kernel(SDPBackend.MATH) if split else nullcontext():  # the Probe's attention: the same gradients
+            out = losses.forward(model, mbatch)
         j_batch = losses.objective(out, mbatch)
+        grads = self._gradients(out, mbatch, j_batch, reused) if split else None
         row = {"step": step, "minibatch": mb}
-        lambdas = self._lambdas(out, mbatch, step, mb, row)
+        lambdas = self._lambdas(out, mbatch, step, mb, row, grads)
         if losses.regime.lambda_rule != UNIT:
             row.update({lambda_column(k): lam for k, lam in enumerate(lambdas.tolist())})
         aux = losses.aux_loss(out, mbatch, lambdas)
@@ -177,16 +197,20 @@ class Updater:
                 self.on_nonfinite(f"{where}: {name} = {row[name]} is not finite{_culprits(model)}; "
                                   "stopped before the update")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        all_reduce_gradients(model.parameters())
+        if grads is None:
+            loss.backward()
+            all_reduce_gradients(model.parameters())
+        else:
+            self._set_update(grads, aux, lambdas)
         row["grad_norm"] = _grad_norm(model.parameters())
         row["grad_norm_mtp_heads"] = _grad_norm(model.mtp_heads.parameters())
         if not np.isfinite(row["grad_norm"]):
             self.on_nonfinite(f"{where}: the gradient norm {row['grad_norm']} is not finite{_culprits(model)}; "
                               "stopped before the update")
-        if self.diagnostics is not None:
+        if measured:
             started = time.perf_counter()
-            measured = self.diagnostics.on_update(step, mb, mbatch, self.optimizer, lambdas, eval_batch=self.heldout)
+            measured = self.diagnostics.on_update(step, mb, mbatch, self.optimizer, lambdas, eval_batch=self.heldout,
+                                                  gradients=grads if reused else None)  # fmt: skip
             if measured:
                 row.update({**self.diagnostics.summary(measured), "diag_time_s": time.perf_counter() - started})
         self.optimizer.step()
@@ -195,6 +219,36 @@ class Updater:
             self.on_nonfinite(f"{where}: the update (lr {self.optimizer.param_groups[0]['lr']:g}) left inf/nan in "
                               f"parameters {bad}: lower --lr")
         return row
+
+    @property
+    def _stochastic(self) -> bool:
+        """The training forward is not the function the Probe differentiates (dropout, ...):
+        the Probe and the calibrators then take their own gradients."""
+        return training_differs(self.model) is not None
+
+    def _trainable(self) -> dict[str, torch.Tensor]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def _gradients(self, out: GPTOutput, mbatch: dict, j_batch: torch.Tensor, measured: bool) -> UpdateGradients:
+        """g and the aux gradients from the backward passes over ``out``: at head weight +1, at -1
+        where the diagnostics need it, and per head for a gradient-reading calibrator (K > 1)."""
+        losses, K = self.losses, self.cfg.model.n_mtp
+        minus = losses.aux_loss(out, mbatch, -1.0) if measured and self.diagnostics.wants_aux_minus() else None
+        reads = self.calibrator is not None and self.calibrator.reads_gradients
+        heads = [losses.aux_loss(out, mbatch, torch.eye(K)[k]) for k in range(K)] if reads and K > 1 else None
+        return UpdateGradients.take(j_batch, losses.aux_loss(out, mbatch), self._trainable(), aux_minus=minus,
+                                    aux_heads=heads)  # fmt: skip
+
+    def _set_update(self, grads: UpdateGradients, aux: torch.Tensor, lambdas: torch.Tensor) -> None:
+        """``.grad`` = the gradient of -J_batch + aux_loss(lambdas) assembled from ``grads`` (the
+        combination the Probe replays), on the parameters some loss reaches."""
+        params = self._trainable()
+        trained = trained_weights(lambdas)
+        if needs_trained_aux(trained, self.losses.aux_sign_dependent, grads.aux_minus is not None):
+            grads.with_trained(aux, params)
+        update = grads.update(trained, [n for n in params if n in grads.reached])
+        for name, grad in update.items():
+            params[name].grad = grad
 
 
 def _culprits(model: nn.Module) -> str:

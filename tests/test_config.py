@@ -37,8 +37,8 @@ def test_a_config_json_written_before_the_split_reads_into_the_nested_config():
     assert {key: flat[key] for key in OLD_CONFIG} == OLD_CONFIG  # every old key, unchanged
     assert sorted(set(flat) - set(OLD_CONFIG)) == ["diag_gg_curvature", "diag_hvp_mode", "diag_minibatches",
                                                     "diag_objectives",
-                                                    "diag_per_block", "diag_top_curvature", "lambda_placement",
-                                                    "threads"]  # fmt: skip
+                                                    "diag_per_block", "diag_reuse_gradients", "diag_top_curvature",
+                                                    "lambda_placement", "threads"]  # fmt: skip
 
 
 def test_the_flat_dict_round_trips_and_lists_every_field_once():

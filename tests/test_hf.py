@@ -132,6 +132,21 @@ def test_mtp_head_k_at_position_t_scores_token_t_plus_1_plus_k(family, wiring, n
                 ), f"head {k} row {first_row_reading_it} should read token {changed_pos}"
 
 
+@pytest.mark.parametrize("wiring", WIRINGS)
+def test_each_mtp_head_has_its_own_parameters_and_the_probe_leaves_them_in_place(wiring):
+    """One deepcopy memo for every head gave heads 2..K the first head's parameters, and
+    functional_call, meeting one tensor under two names, left a detached copy in the model."""
+    model = tiny_model("gpt2", wiring, n_mtp=3)
+    first, *others = [{id(p) for p in head.parameters()} for head in model.mtp_heads]
+    assert all(not (first & other) for other in others)
+    assert len(list(model.named_parameters(remove_duplicate=False))) == len(list(model.parameters())) + 1  # tied wte
+    before = dict(model.named_parameters())
+    idx = tokens()
+    Probe(model, rl_objective, mtp_policy_loss).measure(rl_batch(idx), 0.1, line_search=False, crossfit=False)
+    after = dict(model.named_parameters())
+    assert all(after[n] is p for n, p in before.items())
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("wiring", WIRINGS)
 def test_mtpdiag_losses_run_on_the_output(family, wiring):

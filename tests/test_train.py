@@ -247,11 +247,12 @@ def test_diag_every_writes_the_decomposition_tables_and_metrics(tiny, tmp_path, 
 
 def test_the_trainer_measures_every_mini_batch_with_its_real_lambda_and_leaves_the_run_alone(tiny, tmp_path, cache):
     """The hook sees the calibrator's lambda of each mini-batch, at the parameters it starts
-    from; measuring changes no trainer number."""
+    from; with the Probe's own gradients (diag_reuse_gradients false) measuring changes no
+    trainer number."""
     cfg = tiny(regime="occ", steps=2, minibatches=2)
     plain = train(cfg, tmp_path / "plain", calibrator=CountingCalibrator(), cache_dir=cache, progress=False)
-    measured = train(cfg.with_values(diag_every=1, diag_top_curvature="none"), tmp_path / "measured",
-                     calibrator=CountingCalibrator(), cache_dir=cache, progress=False)  # fmt: skip
+    measured = train(cfg.with_values(diag_every=1, diag_top_curvature="none", diag_reuse_gradients=False),
+                     tmp_path / "measured", calibrator=CountingCalibrator(), cache_dir=cache, progress=False)  # fmt: skip
     steps = pd.read_csv(tmp_path / "measured" / "diag_steps.csv")
     minibatches = pd.read_csv(tmp_path / "measured" / "minibatch.csv")
     trained = steps[steps["objective"] == "j_batch"][["step", "minibatch", "lambda_trained"]]
@@ -408,3 +409,43 @@ def test_progress_off_a_terminal_prints_plain_lines_that_never_show_a_nan_j_true
     assert len(lines) >= 3 and lines[-1].startswith("rl detach seed 0: 3/3 steps")
     assert not any("nan" in line for line in lines)
     assert lines[-1] != lines[-2]  # the closing line is not the last periodic one again
+
+
+def test_a_measured_mini_batch_trains_on_the_split_backward_it_hands_to_the_probe(tiny, tmp_path, cache):
+    """diag_reuse_gradients (the default): the Probe reads g and m from the trainer's backward
+    passes; until the first measured mini-batch's update the run is the unmeasured one bit for
+    bit, and that update is the one backward over the sum to float32 rounding."""
+    cfg = tiny(regime="policy", lam=0.5, steps=2, minibatches=2)
+    plain = train(cfg, tmp_path / "plain", cache_dir=cache, progress=False)
+    measured = train(cfg.with_values(diag_every=2, diag_minibatches=(1,), diag_top_curvature="none"),
+                     tmp_path / "measured", cache_dir=cache, progress=False)  # fmt: skip
+    steps = pd.read_csv(tmp_path / "measured" / "diag_steps.csv")
+    assert (steps["gradients_from"] == "trainer").all() and set(zip(steps.step, steps.minibatch)) == {(2, 1)}
+    rows = {name: pd.read_csv(tmp_path / name / "minibatch.csv").set_index(["step", "minibatch"])
+            for name in ("plain", "measured")}  # fmt: skip
+    before = [(1, 0), (1, 1), (2, 0)]
+    columns = [c for c in rows["plain"].columns]
+    pd.testing.assert_frame_equal(rows["measured"].loc[before, columns], rows["plain"].loc[before], check_exact=True)
+    at = rows["measured"].loc[(2, 1)]
+    assert (at[["j_batch", "loss_total"]] == rows["plain"].loc[(2, 1), ["j_batch", "loss_total"]]).all()
+    assert at["grad_norm"] == pytest.approx(rows["plain"].loc[(2, 1), "grad_norm"], rel=1e-5)
+
+    dropout = train(cfg.with_values(dropout=0.1, diag_every=2, diag_minibatches=(1,), diag_top_curvature="none"),
+                    tmp_path / "dropout", cache_dir=cache, progress=False)  # fmt: skip
+    assert (pd.read_csv(dropout.out / "diag_steps.csv")["gradients_from"] == "probe").all()
+
+
+def test_a_gradient_reading_calibrator_gets_the_trainers_g_and_m_and_the_run_steps_on_them(tiny, tmp_path, cache):
+    class Reading(CountingCalibrator):
+        reads_gradients = True
+
+        def __call__(self, inputs):
+            assert inputs.gradients.source == "trainer" and inputs.gradients.aux.keys() == inputs.gradients.g.keys()
+            return super().__call__(inputs)
+
+    cfg = tiny(regime="occ", steps=2)
+    plain = train(cfg, tmp_path / "plain", calibrator=CountingCalibrator(), cache_dir=cache, progress=False)
+    reading = train(cfg, tmp_path / "reading", calibrator=Reading(), cache_dir=cache, progress=False)
+    first = [pd.read_csv(run.out / "minibatch.csv").iloc[0] for run in (reading, plain)]  # the same forward
+    assert (first[0][["j_batch", "loss_total", "lambda_0"]] == first[1][["j_batch", "loss_total", "lambda_0"]]).all()
+    assert first[0]["grad_norm"] == pytest.approx(first[1]["grad_norm"], rel=1e-5)

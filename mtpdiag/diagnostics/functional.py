@@ -10,7 +10,8 @@
   backward) and Hugging Face gradient checkpointing suspended.
 * :func:`find_shared`: S, the trainable parameters both losses reach in the autograd graph.
 * :func:`function_of`: a loss as a pure function of S, the rest held fixed.
-* :func:`values_and_gradients`: values and gradients of several losses from one forward.
+* :func:`values_and_gradients`: values and gradients of several losses from one forward
+  (:func:`gradients_of` the backward passes, shared with the trainer's reused gradients).
 
 Nothing here writes to the model, its ``.grad``, its buffers or the RNG.
 Under ``torch.distributed`` losses are evaluated as this rank's share of the
@@ -239,6 +240,23 @@ def function_of(
     return f
 
 
+def gradients_of(values: Sequence[torch.Tensor], leaves: Params, retain_graph: bool) -> list[dict]:
+    """The gradient of each of ``values`` with respect to ``leaves`` (None where a value does
+    not reach a leaf), one backward each over their shared graph, kept after the last with
+    ``retain_graph``. The trainer's reused gradients and the Probe's own come from here, so
+    the two are the same computation."""
+    grads = []
+    for i, value in enumerate(values):
+        if not value.requires_grad:
+            grads.append(dict.fromkeys(leaves))
+            continue
+        grad = torch.autograd.grad(
+            value, list(leaves.values()), retain_graph=retain_graph or i < len(values) - 1, allow_unused=True
+        )
+        grads.append(dict(zip(leaves, grad)))
+    return grads
+
+
 def values_and_gradients(
     fm: FunctionalModel, losses: Sequence[Loss], batch: dict, params: Params, fixed: Params,
     then: Callable[[Params, object], None] | None = None,
@@ -252,16 +270,8 @@ def values_and_gradients(
     with torch.enable_grad():
         outputs = fm({**fixed, **leaves}, batch)
         values = [checked_value(loss, outputs, batch) for loss in losses]
-        grads = []
-        for i, value in enumerate(values):
-            if not value.requires_grad:
-                grads.append({k: torch.zeros_like(t) for k, t in params.items()})
-                continue
-            grad = torch.autograd.grad(
-                value, list(leaves.values()), retain_graph=then is not None or i < len(values) - 1, allow_unused=True,
-                materialize_grads=True,
-            )
-            grads.append(dict(zip(leaves, grad)))
+        found = gradients_of(values, leaves, retain_graph=then is not None)
+        grads = [{k: torch.zeros_like(params[k]) if t is None else t for k, t in grad.items()} for grad in found]
         if then is not None:
             then(leaves, outputs)
     values = all_reduce_sum(torch.stack([v.detach() for v in values])).unbind()

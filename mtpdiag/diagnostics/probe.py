@@ -51,6 +51,7 @@ from .functional import (
     FunctionalModel, Loss, Params, check_finite, checked_value, checkpointing_enabled, checkpointing_error, find_shared,
     function_of, isolated, reached_by, values_and_gradients,
 )
+from .gradients import UpdateGradients, trained_weights
 from .hvp import HVP_MODES, HessianAt, top_curvature, tree_dot
 from .precond import frozen_preconditioner, unsupported
 
@@ -90,6 +91,8 @@ class ProbeRecord:
     else None. ``hvp_time_fwd_rev_s`` and ``hvp_time_rev_rev_s``: with ``hvp_mode="auto"``,
     the one-time timings of one HVP in each mode that chose ``hvp_mode`` (None for a mode
     that could not run, and without ``auto``).
+    ``gradients_from`` is ``"trainer"`` where g and m are the trainer's own backward passes
+    (``measure_update(gradients=...)``), else ``"probe"``.
     ``gradient_checkpointing`` is ``"suspended"`` when the model had Hugging Face
     gradient checkpointing on and the measurement ran with it off (restored after), else None.
     ``time_s`` is the time of the whole measurement, every objective included."""
@@ -137,6 +140,7 @@ class ProbeRecord:
     hvp_time_fwd_rev_s: float | None = None
     hvp_time_rev_rev_s: float | None = None
     gradient_checkpointing: str | None = None
+    gradients_from: str = "probe"
     note: str = ""
     time_s: float = 0.0
     curve: Curve | None = None
@@ -270,31 +274,6 @@ def _along(g: Params, shared: Sequence[str], params: Params) -> Params:
     return {n: g[n] if n in chosen else torch.zeros_like(t) for n, t in params.items()}
 
 
-def _trained_weights(lambdas) -> torch.Tensor | None:
-    """The trained lambda (a scalar or one per head) as a 1-D float64 tensor."""
-    if lambdas is None:
-        return None
-    weights = torch.as_tensor(lambdas, dtype=torch.float64).detach().cpu().reshape(-1)
-    if weights.numel() == 0 or not torch.isfinite(weights).all():
-        raise ValueError(f"lambdas={lambdas!r}: pass the trained MTP coefficient, a finite scalar or one per head")
-    return weights
-
-
-@dataclass
-class _Gradients:
-    """The first derivatives one update measurement shares across its objectives, on the
-    parameters it takes them on (every moved parameter and S)."""
-
-    g: Params  # grad of the objective (J_batch)
-    aux: Params  # grad of the aux loss at head weight +1 (G+ = -m)
-    aux_minus: Params | None  # at head weight -1 (G-), where the aux loss depends on the sign
-    aux_trained: Params | None  # at the trained head weights, where they differ by head
-
-    @property
-    def m(self) -> Params:
-        return {n: -t for n, t in self.aux.items()}
-
-
 class _Step:
     """The trained update at coefficient lambda, replayed: the gradient the trainer's
     backward of -objective + aux_loss(lambda) leaves on each parameter (None where no
@@ -302,18 +281,13 @@ class _Step:
     and the trained lambda (which every objective reads) and for the last lambda asked
     (Delta and Delta_S read the same step)."""
 
-    def __init__(self, replay: Replay, grads: _Gradients, moved: Sequence[str], trained: torch.Tensor | None):
+    def __init__(self, replay: Replay, grads: UpdateGradients, moved: Sequence[str], trained: torch.Tensor | None):
         self.replay, self.grads, self.moved, self.trained = replay, grads, list(moved), trained
         self._kept: dict = {}
         self._last: tuple[float, Params] | None = None
 
     def gradient(self, lam: float) -> dict[str, torch.Tensor]:
-        # aux(lambda) is positively homogeneous in lambda: lambda G+ above 0, |lambda| G- below
-        if lam < 0 and self.grads.aux_minus is not None:
-            aux, weight = self.grads.aux_minus, -lam
-        else:
-            aux, weight = self.grads.aux, lam
-        return {n: weight * aux[n] - self.grads.g[n] for n in self.moved}
+        return self.grads.at(lam, self.moved)
 
     def at(self, lam: float) -> Params:
         if lam == 0.0:
@@ -323,12 +297,7 @@ class _Step:
         return self._last[1]
 
     def at_trained(self) -> Params:
-        def step():
-            if self.grads.aux_trained is None:
-                return self.replay(self.gradient(self.trained[0].item()))
-            return self.replay({n: self.grads.aux_trained[n] - self.grads.g[n] for n in self.moved})
-
-        return self._keep("trained", step)
+        return self._keep("trained", lambda: self.replay(self.grads.update(self.trained, self.moved)))
 
     def _keep(self, key, compute) -> Params:
         if key not in self._kept:
@@ -485,6 +454,7 @@ class Probe:
         L: float | None = None,
         per_block: bool = False,
         crossfit: bool = True,
+        gradients: UpdateGradients | None = None,
     ) -> dict[str, ProbeRecord]:
         """Measure the update the trainer is about to take on ``batch``: one step of
         ``optimizer`` (replayed by a clone of it; its own state, learning rates and weight
@@ -516,24 +486,34 @@ class Probe:
         ``crossfit`` (when ``batch["group"]`` holds each row's prompt-group id, every
         tensor of the batch having its rows first): g and m on the rows of the even and of
         the odd group ids, each half its own mean, and c_crossfit, cos_crossfit (s.8).
+
+        ``gradients``: the trainer's own g and aux gradients on ``batch`` at these parameters
+        (:meth:`UpdateGradients.take` over its forward, which must be the function the Probe
+        differentiates: no training-mode randomness, math attention); the Probe then takes no
+        first derivatives of its own except those missing (G- or the trained head weights'),
+        and with ``gg_curvature`` runs H m and H g_S as one batched product. Records say so
+        (``gradients_from``).
         """
         options = MeasureOptions(
             grid=grid, hvp=hvp, gg_curvature=gg_curvature, line_search=line_search, top_curvature=top_curvature,
             L=L, per_block=per_block, crossfit=crossfit,
         )
+        if gradients is not None and not isinstance(gradients, UpdateGradients):
+            raise ValueError(f"gradients={type(gradients).__name__}: pass UpdateGradients.take(...) of the trainer's "
+                             "forward, or None for the Probe's own")
         specs = self._objective_specs(objectives)
         if not isinstance(options.top_curvature, bool):
             unknown = sorted(set(options.top_curvature) - set(specs))
             if unknown:
                 raise ValueError(f"top_curvature names objectives {unknown} that are not measured: {sorted(specs)}")
-        trained = _trained_weights(lambdas)
+        trained = trained_weights(lambdas)
         parameters = dict(self.model.named_parameters())
         curves.check_optimizer(optimizer, parameters)
         started = time.perf_counter()
         suspended = checkpointing_enabled(self.model)
         with isolated(self.model), torch.enable_grad():
             try:
-                records = self._measure_update(batch, optimizer, trained, specs, clip_fraction, options)
+                records = self._measure_update(batch, optimizer, trained, specs, clip_fraction, options, gradients)
             except RuntimeError as err:
                 if checkpointing_error(err) is None:
                     raise
@@ -557,7 +537,7 @@ class Probe:
             raise ValueError("objectives is empty: name at least one curve objective")
         return specs
 
-    def _measure_update(self, batch, optimizer, trained, specs, clip_fraction, options) -> dict[str, ProbeRecord]:
+    def _measure_update(self, batch, optimizer, trained, specs, clip_fraction, options, given) -> dict[str, ProbeRecord]:
         fm = self.functional
         shared = self._resolve_shared(batch)
         moved = self.moved_names(batch)
@@ -574,7 +554,9 @@ class Probe:
             for name, (loss, b) in specs.items()
         } if options.hvp else {}
 
-        grads, own_value, own_Hm, own_Hg = self._gradients(batch, params, rest, shared, trained, options, hessians.get(own))
+        grads, own_value, own_Hm, own_Hg = self._gradients(
+            batch, params, rest, shared, trained, options, hessians.get(own), given
+        )
         g, m = grads.g, grads.m
         step = _Step(Replay(optimizer, dict(self.model.named_parameters())), grads, moved, trained)
         precond = self._precond(optimizer, m, shared, theta, step)
@@ -598,6 +580,7 @@ class Probe:
             "precond_new_share": precond[0].new_share if precond else None,
             "hvp_time_fwd_rev_s": self.hvp_timings.get("fwd_rev") if self.hvp_timings else None,
             "hvp_time_rev_rev_s": self.hvp_timings.get("rev_rev") if self.hvp_timings else None,
+            "gradients_from": grads.source,
         }
         notes = []
         if len(lrs) > 1:
@@ -705,24 +688,57 @@ class Probe:
         summed = summed.tolist()
         self.hvp_timings = {mode: None if timings[mode] is None else float(t) for mode, t in zip(timings, summed)}
 
-    def _gradients(self, batch, params, rest, shared, trained, options, own_hessian):
-        """(g and the aux gradients, the objective's value, H m and H g_S of the objective or None):
-        one forward for the aux gradients, and g and the value from the objective's own
-        Hessian with its first product H m where that is measured (else from the same forward;
-        reverse over reverse builds the objective's first-order graph on that forward too).
-        With ``gg_curvature`` also H g_S: reverse over reverse over the same graph; forward over
-        reverse in a second product, as g comes from the first (batching both tangents would
-        need g from one more backward first, which costs what the batching saves)."""
+    def wants_aux_minus(self, trained: torch.Tensor | None, options: MeasureOptions) -> bool:
+        """Whether a measurement needs G- (the aux gradient at head weight -1): a sign-dependent
+        aux loss, and a curve reaching below lambda = 0 or a negative trained lambda (one for
+        every head; where they differ, the trained step reads their own gradient)."""
+        if not self.aux_sign_dependent:
+            return False
+        uniform = trained is not None and bool((trained == trained[0]).all())
+        return (options.line_search and (options.grid is None or options.grid[0] < 0)) or (
+            uniform and bool(trained[0] < 0)
+        )
+
+    def _gradients(self, batch, params, rest, shared, trained, options, own_hessian, given):
+        """(the :class:`UpdateGradients`, the objective's value, H m and H g_S of the objective or None).
+
+        Without ``given``: one forward for the aux gradients, and g and the value from the
+        objective's own Hessian with its first product H m where that is measured (else from
+        the same forward; reverse over reverse builds the objective's first-order graph on that
+        forward too). With ``gg_curvature`` also H g_S: reverse over reverse over the same
+        graph; forward over reverse in a second product, as g comes from the first.
+
+        With the trainer's ``given`` gradients: only the missing aux gradients from one
+        forward, and H m with H g_S in one batched product (g is known before it)."""
         fm = self.functional
         varied = trained is not None and trained.numel() > 1 and not bool((trained == trained[0]).all())
-        below_zero = (options.line_search and (options.grid is None or options.grid[0] < 0)) or (
-            trained is not None and not varied and trained[0] < 0
-        )
-        aux_losses = {"aux": self.aux_loss}
-        if self.aux_sign_dependent and below_zero:
+        aux_losses = {}
+        if self.wants_aux_minus(trained, options) and (given is None or given.aux_minus is None):
             aux_losses["aux_minus"] = partial(self.aux_loss, head_weights=-1.0)
-        if varied:
+        if varied and (given is None or given.aux_trained is None):
             aux_losses["aux_trained"] = partial(self.aux_loss, head_weights=trained)
+        if given is not None:
+            missing = sorted(set(params) - set(given.g) | set(params) - set(given.aux))
+            if missing:
+                raise ValueError(f"the given gradients lack parameters {missing} that the update moves or S holds: "
+                                 "take them over every trainable parameter")
+            found = values_and_gradients(fm, list(aux_losses.values()), batch, params, rest)[1] if aux_losses else []
+            extra = dict(zip(aux_losses, found))
+            grads = UpdateGradients(
+                given.value, {n: given.g[n] for n in params}, {n: given.aux[n] for n in params},
+                extra.get("aux_minus", given.aux_minus), None, extra.get("aux_trained", given.aux_trained),
+                given.reached, given.source,
+            )
+            for key, grad in extra.items():
+                check_finite(grad, "aux_loss", aux_losses[key])
+            check_finite(grads.g, "objective", self.objective)
+            check_finite(grads.aux, "aux_loss", self.aux_loss)
+            Hm = Hg = None
+            if own_hessian is not None:
+                directions = [grads.m] + ([_along(grads.g, shared, params)] if options.gg_curvature else [])
+                Hm, Hg = (own_hessian.products(directions) + [None])[:2]
+            return grads, grads.value, Hm, Hg
+        aux_losses = {"aux": self.aux_loss, **aux_losses}
         losses = list(aux_losses.values()) if own_hessian is not None else [self.objective, *aux_losses.values()]
         then = None
         if own_hessian is not None and own_hessian.mode == "rev_rev":  # its first-order graph from the same forward
@@ -744,7 +760,8 @@ class Probe:
         check_finite(g, "objective", self.objective)
         if own_hessian is not None and options.gg_curvature:
             Hg = own_hessian(_along(g, shared, params))
-        return _Gradients(g, aux["aux"], aux.get("aux_minus"), aux.get("aux_trained")), value, Hm, Hg
+        grads = UpdateGradients(value, g, aux["aux"], aux.get("aux_minus"), None, aux.get("aux_trained"))
+        return grads, value, Hm, Hg
 
     def _precond(self, optimizer, m, shared, theta, step: _Step):
         """(Q, Q m, u0) of an Adam step (docs/theory.md s.6), None for another optimizer."""

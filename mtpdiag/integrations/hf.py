@@ -293,12 +293,13 @@ class MTPCausalLM(nn.Module):
             self.mtp_heads = heads.to(device=embed.device, dtype=embed.dtype)
             return
         config = hf_model.config
-        # The copies keep pointing at the model's config, so they follow its attention implementation.
-        share_config = {id(config): config}
         heads = []
         for _ in range(n_mtp):
-            layer = copy.deepcopy(layers[-1], share_config)
-            norm = copy.deepcopy(self.final_norm, share_config)
+            # The copies keep pointing at the model's config, so they follow its attention implementation;
+            # a fresh memo per copy, as deepcopy records every object it copied there (one memo for all
+            # heads gave every head the first head's parameters)
+            layer = copy.deepcopy(layers[-1], {id(config): config})
+            norm = copy.deepcopy(self.final_norm, {id(config): config})
             if wiring == "parallel":
                 heads.append(ParallelHFHead(layer, norm))
             else:
