@@ -8,6 +8,11 @@ mini-batch of 128 sequences, fewer for the GPT-2-sized config), prints medians o
 * a measure, ``measure(hvp=True, gg_curvature=False, line_search=False)`` (g, m, one
   HVP, the dot products), with each HVP mode, and with ``gg_curvature`` (h_gg) in the
   faster mode;
+* the same measure reusing the trainer's gradients, as mtpdiag's trainer runs it on a
+  measured mini-batch: the training step with its backward split over the one forward
+  (``UpdateGradients.take``: g and the aux gradient), the measure handed them
+  (``gradients=``; with h_gg, H m and H g_S in one batched product); its cost is what it
+  adds to a plain training step;
 * one HVP from scratch in each mode (``HessianAt``), curvlinops'
   ``HessianLinearOperator`` matvec (optional) and a PyHessian-style double backward
   (``autograd.grad(create_graph=True)``, then the gradient of grad . v);
@@ -39,7 +44,8 @@ import torch
 from torch import nn
 
 from mtpdiag import losses
-from mtpdiag.diagnostics import Probe
+from mtpdiag.diagnostics import Probe, UpdateGradients
+from mtpdiag.diagnostics.gradients import trained_weights
 from mtpdiag.diagnostics.hvp import HVP_MODES, HessianAt, flatten, unflatten
 from mtpdiag.model import GPT, GPTConfig
 from mtpdiag.tasks import make_task
@@ -62,7 +68,8 @@ SIZES = {
 REDUCED = {"124M": (8, 1)}
 CSV_COLUMNS = [
     "size", "params", "measure_over_train_step", "hvp_over_grad", "measure_gg_over_measure",
-    "peak_mem_over_train_step", "curvlinops_over_ours",
+    "peak_mem_over_train_step", "curvlinops_over_ours", "measure_reused_over_train_step",
+    "measure_gg_reused_over_measure_reused",
 ]
 
 
@@ -75,6 +82,8 @@ def targets(size: str) -> dict[str, tuple[str, float]]:
         "measure_gg_over_measure": ("<=", 1.3),
         "peak_mem_over_train_step": ("<=", 2.0),
         "curvlinops_over_ours": (">=", 1.0),
+        "measure_reused_over_train_step": ("<=", 3.0 if large else 3.5),
+        "measure_gg_reused_over_measure_reused": ("<=", 1.3),
     }
 
 
@@ -116,6 +125,25 @@ def train_step_of(model, batch, optimizer):
         optimizer.step()
 
     return train_step
+
+
+def measured_step_of(model, batch, optimizer, mode: str, gg: bool = False):
+    """A training step whose backward is split over its forward, measured with the gradients
+    it took, as the trainer does on a measured mini-batch (mtpdiag.train.Updater)."""
+    probe = Probe(model, losses.rl_objective, losses.mtp_policy_loss, hvp_mode=mode)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    trained = trained_weights(0.1)
+
+    def measured_step():
+        out = model(batch["input_ids"])
+        grads = UpdateGradients.take(losses.rl_objective(out, batch), losses.mtp_policy_loss(out, batch), params)
+        probe.measure(batch, 1e-4, gg_curvature=gg, line_search=False, gradients=grads)
+        optimizer.zero_grad(set_to_none=True)
+        for name, grad in grads.update(trained, list(grads.reached)).items():
+            params[name].grad = grad
+        optimizer.step()
+
+    return measured_step
 
 
 def measure_of(model, batch, mode: str, gg: bool = False):
@@ -270,6 +298,8 @@ def bench_size(size: str, args, device) -> dict:
         t[f"measure {mode}"] = timed(measure_of(model, batch, mode), repeats, device)
     best_measure = min(HVP_MODES, key=lambda mode: t[f"measure {mode}"])
     t["measure+h_gg"] = timed(measure_of(model, batch, best_measure, gg=True), repeats, device)
+    for gg, key in ((False, "measured step"), (True, "measured step+h_gg")):
+        t[key] = timed(measured_step_of(model, batch, optimizer, best_measure, gg), repeats, device)
     model.eval()  # the Probe measures with eval semantics; so do the HVPs timed here
     for mode in HVP_MODES:
         t[f"HVP {mode}"] = timed(lambda: HessianAt(J, theta, mode)(direction), repeats, device)
@@ -306,6 +336,9 @@ def bench_size(size: str, args, device) -> dict:
         "measure_gg_over_measure": t["measure+h_gg"] / t[f"measure {best_measure}"],
         "peak_mem_over_train_step": peak_measure / peak_train,
         "curvlinops_over_ours": t["HVP curvlinops"] / t[f"HVP {best_hvp}"] if "HVP curvlinops" in t else math.nan,
+        "measure_reused_over_train_step": t["measured step"] / t["train step"] - 1,
+        "measure_gg_reused_over_measure_reused": (t["measured step+h_gg"] - t["train step"])
+        / (t["measured step"] - t["train step"]),
         "best measure mode": best_measure,
         "best HVP mode": best_hvp,
     }

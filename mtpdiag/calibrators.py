@@ -333,7 +333,7 @@ class OCC(Calibrator, _WarningCounter):
             theta, fixed, g, ms = self._shared_gradients(inputs, fm, K)
             eta = inputs.lr
             tangents = [{n: eta * g[n] for n in theta}] + [{n: eta * m[n] for n in theta} for m in ms]
-            deltas = [self._logprob_change(inputs, fm, theta, fixed, t) for t in tangents]
+            deltas = self._logprob_changes(inputs, fm, theta, fixed, tangents)
         d_rl, d_mtp = deltas[0].unsqueeze(0), torch.stack(deltas[1:])
         tokens = inputs.response_mask.bool() if self.masked else response_block(inputs.response_mask)
         return d_rl, d_mtp, tokens.unsqueeze(0).expand_as(d_mtp)
@@ -358,23 +358,32 @@ class OCC(Calibrator, _WarningCounter):
             _, (g, *aux_grads) = values_and_gradients(fm, losses, inputs.batch, theta, fixed)
         return theta, fixed, g, [{n: -t for n, t in grad.items()} for grad in aux_grads]
 
-    def _logprob_change(
-        self, inputs: CalibrationInputs, fm: FunctionalModel, shared: dict, fixed: dict, tangent: dict
-    ) -> torch.Tensor:
-        """J @ tangent: the first-order change of the main head's per-token log-probs
-        (forward-mode AD, which the math attention of :func:`isolated` has)."""
+    def _logprob_changes(
+        self, inputs: CalibrationInputs, fm: FunctionalModel, shared: dict, fixed: dict, tangents: list[dict]
+    ) -> list[torch.Tensor]:
+        """J @ tangent for each tangent: the first-order change of the main head's per-token
+        log-probs (forward-mode AD, which the math attention of :func:`isolated` has), all
+        tangents in one pass (``torch.func.vmap``; dropout draws one mask for all of them, so
+        the RL and the MTP directions are judged on the same function)."""
 
         def main_logprobs(theta: dict) -> torch.Tensor:
             return token_logprobs(fm({**fixed, **theta}, inputs.batch).main)
 
         with torch.no_grad():
             if self.finite_difference is None:
-                return torch.func.jvp(main_logprobs, (shared,), (tangent,))[1]
+                stacked = {n: torch.stack([t[n] for t in tangents]) for n in shared}
+                changes = torch.func.vmap(lambda t: torch.func.jvp(main_logprobs, (shared,), (t,))[1],
+                                          randomness="same")(stacked)  # fmt: skip
+                return list(changes.unbind())
             h = self.finite_difference
-            with fork_rng(inputs.model):  # so both sides draw the same dropout masks
-                plus = main_logprobs({n: p + h * tangent[n] for n, p in shared.items()})
-            minus = main_logprobs({n: p - h * tangent[n] for n, p in shared.items()})
-            return (plus - minus) / (2 * h)
+            changes = []
+            for tangent in tangents:
+                sides = []
+                for sign in (1, -1):
+                    with fork_rng(inputs.model):  # every side of every tangent draws the same dropout masks
+                        sides.append(main_logprobs({n: p + sign * h * tangent[n] for n, p in shared.items()}))
+                changes.append((sides[0] - sides[1]) / (2 * h))
+            return changes
 
     def _smooth(self, lambdas: torch.Tensor, updated: torch.Tensor) -> torch.Tensor:
         """Clip, then EMA. A head with an unusable value this call outputs 0 and
