@@ -45,7 +45,6 @@ from torch import nn
 
 from mtpdiag import losses
 from mtpdiag.diagnostics import Probe, UpdateGradients
-from mtpdiag.diagnostics.gradients import trained_weights
 from mtpdiag.diagnostics.hvp import HVP_MODES, HessianAt, flatten, unflatten
 from mtpdiag.model import GPT, GPTConfig
 from mtpdiag.tasks import make_task
@@ -132,15 +131,13 @@ def measured_step_of(model, batch, optimizer, mode: str, gg: bool = False):
     it took, as the trainer does on a measured mini-batch (mtpdiag.train.Updater)."""
     probe = Probe(model, losses.rl_objective, losses.mtp_policy_loss, hvp_mode=mode)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    trained = trained_weights(0.1)
 
     def measured_step():
         out = model(batch["input_ids"])
         grads = UpdateGradients.take(losses.rl_objective(out, batch), losses.mtp_policy_loss(out, batch), params)
         probe.measure(batch, 1e-4, gg_curvature=gg, line_search=False, gradients=grads)
         optimizer.zero_grad(set_to_none=True)
-        for name, grad in grads.update(trained, list(grads.reached)).items():
-            params[name].grad = grad
+        grads.set_grad(params, 0.1, 0.1 * losses.mtp_policy_loss(out, batch), sign_dependent=False)
         optimizer.step()
 
     return measured_step

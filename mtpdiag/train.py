@@ -50,7 +50,7 @@ from .config import (DTYPES, TrainConfig, build_model, build_task, check_model, 
 from .distributed import (all_reduce_gradients, all_reduce_sum, check_shards, global_means, is_main_process,
                           minibatch_rows, on_main_then_broadcast, process_group_from_env, rank_run_dir, run_on_main,
                           shard, world_size)
-from .diagnostics.gradients import UpdateGradients, needs_trained_aux, trained_weights, training_differs
+from .diagnostics.gradients import UpdateGradients, training_differs
 from .health import flag_row
 from .hook import DiagnosticsHook
 from .losses import AlignedLogprobs, NonFiniteLossError, aligned_logprobs
@@ -201,7 +201,7 @@ class Updater:
             loss.backward()
             all_reduce_gradients(model.parameters())
         else:
-            self._set_update(grads, aux, lambdas)
+            grads.set_grad(self._trainable(), lambdas, aux, self.losses.aux_sign_dependent)
         row["grad_norm"] = _grad_norm(model.parameters())
         row["grad_norm_mtp_heads"] = _grad_norm(model.mtp_heads.parameters())
         if not np.isfinite(row["grad_norm"]):
@@ -238,17 +238,6 @@ class Updater:
         heads = [losses.aux_loss(out, mbatch, torch.eye(K)[k]) for k in range(K)] if reads and K > 1 else None
         return UpdateGradients.take(j_batch, losses.aux_loss(out, mbatch), self._trainable(), aux_minus=minus,
                                     aux_heads=heads)  # fmt: skip
-
-    def _set_update(self, grads: UpdateGradients, aux: torch.Tensor, lambdas: torch.Tensor) -> None:
-        """``.grad`` = the gradient of -J_batch + aux_loss(lambdas) assembled from ``grads`` (the
-        combination the Probe replays), on the parameters some loss reaches."""
-        params = self._trainable()
-        trained = trained_weights(lambdas)
-        if needs_trained_aux(trained, self.losses.aux_sign_dependent, grads.aux_minus is not None):
-            grads.with_trained(aux, params)
-        update = grads.update(trained, [n for n in params if n in grads.reached])
-        for name, grad in update.items():
-            params[name].grad = grad
 
 
 def _culprits(model: nn.Module) -> str:

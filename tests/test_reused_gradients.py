@@ -161,3 +161,34 @@ def test_the_step_proxy_from_trainer_gradients_equals_its_own_bit_for_bit(heads)
     own, reused = proxy(inputs), OCC(proxy="step")(dataclasses.replace(inputs, gradients=given))
     assert torch.equal(own.lambdas, reused.lambdas) and not math.isnan(own.lambdas[0].item())
     assert own.info == reused.info
+
+
+def test_the_readmes_plain_loop_with_reused_gradients_trains_what_the_one_backward_trains():
+    from test_hook import minibatches
+
+    def train(reuse):
+        model = tiny_gpt("parallel")
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        probe = Probe(model, losses.rl_objective, losses.mtp_policy_loss, aux_sign_dependent=True)
+        hook = DiagnosticsHook(probe, 2, MemorySink(), crossfit=False)
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        lambdas = torch.tensor([0.3, 0.6])
+        for step in range(1, 4):
+            for mb, rows in enumerate(minibatches(model, step)):
+                out = model(rows["input_ids"])
+                aux = losses.mtp_policy_loss(out, rows, lambdas)
+                optimizer.zero_grad()
+                if reuse and hook.measures(step, mb):
+                    grads = UpdateGradients.take(losses.rl_objective(out, rows), losses.mtp_policy_loss(out, rows),
+                                                 params, aux_minus=losses.mtp_policy_loss(out, rows, -1.0))  # fmt: skip
+                    grads.set_grad(params, lambdas, aux, sign_dependent=True)
+                    hook.on_update(step, mb, rows, optimizer, lambdas, gradients=grads)
+                else:
+                    (aux - losses.rl_objective(out, rows)).backward()
+                optimizer.step()
+        return model, hook.sink.frame("steps")
+
+    (reused, rows), (plain, _) = train(True), train(False)
+    assert rows["gradients_from"].tolist() == ["trainer", "trainer"] and rows["delta_trained"].notna().all()
+    for (name, a), b in zip(reused.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13, msg=name)

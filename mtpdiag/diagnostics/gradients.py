@@ -139,6 +139,17 @@ class UpdateGradients:
         (grads,) = gradients_of([aux_trained], parameters, retain_graph=False)
         self.aux_trained = self._summed(grads, parameters)
 
+    def set_grad(self, parameters: Params, lambdas, aux_at_lambdas: torch.Tensor, sign_dependent: bool) -> None:
+        """Sets ``.grad`` of every reached parameter of ``parameters`` (the trainable ones by
+        name) to the gradient of -objective + aux_loss(``lambdas``), assembled as the Probe
+        replays it; ``aux_at_lambdas`` (this rank's aux_loss at ``lambdas`` on the same
+        forward) is differentiated only where :func:`needs_trained_aux` says so."""
+        trained = trained_weights(lambdas)
+        if needs_trained_aux(trained, sign_dependent, self.aux_minus is not None):
+            self.with_trained(aux_at_lambdas, parameters)
+        for name, grad in self.update(trained, [n for n in parameters if n in self.reached]).items():
+            parameters[name].grad = grad
+
     @staticmethod
     def _summed(grads: dict, parameters: Params) -> Params:
         """Zeros where the loss does not reach a parameter, summed over ranks."""
