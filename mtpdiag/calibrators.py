@@ -414,12 +414,23 @@ class _ProbeCalibrator(Calibrator, _WarningCounter):
     """A calibrator that measures g and m with one :class:`~mtpdiag.diagnostics.Probe` per head
     (head k's probe uses head k's MTP loss alone; with one head, the whole MTP loss).
     ``clip=(lo, hi)`` clamps each lambda (off by default); ``info["lambda_raw"]`` is
-    the value before it."""
+    the value before it. The probes read the trainer's gradients where it hands them over
+    (``CalibrationInputs.gradients``: g and head k's aux gradient)."""
+
+    reads_gradients = True
 
     def __init__(self, clip: tuple[float, float] | None = None):
         _WarningCounter.__init__(self)
         self.clip = check_clip(clip)
         self._probes: tuple[torch.nn.Module, list[Probe]] | None = None
+
+    @staticmethod
+    def _measure(inputs: CalibrationInputs, k: int, probe: Probe, **options):
+        """Head ``k``'s ``probe.measure`` on the mini-batch at the step size ``inputs.lr``."""
+        given = inputs.gradients
+        if given is not None:
+            given = UpdateGradients(given.value, given.g, given.head(k), reached=given.reached, source=given.source)
+        return probe.measure(inputs.batch, inputs.lr, gradients=given, **options)
 
     def _probes_for(self, inputs: CalibrationInputs) -> list[Probe]:
         require_gradient_inputs(inputs, self.name)
@@ -476,9 +487,8 @@ class Oracle(_ProbeCalibrator):
 
     def __call__(self, inputs: CalibrationInputs) -> Calibration:
         records = [
-            probe.measure(inputs.batch, inputs.lr, gg_curvature=False, line_search=self.source == "measured",
-                          crossfit=False)
-            for probe in self._probes_for(inputs)
+            self._measure(inputs, k, probe, gg_curvature=False, line_search=self.source == "measured", crossfit=False)
+            for k, probe in enumerate(self._probes_for(inputs))
         ]
         taylor = [r.lambda_star_taylor for r in records]
         info = {"lambda_star_taylor": taylor, "c": [r.c for r in records], "v2": [r.v2 for r in records],
@@ -523,9 +533,10 @@ class AmortisedTaylor(_ProbeCalibrator):
     ``info`` per head (suffix ``_k`` when K > 1): ``measured`` (1.0 on a call with the HVP),
     ``c`` (the c_e used), ``v2``, and ``kappa_m``, ``r_gm`` as used on this call.
 
-    Cost per call and head: one forward and two backward passes (like :class:`CosineGate`),
-    plus one Hessian-vector product (about three gradients) on measuring calls, and one
-    more gradient of E per call with ``eval_objective``.
+    Cost per call and head: one forward and two backward passes (like :class:`CosineGate`;
+    inside mtpdiag's trainer they are its own split backward, one backward more than its
+    plain step), plus one Hessian-vector product (about three gradients) on measuring calls,
+    and one more gradient of E per call with ``eval_objective``.
     """
 
     def __init__(
@@ -573,7 +584,7 @@ class AmortisedTaylor(_ProbeCalibrator):
         values, info = [], {key: [] for key in ("measured", "c", "v2", "kappa_m", "r_gm")}
         for k, probe in enumerate(probes):
             measure = scheduled or self._kappa[k] is None
-            record = probe.measure(inputs.batch, inputs.lr, hvp=measure, gg_curvature=False, line_search=False,
+            record = self._measure(inputs, k, probe, hvp=measure, gg_curvature=False, line_search=False,
                                    crossfit=False, **eval_options)
             c = record.c if self.eval_objective is None else record.c_eval
             r_gm = None
@@ -635,8 +646,8 @@ class CosineGate(_ProbeCalibrator):
 
     def __call__(self, inputs: CalibrationInputs) -> Calibration:
         records = [
-            probe.measure(inputs.batch, inputs.lr, hvp=False, line_search=False, crossfit=False)
-            for probe in self._probes_for(inputs)
+            self._measure(inputs, k, probe, hvp=False, line_search=False, crossfit=False)
+            for k, probe in enumerate(self._probes_for(inputs))
         ]
         cos = [r.cos for r in records]  # None when g = 0 or m = 0
         values = [None if c is None else self.lambda0 * max(0.0, c) for c in cos]

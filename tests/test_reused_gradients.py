@@ -192,3 +192,26 @@ def test_the_readmes_plain_loop_with_reused_gradients_trains_what_the_one_backwa
     assert rows["gradients_from"].tolist() == ["trainer", "trainer"] and rows["delta_trained"].notna().all()
     for (name, a), b in zip(reused.named_parameters(), plain.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13, msg=name)
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_probe_calibrators_from_trainer_gradients_equal_their_own(heads):
+    """The Taylor oracle, the amortised Taylor calibrator (measuring and carrying) and the
+    cosine gate read the trainer's g and head k's aux gradient; their lambdas match their own."""
+    from mtpdiag.calibrators import AmortisedTaylor, CosineGate, Oracle
+
+    model = tiny_gpt(n_mtp=heads)
+    batch = rl_batch(model)
+    inputs = model_inputs(model, batch, 0.3, forward=lambda m, b: m(b["input_ids"]))
+    out = model(batch["input_ids"])
+    trainable = dict(model.named_parameters())
+    per_head = [losses.mtp_policy_loss(out, batch, torch.eye(heads)[k]) for k in range(heads)] if heads > 1 else None
+    given = UpdateGradients.take(losses.rl_objective(out, batch), losses.mtp_policy_loss(out, batch), trainable,
+                                 aux_heads=per_head)  # fmt: skip
+    for make in (Oracle, lambda: AmortisedTaylor(every=2), lambda: CosineGate(1.0)):
+        own, reused = make(), make()
+        assert reused.reads_gradients
+        for _ in range(2):  # the amortised calibrator measures, then carries
+            a, b = own(inputs), reused(dataclasses.replace(inputs, gradients=given))
+            torch.testing.assert_close(b.lambdas, a.lambdas, rtol=1e-10, atol=0)
+            assert torch.isfinite(a.lambdas).all() and (a.lambdas != 0).any()
