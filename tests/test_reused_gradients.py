@@ -146,8 +146,9 @@ def test_a_dropout_model_keeps_its_own_gradients():
     assert training_differs(tiny_gpt()) is None
 
 
-@pytest.mark.parametrize("heads", [1, 2])
-def test_the_step_proxy_from_trainer_gradients_equals_its_own_bit_for_bit(heads):
+def calibration_inputs_with_gradients(heads):
+    """A calibrator's inputs on a tiny GPT with ``heads`` MTP heads, and the gradients the trainer
+    would hand over with them (g, the aux gradient and, with several heads, each head's)."""
     model = tiny_gpt(n_mtp=heads)
     batch = rl_batch(model)
     inputs = model_inputs(model, batch, 0.3, forward=lambda m, b: m(b["input_ids"]))
@@ -156,6 +157,12 @@ def test_the_step_proxy_from_trainer_gradients_equals_its_own_bit_for_bit(heads)
     per_head = [losses.mtp_policy_loss(out, batch, torch.eye(heads)[k]) for k in range(heads)] if heads > 1 else None
     given = UpdateGradients.take(losses.rl_objective(out, batch), losses.mtp_policy_loss(out, batch), trainable,
                                  aux_heads=per_head)  # fmt: skip
+    return inputs, given
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_the_step_proxy_from_trainer_gradients_equals_its_own_bit_for_bit(heads):
+    inputs, given = calibration_inputs_with_gradients(heads)
     proxy = OCC(proxy="step")
     assert proxy.reads_gradients
     own, reused = proxy(inputs), OCC(proxy="step")(dataclasses.replace(inputs, gradients=given))
@@ -200,14 +207,7 @@ def test_probe_calibrators_from_trainer_gradients_equal_their_own(heads):
     cosine gate read the trainer's g and head k's aux gradient; their lambdas match their own."""
     from mtpdiag.calibrators import AmortisedTaylor, CosineGate, Oracle
 
-    model = tiny_gpt(n_mtp=heads)
-    batch = rl_batch(model)
-    inputs = model_inputs(model, batch, 0.3, forward=lambda m, b: m(b["input_ids"]))
-    out = model(batch["input_ids"])
-    trainable = dict(model.named_parameters())
-    per_head = [losses.mtp_policy_loss(out, batch, torch.eye(heads)[k]) for k in range(heads)] if heads > 1 else None
-    given = UpdateGradients.take(losses.rl_objective(out, batch), losses.mtp_policy_loss(out, batch), trainable,
-                                 aux_heads=per_head)  # fmt: skip
+    inputs, given = calibration_inputs_with_gradients(heads)
     for make in (Oracle, lambda: AmortisedTaylor(every=2), lambda: CosineGate(1.0)):
         own, reused = make(), make()
         assert reused.reads_gradients
