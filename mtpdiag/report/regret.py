@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from ..schema import REGRET_CSV, REGRET_DETACH, REGRET_MD, REGRET_ORACLE, REGRET_PROPOSED, atomic_write
-from .load import Job, JobError
+from .load import Job
 from .stats import over_seeds, spearman
 
 COLUMNS = ("calibrator", "eta_scale", "regret_median", "ci_low", "ci_high", "cost_over_detach", "proposed",

@@ -5,7 +5,6 @@ lambda against eta) with a seeded cluster bootstrap. Each returns NaN bounds,
 never a made-up interval, when the data cannot give one."""
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
