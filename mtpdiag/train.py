@@ -179,15 +179,20 @@ class Updater:
         with sdpa_kernel(SDPBackend.MATH) if split else nullcontext():  # the Probe's attention: the same gradients
             out = losses.forward(model, mbatch)
         j_batch = losses.objective(out, mbatch)
-        grads = self._gradients(out, mbatch, j_batch, reused) if split else None
+        # L_MTP at head weight 1: the logged loss_mtp, and on a split backward also G+
+        aux_unit = losses.aux_loss(out, mbatch) if split else None
+        grads = self._gradients(out, mbatch, j_batch, aux_unit, reused) if split else None
         row = {"step": step, "minibatch": mb}
         lambdas = self._lambdas(out, mbatch, step, mb, row, grads)
         if losses.regime.lambda_rule != UNIT:
             row.update({lambda_column(k): lam for k, lam in enumerate(lambdas.tolist())})
         aux = losses.aux_loss(out, mbatch, lambdas)
         loss = aux - j_batch
-        with torch.no_grad():
-            loss_mtp = losses.aux_loss(out, mbatch)
+        if aux_unit is not None:
+            loss_mtp = aux_unit.detach()
+        else:
+            with torch.no_grad():
+                loss_mtp = losses.aux_loss(out, mbatch)
         # each rank holds its share of every loss: their sum is the whole mini-batch's value
         values = all_reduce_sum(torch.stack([loss_mtp, j_batch.detach(), aux.detach(), loss.detach()])).tolist()
         row.update(zip(("loss_mtp", "j_batch", "loss_mtp_weighted", "loss_total"), values))
@@ -229,14 +234,16 @@ class Updater:
     def _trainable(self) -> dict[str, torch.Tensor]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
-    def _gradients(self, out: GPTOutput, mbatch: dict, j_batch: torch.Tensor, measured: bool) -> UpdateGradients:
-        """g and the aux gradients from the backward passes over ``out``: at head weight +1, at -1
-        where the diagnostics need it, and per head for a gradient-reading calibrator (K > 1)."""
+    def _gradients(self, out: GPTOutput, mbatch: dict, j_batch: torch.Tensor, aux_unit: torch.Tensor,
+                   measured: bool) -> UpdateGradients:
+        """g and the aux gradients from the backward passes over ``out``: at head weight +1
+        (``aux_unit``), at -1 where the diagnostics need it, and per head for a gradient-reading
+        calibrator (K > 1)."""
         losses, K = self.losses, self.cfg.model.n_mtp
         minus = losses.aux_loss(out, mbatch, -1.0) if measured and self.diagnostics.wants_aux_minus() else None
         reads = self.calibrator is not None and self.calibrator.reads_gradients
         heads = [losses.aux_loss(out, mbatch, torch.eye(K)[k]) for k in range(K)] if reads and K > 1 else None
-        return UpdateGradients.take(j_batch, losses.aux_loss(out, mbatch), self._trainable(), aux_minus=minus,
+        return UpdateGradients.take(j_batch, aux_unit, self._trainable(), aux_minus=minus,
                                     aux_heads=heads)  # fmt: skip
 
 
