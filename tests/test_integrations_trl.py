@@ -18,6 +18,9 @@ pytest.importorskip("trl")
 from trl import GRPOTrainer  # noqa: E402
 
 from mtpdiag import regimes  # noqa: E402
+from mtpdiag.diagnostics.functional import FunctionalModel, isolated, values_and_gradients  # noqa: E402
+from mtpdiag.diagnostics.gradients import trained_weights  # noqa: E402
+from mtpdiag.hook import DiagnosticsHook  # noqa: E402
 from mtpdiag.integrations.hf import MTPCausalLM, hf_tokenizer  # noqa: E402
 from mtpdiag.integrations.trl import (  # noqa: E402
     MTPGRPOConfig, MTPGRPOTrainer, RatioProxyWarning, task_dataset, task_reward,
@@ -211,6 +214,65 @@ def test_eval_reuses_the_last_training_lambda(tmp_path):
     assert trainer._metrics["eval"]["mtp/loss"] and not trainer._metrics["eval"].get("mtp/calib/c_hat")
 
 
+# ----------------------------------------------------------------------------- the trainer's gradients (issue 13)
+
+
+class HandedOver(DiagnosticsHook):
+    """A hook that keeps the gradients and the batch the trainer hands it."""
+
+    def on_update(self, step, minibatch, batch, optimizer, lambdas, **options):
+        self.given, self.batch, self.lambdas = options.get("gradients"), batch, lambdas
+        return super().on_update(step, minibatch, batch, optimizer, lambdas, **options)
+
+
+def measured_micro_batch(tmp_path, beta: float = 0.0, **fields):
+    """One measured training micro-batch through ``_compute_loss``, its loss backpropagated as
+    TRL's training step does; the model, the trainer and the hook. ``beta`` is set on the built
+    trainer: a config's beta != 0 would have TRL load a reference model from the hub."""
+    model = tiny_gpt2()
+    hook = HandedOver(None, schedule=1, line_search=False)
+    trainer = MTPGRPOTrainer(model, task_reward(TASK), config(tmp_path, **fields), diagnostics=hook,
+                             train_dataset=task_dataset(TASK, 16), processing_class=hf_tokenizer(TASK.tokenizer))
+    trainer.current_gradient_accumulation_steps, trainer.beta = 1, beta
+    trainer.create_optimizer()
+    model.train()
+    inputs = micro_batch(model)
+    inputs["ref_per_token_logps"] = inputs["old_per_token_logps"] - 0.1  # TRL's KL term reads it where beta != 0
+    model.zero_grad(set_to_none=True)
+    trainer._compute_loss(model, inputs).backward()
+    return model, trainer, hook
+
+
+@pytest.mark.parametrize("fields", [
+    {"regime": "policy", "lam": 0.5},
+    {"regime": "occ", "calibrator": "occ", "calibrator_options": {"proxy": "step"}},
+], ids=["policy", "occ-step-proxy"])
+def test_trls_split_backward_hands_the_probe_its_own_gradients_bit_for_bit_and_trains_the_replayed_step(
+    tmp_path, fields
+):
+    model, trainer, hook = measured_micro_batch(tmp_path, **fields)
+    assert trainer.gradients_not_reusable() is None
+    given, losses_ = hook.given, trainer.mtp_losses
+    assert given is not None and given.source == "trainer"
+    fm = FunctionalModel(model, losses_.forward)
+    params = {n: p.detach() for n, p in fm.trainable().items()}
+    with isolated(model):
+        (value, _), (g, aux) = values_and_gradients(fm, [losses_.objective, losses_.aux_loss], hook.batch, params, {})
+    assert torch.equal(given.value, value)
+    for own, reused in ((g, given.g), (aux, given.aux)):
+        assert all(torch.equal(own[n], reused[n]) for n in own)
+    update = given.update(trained_weights(hook.lambdas), [n for n in params if n in given.reached])
+    trainable = dict(model.named_parameters())
+    assert all(torch.equal(trainable[n].grad, u) for n, u in update.items()), "TRL's backward leaves the update"
+    assert hook.sink.rows["steps"][0]["gradients_from"] == "trainer"
+
+
+def test_a_kl_term_keeps_trls_one_backward_and_the_probe_takes_its_own_gradients(tmp_path):
+    model, trainer, hook = measured_micro_batch(tmp_path, regime="policy", lam=0.5, beta=0.1)
+    assert "KL term (beta=0.1)" in trainer.gradients_not_reusable()
+    assert hook.given is None and hook.sink.rows["steps"][0]["gradients_from"] == "probe"
+
+
 # ----------------------------------------------------------------------------- real training runs
 
 
@@ -229,6 +291,7 @@ def test_diagnostics_rows_with_lambda_star_reach_the_csv_and_trls_metrics(tmp_pa
     steps = pd.read_csv(tmp_path / "out" / "mtpdiag" / "diag_steps.csv")
     assert list(steps["step"]) == [1, 2] and set(steps["objective"]) == {"j_batch"}
     assert (steps["gradient_checkpointing"] == "suspended").all() and (steps["hvp_mode"] == "fwd_rev").all()
+    assert (steps["gradients_from"] == "trainer").all(), "the split backward runs under TRL's gradient checkpointing"
     assert steps["v2"].gt(0).all() and steps["c"].ne(0).all()
     concave = steps[steps["concave"]]
     assert len(concave), "this seed's steps are concave along m"

@@ -39,7 +39,18 @@ How each TRL concern is met:
   of TRL's optimizer with that micro-batch's lambda (:func:`measure_micro_batch`;
   with gradient accumulation the real step also adds the later micro-batches'
   gradients); gradient checkpointing is suspended inside every measurement (the
-  record's ``gradient_checkpointing`` column says so).
+  record's ``gradient_checkpointing`` column says so);
+* **the trainer's gradients**: on a measured micro-batch (and on every one for a
+  calibrator that reads gradients, the step proxy) the backward is split over TRL's
+  one trunk pass: g (J on the main head's logits of the captured trunk), the MTP
+  term's gradient at head weight +1 and what the measurement needs besides, handed
+  to the Probe and the calibrator; the micro-batch then trains on the update
+  assembled from them as the Probe replays it, so the measured step is the trained
+  one bit for bit (as in mtpdiag's own trainer,
+  :mod:`mtpdiag.diagnostics.gradients`). That needs TRL's loss to be -J exactly:
+  where it is not (a KL or entropy term, a router loss, mixed precision, dropout,
+  several processes: :meth:`MTPGRPOTrainer.gradients_not_reusable`) TRL's one backward
+  trains and the Probe takes its own gradients (the record's ``gradients_from``).
 
 TRL's defaults (``num_iterations=1``, ``steps_per_generation`` =
 ``gradient_accumulation_steps``) train every batch with the policy that sampled
@@ -56,6 +67,7 @@ from __future__ import annotations
 import math
 import random
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -67,6 +79,7 @@ from trl import GRPOConfig, GRPOTrainer
 from .. import regimes
 from ..calibrators import OCC, CalibrationInputs, Calibrator, WithShadows, make_calibrator
 from ..diagnostics import Probe
+from ..diagnostics.gradients import UpdateGradients, needs_trained_aux, trained_weights, training_differs
 from ..diagnostics.hvp import HVP_MODES
 from ..diagnostics.probe import PROBE_HVP_MODES
 from ..distributed import global_count, is_main_process, world_size
@@ -326,17 +339,23 @@ class TRLLosses:
 # ----------------------------------------------------------------------------- diagnostics
 
 
-def measure_micro_batch(hook: DiagnosticsHook, step: int, batch: dict, optimizer, lambdas) -> dict[str, float]:
+def measures(hook: DiagnosticsHook | None, step: int, optimizer) -> bool:
+    """Whether ``hook`` measures the first micro-batch of ``step``: it is scheduled, and the
+    step moves something (a warm-up's first step at learning rate 0 does not)."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer holds the real one
+    return hook is not None and hook.measures(step, 0) and optimizer.param_groups[0]["lr"] > 0
+
+
+def measure_micro_batch(hook: DiagnosticsHook, step: int, batch: dict, optimizer, lambdas,
+                        gradients: UpdateGradients | None = None) -> dict[str, float]:
     """The trainer's one call into the diagnostics: the hook measures the update of
     ``optimizer`` (a torch optimizer, or accelerate's wrapper of one) on ``batch`` (one
     micro-batch, in mtpdiag's layout, at the parameters the update starts from) with the
-    trained ``lambdas`` if ``step`` is scheduled; returns the summary fields of J's record
-    for TRL's metrics. A step at learning rate 0 (a warm-up's first) moves nothing and is
-    not measured."""
-    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer holds the real one
-    if optimizer.param_groups[0]["lr"] <= 0:
+    trained ``lambdas`` if :func:`measures` says so; ``gradients`` are the trainer's own,
+    if it took them. Returns the summary fields of J's record for TRL's metrics."""
+    if not measures(hook, step, optimizer):
         return {}
-    records = hook.on_update(step, 0, batch, optimizer, lambdas)
+    records = hook.on_update(step, 0, batch, getattr(optimizer, "optimizer", optimizer), lambdas, gradients=gradients)
     if hook.objective_name not in records:
         return {}
     row = records[hook.objective_name].as_row()
@@ -441,29 +460,91 @@ class MTPGRPOTrainer(GRPOTrainer):
     def _compute_loss(self, model, inputs):
         """TRL's loss on ``inputs`` plus the regime's MTP term (see the module docstring)."""
         mtp_model = self.accelerator.unwrap_model(model)
+        train = self.model.training
+        step = self.state.global_step + 1
+        first = self._step % self.current_gradient_accumulation_steps == 0
+        measured = train and first and measures(self.mtp_hook, step, self.optimizer)
+        reused = measured and self.mtp_hook.reuse_gradients
+        reads = self.mtp_calibrator is not None and self.mtp_calibrator.reads_gradients
+        # g and m wanted: the backward is split over TRL's one trunk pass (the module docstring)
+        split = train and (reused or reads) and self.gradients_not_reusable() is None
         with mtp_model.capture_trunk() as states:
             loss = super()._compute_loss(model, inputs)
         if not states:
             raise RuntimeError(f"{type(mtp_model.base_model).__name__} ran no final norm in TRL's forward")
-        train = self.model.training
         mode = "train" if train else "eval"
         if train:
             self._warn_if_ratio_proxy_is_zero(inputs)
-        out, batch = self._mtp_forward(mtp_model, inputs, states, train)
+        out, batch = self._mtp_forward(mtp_model, inputs, states, train, main_gradient=split)
         # what the Probe and the calibrators differentiate: each rank's share of the whole batch's
         # loss (DDP averages the trained gradients over ranks; the Probe sums its own)
         share = {**batch, "loss_normaliser": batch["loss_normaliser"] * world_size()}
-        lambdas = self._mtp_lambdas(mtp_model, out, share, train)
+        aux_unit = self.mtp_losses.aux_loss(out, batch)
+        grads = self._mtp_gradients(mtp_model, out, share, aux_unit, measured and reused) if split else None
+        lambdas = self._mtp_lambdas(mtp_model, out, share, train, grads)
         term = self.mtp_losses.aux_loss(out, batch, lambdas)
-        metrics = {"loss": self.mtp_losses.aux_loss(out, batch).detach()}
+        metrics = {"loss": aux_unit.detach()}
         if self.mtp_losses.regime.lambda_rule != UNIT:
             metrics.update({self._head_key("lambda", k): lam for k, lam in enumerate(lambdas.tolist())})
-        if train and self.mtp_hook is not None and self._step % self.current_gradient_accumulation_steps == 0:
-            metrics.update(measure_micro_batch(self.mtp_hook, self.state.global_step + 1, share, self.optimizer, lambdas))
+        total = loss + term
+        if grads is not None:
+            total = self._trained_on(mtp_model, grads, lambdas, term, total)
+        if measured:
+            metrics.update(measure_micro_batch(self.mtp_hook, step, share, self.optimizer, lambdas,
+                                               gradients=grads if reused else None))  # fmt: skip
         for name, value in metrics.items():
             name = name if name.startswith(METRIC_PREFIX) else METRIC_PREFIX + name
             self._metrics[mode][name].append(self._gathered(value))
-        return loss + term
+        return total
+
+    def gradients_not_reusable(self) -> str | None:
+        """Why this trainer's backward cannot be split into the gradients the Probe and the
+        calibrators differentiate (then TRL's one backward trains and they take their own),
+        or None. The split trains on J's gradient in place of TRL's policy loss's, so
+        TRL's loss must be -J on the same function."""
+        model = self.accelerator.unwrap_model(self.model)
+        if self.beta != 0.0:
+            return f"TRL's loss has a KL term (beta={self.beta:g}) that J leaves out"
+        if self._entropy_bonus_enabled:
+            return "TRL's loss has an entropy bonus that J leaves out"
+        if self.aux_loss_enabled:
+            return "TRL's loss has a router load-balancing term that J leaves out"
+        if self.accelerator.mixed_precision != "no":
+            return f"TRL's forward runs in {self.accelerator.mixed_precision}, the Probe in the parameters' own dtype"
+        if world_size() > 1:
+            return "several processes (DDP reduces the trained gradients itself)"
+        return training_differs(model)
+
+    def _mtp_gradients(self, mtp_model, out: GPTOutput, batch: dict, aux_unit: torch.Tensor,
+                       measured: bool) -> UpdateGradients:
+        """g and the MTP term's gradients from backward passes over TRL's trunk (``out``, with
+        the main head's logits on the graph): at head weight +1 (``aux_unit``), at -1 where the
+        diagnostics need it, and per head for a gradient-reading calibrator (K > 1)."""
+        losses, K = self.mtp_losses, len(out.mtp)
+        minus = losses.aux_loss(out, batch, -1.0) if measured and self.mtp_hook.wants_aux_minus() else None
+        reads = self.mtp_calibrator is not None and self.mtp_calibrator.reads_gradients
+        heads = [losses.aux_loss(out, batch, torch.eye(K, dtype=aux_unit.dtype)[k]) for k in range(K)] \
+            if reads and K > 1 else None  # fmt: skip
+        return UpdateGradients.take(losses.objective(out, batch), aux_unit, self._mtp_trainable(mtp_model),
+                                    aux_minus=minus, aux_heads=heads)  # fmt: skip
+
+    def _trained_on(self, mtp_model, grads: UpdateGradients, lambdas: torch.Tensor, term: torch.Tensor,
+                    total: torch.Tensor) -> torch.Tensor:
+        """``total``'s value with, as its gradient, the update assembled from ``grads`` at
+        ``lambdas`` (``term``: the MTP term at them, on the same forward): TRL's backward of
+        the returned loss leaves exactly that update in ``.grad`` (d/dp of sum(p * u) is u,
+        with no rounding), so the trained step is the one the Probe replays."""
+        trainable = self._mtp_trainable(mtp_model)
+        trained = trained_weights(lambdas)
+        if needs_trained_aux(trained, self.mtp_losses.aux_sign_dependent, grads.aux_minus is not None):
+            grads.with_trained(term, trainable)
+        update = grads.update(trained, [n for n in trainable if n in grads.reached])
+        linear = sum((trainable[n] * u).sum() for n, u in update.items())
+        return total.detach() + (linear - linear.detach())
+
+    @staticmethod
+    def _mtp_trainable(mtp_model) -> dict[str, torch.Tensor]:
+        return {n: p for n, p in mtp_model.named_parameters() if p.requires_grad}
 
     def _head_key(self, key: str, k: int) -> str:
         return key if self.accelerator.unwrap_model(self.model).n_mtp == 1 else f"{key}_{k}"
@@ -473,15 +554,18 @@ class MTPGRPOTrainer(GRPOTrainer):
             return self.accelerator.gather(value.detach().reshape(1)).nanmean().item()
         return _as_metric(value)
 
-    def _mtp_forward(self, mtp_model: MTPCausalLM, inputs: dict, states, train: bool) -> tuple[GPTOutput, dict]:
-        """The MTP heads on the trunk TRL just ran, and the micro-batch in mtpdiag's layout."""
+    def _mtp_forward(self, mtp_model: MTPCausalLM, inputs: dict, states, train: bool,
+                     main_gradient: bool = False) -> tuple[GPTOutput, dict]:
+        """The MTP heads on the trunk TRL just ran, and the micro-batch in mtpdiag's layout;
+        ``main_gradient``: the main head's logits on the graph too (J's gradient is taken)."""
         trunk = TrunkStates.cat(states)
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         output_head = mtp_model.get_output_embeddings()
         # the heads run under TRL's mixed precision, as its own forward does (GRPOConfig's bf16 default)
         with self.accelerator.autocast():
-            with torch.no_grad():  # the main head's logits are data here: TRL's own loss trains them
+            # the main head's logits are data unless J is differentiated here: TRL's own loss trains them
+            with nullcontext() if main_gradient else torch.no_grad():
                 main_logits = F.linear(trunk.after_norm, output_head.weight, output_head.bias)
             mtp = mtp_model.mtp_predictions(input_ids, trunk, attention_mask, mtp_detach=self.mtp_losses.mtp_detach)
         out = GPTOutput.from_main_logits(main_logits, input_ids)
@@ -497,9 +581,10 @@ class MTPGRPOTrainer(GRPOTrainer):
         warnings.warn(RATIO_PROXY_IS_ZERO, RatioProxyWarning, stacklevel=3)
         self._mtp_warned_ratio = True
 
-    def _mtp_lambdas(self, mtp_model, out: GPTOutput, batch: dict, train: bool) -> torch.Tensor:
+    def _mtp_lambdas(self, mtp_model, out: GPTOutput, batch: dict, train: bool,
+                     gradients: UpdateGradients | None = None) -> torch.Tensor:
         """The regime's own lambdas, or its calibrator's on this micro-batch (eval reuses the last
-        training ones); ``batch`` is this rank's share."""
+        training ones); ``batch`` is this rank's share; ``gradients``: the trainer's own, if taken."""
         regime, K = self.mtp_losses.regime, len(out.mtp)
         dtype = batch["loss_weights"].dtype
         if regime.lambda_rule != CALIBRATED:
@@ -515,7 +600,7 @@ class MTPGRPOTrainer(GRPOTrainer):
                 old_logprobs=batch["old_logprobs"], response_mask=batch["response_mask"],
                 lr=self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else 0.0,
                 model=mtp_model, batch=batch, forward=self.mtp_losses.forward, objective=self.mtp_losses.objective,
-                aux_loss=self.mtp_losses.aux_loss,
+                aux_loss=self.mtp_losses.aux_loss, gradients=gradients,
             )
         )  # fmt: skip
         lambdas = calibration.lambdas.detach().to(device=batch["loss_weights"].device, dtype=dtype)
