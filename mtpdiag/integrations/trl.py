@@ -47,7 +47,9 @@ How each TRL concern is met:
   to the Probe and the calibrator; the micro-batch then trains on the update
   assembled from them as the Probe replays it, so the measured step is the trained
   one bit for bit (as in mtpdiag's own trainer,
-  :mod:`mtpdiag.diagnostics.gradients`). That needs TRL's loss to be -J exactly:
+  :mod:`mtpdiag.diagnostics.gradients`). That step differs from TRL's own backward
+  by rounding (TRL's fused log-prob head computes in float32 whatever the model's
+  dtype) and needs TRL's loss to be -J:
   where it is not (a KL or entropy term, a router loss, mixed precision, dropout,
   several processes: :meth:`MTPGRPOTrainer.gradients_not_reusable`) TRL's one backward
   trains and the Probe takes its own gradients (the record's ``gradients_from``).
