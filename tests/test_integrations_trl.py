@@ -282,6 +282,17 @@ def test_the_split_micro_batch_trains_trls_one_backward_to_its_fused_heads_float
     assert 1e-12 * scale < worst < 1e-6 * scale, "float32 rounding, more than float64's and within a few ulps"
 
 
+def test_a_measure_from_trls_gradients_reads_what_the_probes_own_gradients_read(tmp_path):
+    """The split's gradients are the Probe's own bit for bit; the record then differs only where
+    the Probe batches its products with g known (one vmapped pass): float64 rounding."""
+    fields = {"regime": "policy", "lam": 0.5}
+    reused = measured_micro_batch(tmp_path, **fields)[2].sink.rows["steps"][0]
+    own = measured_micro_batch(tmp_path / "own", reuse_gradients=False, **fields)[2].sink.rows["steps"][0]
+    assert (reused["gradients_from"], own["gradients_from"]) == ("trainer", "probe")
+    for name in ("c", "cos", "v2", "h_gm", "h_mm", "a", "b", "lambda_star_taylor", "delta_trained"):
+        assert reused[name] == pytest.approx(own[name], rel=1e-10, abs=1e-14), name
+
+
 def test_a_kl_term_keeps_trls_one_backward_and_the_probe_takes_its_own_gradients(tmp_path):
     model, trainer, hook = measured_micro_batch(tmp_path, regime="policy", lam=0.5, beta=0.1)
     assert "KL term (beta=0.1)" in trainer.gradients_not_reusable()
