@@ -299,6 +299,13 @@ def test_a_kl_term_keeps_trls_one_backward_and_the_probe_takes_its_own_gradients
     assert hook.given is None and hook.sink.rows["steps"][0]["gradients_from"] == "probe"
 
 
+def test_reentrant_checkpointing_keeps_trls_one_backward(tmp_path):
+    args = config(tmp_path, regime="policy", lam=0.5, gradient_checkpointing_kwargs={"use_reentrant": True})
+    trainer = trainer_for(tiny_gpt2(), args)
+    assert "reentrant gradient checkpointing" in trainer.gradients_not_reusable()
+    assert trainer_for(tiny_gpt2(), config(tmp_path, regime="policy", lam=0.5)).gradients_not_reusable() is None
+
+
 # ----------------------------------------------------------------------------- real training runs
 
 

@@ -49,9 +49,9 @@ How each TRL concern is met:
   one bit for bit (as in mtpdiag's own trainer,
   :mod:`mtpdiag.diagnostics.gradients`). That step differs from TRL's own backward
   by rounding (TRL's fused log-prob head computes in float32 whatever the model's
-  dtype) and needs TRL's loss to be -J:
-  where it is not (a KL or entropy term, a router loss, mixed precision, dropout,
-  several processes: :meth:`MTPGRPOTrainer.gradients_not_reusable`) TRL's one backward
+  dtype) and needs TRL's loss to be -J: where it is not (a KL or entropy term, a
+  router loss, mixed precision, dropout, several processes, reentrant checkpointing:
+  :meth:`MTPGRPOTrainer.gradients_not_reusable`) TRL's one backward
   trains and the Probe takes its own gradients (the record's ``gradients_from``).
 
 TRL's defaults (``num_iterations=1``, ``steps_per_generation`` =
@@ -515,6 +515,8 @@ class MTPGRPOTrainer(GRPOTrainer):
             return f"TRL's forward runs in {self.accelerator.mixed_precision}, the Probe in the parameters' own dtype"
         if world_size() > 1:
             return "several processes (DDP reduces the trained gradients itself)"
+        if self.args.gradient_checkpointing and (self.args.gradient_checkpointing_kwargs or {}).get("use_reentrant"):
+            return "reentrant gradient checkpointing takes no torch.autograd.grad (TRL's default use_reentrant=False does)"
         return training_differs(model)
 
     def _mtp_gradients(self, mtp_model, out: GPTOutput, batch: dict, aux_unit: torch.Tensor,
