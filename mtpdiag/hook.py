@@ -257,14 +257,15 @@ class DiagnosticsHook:
 
     def on_update(
         self, step: int, minibatch: int, batch: dict, optimizer, lambdas, *, eval_batch: dict | None = None,
-        gradients: UpdateGradients | None = None,
+        gradients: UpdateGradients | None = None, max_grad_norm: float | None = None,
     ) -> dict[str, ProbeRecord]:
         """Measure the update ``optimizer`` is about to take on mini-batch ``minibatch`` of
         ``step`` (call it before ``optimizer.step()``) with the trained ``lambdas`` (a scalar
         or one per head), if ``step`` is scheduled; returns the records by objective name
         (empty otherwise). ``batch`` is this mini-batch (on several ranks, this rank's rows
         of it); ``batch["group"]``, the prompt-group id of each row, enables cross-fitting.
-        ``gradients``: the trainer's own (see :meth:`~mtpdiag.diagnostics.Probe.measure_update`)."""
+        ``gradients``: the trainer's own, and ``max_grad_norm`` the total norm it clips the
+        gradient to before its step, if it clips (see :meth:`~mtpdiag.diagnostics.Probe.measure_update`)."""
         if not self.measures(step, minibatch):
             return {}
         if self.probe is None:
@@ -277,7 +278,7 @@ class DiagnosticsHook:
             objectives[self.eval_name] = (self.eval_objective, eval_batch)
         measured = self.probe.measure_update(
             batch, optimizer, lambdas, objectives=objectives, clip_fraction=self.clip_fraction, gradients=gradients,
-            **options,
+            max_grad_norm=max_grad_norm, **options,
         )
         c_true = measured[self.eval_name].c_eval if self.eval_name in measured else None
         tables = {name: [] for name in TABLES}

@@ -89,3 +89,27 @@ def test_replay_takes_adams_real_step_from_a_clone_and_leaves_the_optimizer_alon
     stranger = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     with pytest.raises(ValueError, match="pass that model's optimizer"):
         curves.Replay(stranger, parameters)
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.5, 100.0], ids=["clips", "does-not-clip"])
+def test_replay_clips_the_gradient_as_the_trainer_does_before_its_step(max_grad_norm):
+    """Hugging Face's Trainer clips the total gradient norm before the optimizer steps
+    (TRL's default max_grad_norm is 1.0): the replayed step is that step, bit for bit, and
+    the given gradients are left unscaled."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
+    parameters = dict(model.named_parameters())
+    grads = {n: torch.randn_like(p) for n, p in parameters.items()}
+    given = {n: g.clone() for n, g in grads.items()}
+    stepped = curves.Replay(optimizer, parameters, max_grad_norm)(grads)
+
+    for n, p in parameters.items():
+        p.grad = grads[n].clone()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    assert (norm > max_grad_norm) == (max_grad_norm == 0.5)
+    optimizer.step()
+    assert all(torch.equal(stepped[n], p.detach()) for n, p in parameters.items())
+    assert all(torch.equal(grads[n], given[n]) for n in grads)
+    with pytest.raises(ValueError, match="positive clipping norm"):
+        curves.Replay(optimizer, parameters, 0.0)

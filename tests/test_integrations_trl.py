@@ -293,6 +293,18 @@ def test_a_measure_from_trls_gradients_reads_what_the_probes_own_gradients_read(
         assert reused[name] == pytest.approx(own[name], rel=1e-10, abs=1e-14), name
 
 
+@pytest.mark.parametrize("max_grad_norm", [0.01, 0.0], ids=["clipped", "unclipped"])
+def test_the_measured_step_is_clipped_as_the_trainer_clips_it(tmp_path, max_grad_norm):
+    model, _, hook = measured_micro_batch(tmp_path, regime="policy", lam=0.5, max_grad_norm=max_grad_norm)
+    row = hook.sink.rows["steps"][0]
+    if not max_grad_norm:
+        assert row["max_grad_norm"] is None and row["grad_norm_trained"] is None
+        return
+    trained = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]).item()
+    assert row["max_grad_norm"] == max_grad_norm
+    assert row["grad_norm_trained"] == pytest.approx(trained, rel=1e-12) and trained > max_grad_norm
+
+
 def test_a_kl_term_keeps_trls_one_backward_and_the_probe_takes_its_own_gradients(tmp_path):
     model, trainer, hook = measured_micro_batch(tmp_path, regime="policy", lam=0.5, beta=0.1)
     assert "KL term (beta=0.1)" in trainer.gradients_not_reusable()

@@ -151,15 +151,22 @@ class Replay:
     ``parameters``: the model's parameters by name. ``replay(grads)`` returns every
     parameter after one step with ``.grad = grads[name]`` (None or absent: no gradient,
     so the optimizer skips the parameter, as it skips one no loss reaches in training);
-    parameters the optimizer does not hold keep their values.
+    parameters the optimizer does not hold keep their values. ``max_grad_norm``: the
+    trainer clips the gradient to this total norm before its step
+    (``torch.nn.utils.clip_grad_norm_`` over the parameters in ``parameters``' order, as
+    Hugging Face's Trainer does over ``model.parameters()``); None: no clipping.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, parameters: dict[str, torch.Tensor]):
+    def __init__(self, optimizer: torch.optim.Optimizer, parameters: dict[str, torch.Tensor],
+                 max_grad_norm: float | None = None):
         check_optimizer(optimizer, parameters)
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm={max_grad_norm}: pass the trainer's positive clipping norm, or None")
         self.optimizer = optimizer
         self.name_of = {id(p): n for n, p in parameters.items()}
         self.start = {n: p.detach() for n, p in parameters.items()}
         self.state = optimizer.state_dict()
+        self.max_grad_norm = max_grad_norm
 
     def __call__(self, grads: Mapping[str, torch.Tensor | None]) -> Params:
         copies, groups = {}, []
@@ -175,5 +182,9 @@ class Replay:
         clone = type(self.optimizer)(groups)
         clone.load_state_dict(copy.deepcopy(self.state))  # deep copy: load_state_dict would alias the live moments
         with torch.no_grad():
+            if self.max_grad_norm is not None:
+                for copy_ in copies.values():  # clipping scales .grad in place: the caller's tensors stay as given
+                    copy_.grad = None if copy_.grad is None else copy_.grad.clone()
+                torch.nn.utils.clip_grad_norm_([copies[n] for n in self.start if n in copies], self.max_grad_norm)
             clone.step()
         return {n: copies.get(n, t) for n, t in self.start.items()}

@@ -92,7 +92,10 @@ class ProbeRecord:
     the one-time timings of one HVP in each mode that chose ``hvp_mode`` (None for a mode
     that could not run, and without ``auto``).
     ``gradients_from`` is ``"trainer"`` where g and m are the trainer's own backward passes
-    (``measure_update(gradients=...)``), else ``"probe"``.
+    (``measure_update(gradients=...)``), else ``"probe"``. ``max_grad_norm`` is the
+    trainer's gradient clipping the replayed step applied (None: none), and
+    ``grad_norm_trained`` the trained gradient's total norm before it (it clipped where
+    this exceeds ``max_grad_norm``).
     ``gradient_checkpointing`` is ``"suspended"`` when the model had Hugging Face
     gradient checkpointing on and the measurement ran with it off (restored after), else None.
     ``time_s`` is the time of the whole measurement, every objective included."""
@@ -141,6 +144,8 @@ class ProbeRecord:
     hvp_time_rev_rev_s: float | None = None
     gradient_checkpointing: str | None = None
     gradients_from: str = "probe"
+    max_grad_norm: float | None = None
+    grad_norm_trained: float | None = None
     note: str = ""
     time_s: float = 0.0
     curve: Curve | None = None
@@ -299,6 +304,11 @@ class _Step:
     def at_trained(self) -> Params:
         return self._keep("trained", lambda: self.replay(self.grads.update(self.trained, self.moved)))
 
+    def trained_norm(self) -> float:
+        """The total norm of the trained gradient (what a trainer's clipping compares with its bound)."""
+        update = self.grads.update(self.trained, self.moved)
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in update.values()])).item()
+
     def _keep(self, key, compute) -> Params:
         if key not in self._kept:
             self._kept[key] = compute()
@@ -455,11 +465,13 @@ class Probe:
         per_block: bool = False,
         crossfit: bool = True,
         gradients: UpdateGradients | None = None,
+        max_grad_norm: float | None = None,
     ) -> dict[str, ProbeRecord]:
         """Measure the update the trainer is about to take on ``batch``: one step of
         ``optimizer`` (replayed by a clone of it; its own state, learning rates and weight
         decay apply; it is never stepped) on the gradient of -objective + aux_loss(lambda),
-        over every parameter either loss reaches; ``lambdas`` is the coefficient the
+        over every parameter either loss reaches, clipped to the total norm
+        ``max_grad_norm`` first where the trainer clips (None: it does not); ``lambdas`` is the coefficient the
         trainer uses (a scalar or one per head; None: not known). One record per
         curve objective E in ``objectives``, by name: a ``loss(out, batch)`` on ``batch``,
         or a ``(loss, its batch)`` pair (default ``{"objective": objective}``).
@@ -493,6 +505,12 @@ class Probe:
         first derivatives of its own except those missing (G- or the trained head weights'),
         and with ``gg_curvature`` runs H m and H g_S as one batched product. Records say so
         (``gradients_from``).
+
+        With ``max_grad_norm`` the curve, ``delta_trained`` and ``clip_fraction`` are of the
+        clipped step (the record's ``max_grad_norm`` and ``grad_norm_trained``, the trained
+        gradient's norm before clipping, say whether it clipped); the Taylor readings stay
+        those of the unclipped update, which clipping rescales by a factor that depends on
+        lambda.
         """
         options = MeasureOptions(
             grid=grid, hvp=hvp, gg_curvature=gg_curvature, line_search=line_search, top_curvature=top_curvature,
@@ -513,7 +531,8 @@ class Probe:
         suspended = checkpointing_enabled(self.model)
         with isolated(self.model), torch.enable_grad():
             try:
-                records = self._measure_update(batch, optimizer, trained, specs, clip_fraction, options, gradients)
+                records = self._measure_update(batch, optimizer, trained, specs, clip_fraction, options, gradients,
+                                               max_grad_norm)  # fmt: skip
             except RuntimeError as err:
                 if checkpointing_error(err) is None:
                     raise
@@ -537,7 +556,8 @@ class Probe:
             raise ValueError("objectives is empty: name at least one curve objective")
         return specs
 
-    def _measure_update(self, batch, optimizer, trained, specs, clip_fraction, options, given) -> dict[str, ProbeRecord]:
+    def _measure_update(self, batch, optimizer, trained, specs, clip_fraction, options, given,
+                        max_grad_norm) -> dict[str, ProbeRecord]:
         fm = self.functional
         shared = self._resolve_shared(batch)
         moved = self.moved_names(batch)
@@ -558,7 +578,7 @@ class Probe:
             batch, params, rest, shared, trained, options, hessians.get(own), given
         )
         g, m = grads.g, grads.m
-        step = _Step(Replay(optimizer, dict(self.model.named_parameters())), grads, moved, trained)
+        step = _Step(Replay(optimizer, dict(self.model.named_parameters()), max_grad_norm), grads, moved, trained)
         precond = self._precond(optimizer, m, shared, theta, step)
         crossfit = self._crossfit(batch, shared, rest | {n: t for n, t in params.items() if n not in shared}, options)
         clipped = self._clip_fraction(clip_fraction, batch, step) if clip_fraction and trained is not None else None
@@ -581,6 +601,8 @@ class Probe:
             "hvp_time_fwd_rev_s": self.hvp_timings.get("fwd_rev") if self.hvp_timings else None,
             "hvp_time_rev_rev_s": self.hvp_timings.get("rev_rev") if self.hvp_timings else None,
             "gradients_from": grads.source,
+            "max_grad_norm": max_grad_norm,
+            "grad_norm_trained": step.trained_norm() if max_grad_norm is not None and trained is not None else None,
         }
         notes = []
         if len(lrs) > 1:

@@ -39,7 +39,9 @@ How each TRL concern is met:
   of TRL's optimizer with that micro-batch's lambda (:func:`measure_micro_batch`;
   with gradient accumulation the real step also adds the later micro-batches'
   gradients); gradient checkpointing is suspended inside every measurement (the
-  record's ``gradient_checkpointing`` column says so);
+  record's ``gradient_checkpointing`` column says so); the replayed step is clipped
+  to ``max_grad_norm`` as the Trainer clips it (exactly so where the measured
+  micro-batch is the whole step: ``gradient_accumulation_steps=1``);
 * **the trainer's gradients**: on a measured micro-batch (and on every one for a
   calibrator that reads gradients, the step proxy) the backward is split over TRL's
   one trunk pass: g (J on the main head's logits of the captured trunk), the MTP
@@ -349,15 +351,17 @@ def measures(hook: DiagnosticsHook | None, step: int, optimizer) -> bool:
 
 
 def measure_micro_batch(hook: DiagnosticsHook, step: int, batch: dict, optimizer, lambdas,
-                        gradients: UpdateGradients | None = None) -> dict[str, float]:
+                        gradients: UpdateGradients | None = None, max_grad_norm: float = 0.0) -> dict[str, float]:
     """The trainer's one call into the diagnostics: the hook measures the update of
     ``optimizer`` (a torch optimizer, or accelerate's wrapper of one) on ``batch`` (one
     micro-batch, in mtpdiag's layout, at the parameters the update starts from) with the
     trained ``lambdas`` if :func:`measures` says so; ``gradients`` are the trainer's own,
-    if it took them. Returns the summary fields of J's record for TRL's metrics."""
+    if it took them; ``max_grad_norm`` is the Trainer's clipping (``TrainingArguments``'
+    field: 0 is none). Returns the summary fields of J's record for TRL's metrics."""
     if not measures(hook, step, optimizer):
         return {}
-    records = hook.on_update(step, 0, batch, getattr(optimizer, "optimizer", optimizer), lambdas, gradients=gradients)
+    records = hook.on_update(step, 0, batch, getattr(optimizer, "optimizer", optimizer), lambdas, gradients=gradients,
+                             max_grad_norm=max_grad_norm if max_grad_norm > 0 else None)  # fmt: skip
     if hook.objective_name not in records:
         return {}
     row = records[hook.objective_name].as_row()
@@ -493,7 +497,7 @@ class MTPGRPOTrainer(GRPOTrainer):
             total = self._trained_on(mtp_model, grads, lambdas, term, total)
         if measured:
             metrics.update(measure_micro_batch(self.mtp_hook, step, share, self.optimizer, lambdas,
-                                               gradients=grads if reused else None))  # fmt: skip
+                                               grads if reused else None, self.args.max_grad_norm or 0.0))  # fmt: skip
         for name, value in metrics.items():
             name = name if name.startswith(METRIC_PREFIX) else METRIC_PREFIX + name
             self._metrics[mode][name].append(self._gathered(value))
