@@ -2,13 +2,13 @@
 
 Each row runs in a fresh child process (1 intra-op thread) on bench_probe's small config
 and RL mini-batch: one HVP from scratch (``HessianAt``) timed on its first call and as the
-median of three warm calls after it, with the kernel time (``ru_stime``: page faults of
-memory touched for the first time) and the one-time modules the first call imported. The
+median of three warm calls after it, with the kernel time (``ru_stime``: mostly page faults
+of memory touched for the first time) and the one-time modules the first call imported. The
 setups before the first call:
 
 * ``model``: the model and the batch only (no optimizer has run in the process);
 * ``optimizer``: also AdamW with its state allocated by one step on zero gradients, as
-  bench_probe builds it (that step imports ``torch._dynamo``, as any torch optimizer's does);
+  bench_probe builds it (AdamW's step imports ``torch._dynamo``);
 * ``imports``: that, and ``torch._dynamo`` and ``torch._decomp.decompositions_for_jvp``
   imported beforehand (timed on their own): what the imports account for;
 * ``train``: that, and one training step, as the first measure of a training run meets it.
