@@ -30,12 +30,11 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_probe import SIZES, build, rl_minibatch, train_step_of
+from bench_probe import build, model_and_batch, train_step_of
 
 from mtpdiag import losses
 from mtpdiag.diagnostics import Probe
 from mtpdiag.diagnostics.hvp import HessianAt
-from mtpdiag.model import GPT, GPTConfig
 
 ONE_TIME_IMPORTS = ("torch._dynamo", "torch._decomp.decompositions_for_jvp")
 # (mode, setup) of each row; the setups are those of the docstring
@@ -51,10 +50,7 @@ def child(mode: str, setup: str) -> None:
     """In the child: time the first HVP and three warm ones after ``setup``; print one row of numbers."""
     torch.set_num_threads(1)
     if setup == "model":
-        d_model, n_layer, n_head, vocab = SIZES["small"]
-        torch.manual_seed(0)
-        model = GPT(GPTConfig(vocab_size=vocab, block_size=32, d_model=d_model, n_layer=n_layer, n_head=n_head, n_mtp=1))
-        batch = rl_minibatch(model, 128, torch.device("cpu"))
+        model, batch = model_and_batch("small", 128, torch.device("cpu"))
     else:
         model, batch, optimizer = build("small", 128, torch.device("cpu"))
     start = time.perf_counter()
@@ -100,7 +96,8 @@ def main() -> None:
             "first call imported": out[5],
         })
     table = pd.DataFrame(rows).set_index(["mode", "setup"])
-    with pd.option_context("display.width", 200, "display.max_columns", None, "display.precision", 3):
+    with pd.option_context("display.width", 250, "display.max_columns", None, "display.max_colwidth", None,
+                           "display.precision", 3):
         print(table)
     for setup in ("model", "optimizer"):
         fwd, rev = table.loc[("fwd_rev", setup)], table.loc[("rev_rev", setup)]

@@ -86,13 +86,18 @@ def targets(size: str) -> dict[str, tuple[str, float]]:
     }
 
 
-def build(size: str, batch_size: int, device):
-    """The model of ``size``, an RL mini-batch on it and an AdamW optimizer with its state allocated."""
+def model_and_batch(size: str, batch_size: int, device):
+    """The model of ``size`` and an RL mini-batch on it."""
     d_model, n_layer, n_head, vocab = SIZES[size]
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=vocab, block_size=32, d_model=d_model, n_layer=n_layer, n_head=n_head, n_mtp=1)
     model = GPT(config).to(device)
-    batch = rl_minibatch(model, batch_size, device)
+    return model, rl_minibatch(model, batch_size, device)
+
+
+def build(size: str, batch_size: int, device):
+    """The model of ``size``, an RL mini-batch on it and an AdamW optimizer with its state allocated."""
+    model, batch = model_and_batch(size, batch_size, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     for p in model.parameters():  # the optimizer state a training run holds, without a forward or backward
         p.grad = torch.zeros_like(p)
